@@ -1,0 +1,444 @@
+//! The HingNet API client: the HTTP client's settings, who gets the token, redirect following,
+//! and — in `classify` — the one table that turns an HTTP status into what we do about it.
+
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Response, StatusCode, Url};
+
+use crate::archive::VideoId;
+use crate::config::{ApiConfig, Token};
+
+/// Redirect hops followed before giving up (the contract's limit).
+pub const MAX_REDIRECTS: usize = 10;
+/// How much of an error body is kept for `last_error`.
+const ERROR_BODY_LIMIT: usize = 512;
+
+/// Which side answered: the API host (same scheme, host and port as `api.base_url`) or anything
+/// a redirect led to (the CDN). Only the API host ever sees the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    Api,
+    Cdn,
+}
+
+/// What to do with a response. The status-to-action rules of the contract, in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// 200/206: the body is (part of) the video.
+    Stream,
+    /// 416: the server says we asked past the end; may mean the partial is complete.
+    RangeNotSatisfiable,
+    /// 400 from the API: the video is not ready yet; ask again later.
+    NotReady,
+    /// 404 from the API: "does not exist or is not finished yet"; ask the status endpoint.
+    ConfirmMissing,
+    /// 401/402/403 from the API: the account or token, not the video: pause everything.
+    AccountProblem,
+    /// 429 anywhere: slow the whole client down.
+    RateLimited,
+    /// 401/403/404/410 from the CDN: the signed URL expired; start over from the API URL.
+    SignedUrlExpired,
+    /// 5xx, 408 and anything else unexpected: retry with backoff.
+    Transient,
+}
+
+pub fn classify(host: Host, status: StatusCode) -> Action {
+    match (host, status.as_u16()) {
+        (_, 200 | 206) => Action::Stream,
+        (_, 416) => Action::RangeNotSatisfiable,
+        (_, 429) => Action::RateLimited,
+        (Host::Api, 400) => Action::NotReady,
+        (Host::Api, 404) => Action::ConfirmMissing,
+        (Host::Api, 401..=403) => Action::AccountProblem,
+        (Host::Cdn, 401 | 403 | 404 | 410) => Action::SignedUrlExpired,
+        _ => Action::Transient,
+    }
+}
+
+/// What the status endpoint says about a video.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VideoState {
+    Pending,
+    Finished,
+    Failed(String),
+    /// The status endpoint does not know the video either (404).
+    Missing,
+    /// A status word the contract does not list: treated as pending, with a warning.
+    Unknown(String),
+}
+
+pub fn classify_status_word(word: &str) -> VideoState {
+    match word {
+        "queued" | "processing" | "in_progress" | "created" | "queueing" | "pending" => {
+            VideoState::Pending
+        }
+        "success" | "completed" | "succeeded" => VideoState::Finished,
+        "failed" | "cancelled" | "canceled" | "expired" => VideoState::Failed(word.to_owned()),
+        other => VideoState::Unknown(other.to_owned()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Connection refused, DNS, TLS, reset, timeout: the message never contains the URL.
+    #[error("{0}")]
+    Network(String),
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects,
+    #[error("refused redirect: {0}")]
+    BadRedirect(String),
+    #[error("no response headers within {0:?}")]
+    HeaderTimeout(Duration),
+}
+
+/// A response and where it came from. `hops` counts the redirects followed.
+pub struct Answer {
+    pub response: Response,
+    pub host: Host,
+    /// The answering host's name and port, safe to log (no path, no query).
+    pub origin: String,
+}
+
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: Url,
+    token: RwLock<Token>,
+    header_timeout: Duration,
+    read_timeout: Duration,
+}
+
+impl ApiClient {
+    pub fn new(cfg: &ApiConfig, base: Url, token: Token) -> Result<ApiClient, ApiError> {
+        // Redirects are followed by hand (`get`) so that we decide who receives the token and
+        // which schemes are acceptable. Proxies come from HTTPS_PROXY/NO_PROXY (reqwest's
+        // default), TLS roots from the system store via rustls-platform-verifier.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout)
+            .read_timeout(cfg.read_timeout)
+            .user_agent(concat!("hingnetd/", env!("CARGO_PKG_VERSION")))
+            .https_only(false)
+            .build()
+            .map_err(|e| ApiError::Network(error_text(&e)))?;
+        Ok(ApiClient {
+            http,
+            base,
+            token: RwLock::new(token),
+            header_timeout: cfg.connect_timeout + cfg.read_timeout,
+            read_timeout: cfg.read_timeout,
+        })
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
+    }
+
+    pub fn set_token(&self, token: Token) {
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// `{base}/v1/videos/{id}` plus any extra segments, the ID pushed as one encoded segment.
+    fn video_url(&self, id: &VideoId, tail: Option<&str>) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut segs = url
+                .path_segments_mut()
+                .expect("base_url was validated as http(s)");
+            segs.pop_if_empty().extend(["v1", "videos", id.as_str()]);
+            if let Some(t) = tail {
+                segs.push(t);
+            }
+        }
+        url
+    }
+
+    pub fn content_url(&self, id: &VideoId) -> Url {
+        self.video_url(id, Some("content"))
+    }
+
+    pub fn status_url(&self, id: &VideoId) -> Url {
+        self.video_url(id, None)
+    }
+
+    fn host_of(&self, url: &Url) -> Host {
+        if url.scheme() == self.base.scheme()
+            && url.host() == self.base.host()
+            && url.port_or_known_default() == self.base.port_or_known_default()
+        {
+            Host::Api
+        } else {
+            Host::Cdn
+        }
+    }
+
+    fn auth_header(&self) -> HeaderValue {
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner());
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .expect("token characters were checked at load");
+        v.set_sensitive(true);
+        v
+    }
+
+    /// GET with redirects followed by hand. The token is attached only when the request goes to
+    /// the API host; `Range: bytes=N-` goes to every hop. A redirect from https to anything but
+    /// https, or to a scheme other than http(s), is refused.
+    pub async fn get(&self, url: Url, range_from: Option<u64>) -> Result<Answer, ApiError> {
+        let mut url = url;
+        for hop in 0..=MAX_REDIRECTS {
+            let host = self.host_of(&url);
+            let mut headers = HeaderMap::new();
+            if host == Host::Api {
+                headers.insert(header::AUTHORIZATION, self.auth_header());
+            }
+            if let Some(n) = range_from.filter(|n| *n > 0) {
+                headers.insert(
+                    header::RANGE,
+                    HeaderValue::from_str(&format!("bytes={n}-")).expect("ascii"),
+                );
+            }
+            let send = self.http.get(url.clone()).headers(headers).send();
+            let response = match tokio::time::timeout(self.header_timeout, send).await {
+                Err(_) => return Err(ApiError::HeaderTimeout(self.header_timeout)),
+                Ok(Err(e)) => return Err(ApiError::Network(error_text(&e))),
+                Ok(Ok(r)) => r,
+            };
+            let status = response.status();
+            if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
+                return Ok(Answer {
+                    response,
+                    host,
+                    origin: origin_of(&url),
+                });
+            }
+            if hop == MAX_REDIRECTS {
+                return Err(ApiError::TooManyRedirects);
+            }
+            let location = response
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| ApiError::BadRedirect(format!("{status} without a Location")))?;
+            let next = url
+                .join(location)
+                .map_err(|_| ApiError::BadRedirect(format!("{status} to an unparsable Location")))?;
+            match (url.scheme(), next.scheme()) {
+                ("https", "https") | ("http", "http" | "https") => {}
+                ("https", "http") => {
+                    return Err(ApiError::BadRedirect(format!(
+                        "from https to plain http ({})",
+                        origin_of(&next)
+                    )));
+                }
+                (_, other) => {
+                    return Err(ApiError::BadRedirect(format!(
+                        "to unsupported scheme {other:?}"
+                    )));
+                }
+            }
+            tracing::debug!(from = %origin_of(&url), to = %origin_of(&next), "following redirect");
+            url = next;
+        }
+        unreachable!("the loop returns on its last hop")
+    }
+}
+
+/// `scheme://host:port` of a URL: what may be logged of a signed URL.
+pub fn origin_of(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+/// A reqwest error as text, without the URL it carries (a signed URL is a credential), with its
+/// causes, on one line.
+pub fn error_text(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut parts: Vec<String> = Vec::new();
+    if e.is_timeout() {
+        parts.push("timed out".into());
+    } else if e.is_connect() {
+        parts.push("cannot connect".into());
+    } else if e.is_body() || e.is_decode() {
+        parts.push("error reading body".into());
+    } else if e.is_redirect() {
+        parts.push("redirect error".into());
+    }
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !t.is_empty() && !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    if parts.is_empty() {
+        parts.push("request failed".into());
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+/// The gist of an error body, for `last_error`: OpenAI-shaped JSON if it is, else the start of
+/// the text. Never assumes JSON (a proxy may answer HTML).
+pub fn error_summary(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        let pick = |v: &serde_json::Value, k: &str| v.get(k).and_then(|m| m.as_str()).map(str::to_owned);
+        let err = v.get("error");
+        let found = err
+            .and_then(|e| pick(e, "message").or_else(|| pick(e, "code")))
+            .or_else(|| err.and_then(|e| e.as_str().map(str::to_owned)))
+            .or_else(|| pick(&v, "message"))
+            .or_else(|| pick(&v, "msg"));
+        if let Some(m) = found {
+            return one_line(&m, ERROR_BODY_LIMIT);
+        }
+    }
+    let end = body.len().min(ERROR_BODY_LIMIT);
+    one_line(&String::from_utf8_lossy(&body[..end]), ERROR_BODY_LIMIT)
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
+/// Reads at most `limit` bytes of a body (for error pages and status JSON).
+pub async fn read_limited(mut response: Response, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match response.chunk().await {
+            Ok(Some(c)) => out.extend_from_slice(&c[..c.len().min(limit - out.len())]),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// `Content-Range: bytes START-END/TOTAL` (206) → (start, end, total).
+pub fn content_range(headers: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let total = if total == "*" { None } else { Some(total.parse().ok()?) };
+    let (a, b) = range.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?, total))
+}
+
+/// `Content-Range: bytes */TOTAL` (416) → total.
+pub fn unsatisfied_range_total(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    v.trim().strip_prefix("bytes */")?.parse().ok()
+}
+
+/// A 200 body with one of these types is an error page, not a video.
+pub fn is_text_type(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let textual = mime.starts_with("text/")
+        || mime.contains("json")
+        || mime.contains("xml")
+        || mime.contains("html");
+    textual.then_some(mime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table() {
+        use Action::*;
+        let s = |n| StatusCode::from_u16(n).unwrap();
+        assert_eq!(classify(Host::Api, s(200)), Stream);
+        assert_eq!(classify(Host::Cdn, s(206)), Stream);
+        assert_eq!(classify(Host::Api, s(400)), NotReady);
+        assert_eq!(classify(Host::Api, s(404)), ConfirmMissing);
+        assert_eq!(classify(Host::Api, s(401)), AccountProblem);
+        assert_eq!(classify(Host::Api, s(402)), AccountProblem);
+        assert_eq!(classify(Host::Api, s(403)), AccountProblem);
+        assert_eq!(classify(Host::Cdn, s(403)), SignedUrlExpired);
+        assert_eq!(classify(Host::Cdn, s(410)), SignedUrlExpired);
+        assert_eq!(classify(Host::Api, s(429)), RateLimited);
+        assert_eq!(classify(Host::Api, s(503)), Transient);
+        assert_eq!(classify(Host::Cdn, s(400)), Transient);
+        assert_eq!(classify(Host::Api, s(416)), RangeNotSatisfiable);
+    }
+
+    #[test]
+    fn status_words() {
+        assert_eq!(classify_status_word("in_progress"), VideoState::Pending);
+        assert_eq!(classify_status_word("success"), VideoState::Finished);
+        assert_eq!(classify_status_word("completed"), VideoState::Finished);
+        assert!(matches!(classify_status_word("expired"), VideoState::Failed(_)));
+        assert!(matches!(classify_status_word("weird"), VideoState::Unknown(_)));
+    }
+
+    #[test]
+    fn error_bodies() {
+        assert_eq!(
+            error_summary(br#"{"error":{"message":"video not ready","code":"x"}}"#),
+            "video not ready"
+        );
+        assert_eq!(error_summary(br#"{"msg":"busy"}"#), "busy");
+        assert_eq!(error_summary(b"<html>\n<b>Bad\tGateway</b></html>"), "<html> <b>Bad Gateway</b></html>");
+        assert_eq!(error_summary(&[b'x'; 2000]).len(), 512);
+    }
+
+    #[test]
+    fn headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes 100-199/200"));
+        assert_eq!(content_range(&h), Some((100, 199, Some(200))));
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes */200"));
+        assert_eq!(unsatisfied_range_total(&h), Some(200));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+        assert_eq!(is_text_type(&h).as_deref(), Some("text/html"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("binary/octet-stream"));
+        assert_eq!(is_text_type(&h), None);
+    }
+
+    #[test]
+    fn urls_and_hosts() {
+        let cfg = ApiConfig::default();
+        let c = ApiClient::new(
+            &cfg,
+            Url::parse("https://api.example/base/").unwrap(),
+            Token::new("t".into()),
+        )
+        .unwrap();
+        let id = VideoId::parse("video_1").unwrap();
+        assert_eq!(
+            c.content_url(&id).as_str(),
+            "https://api.example/base/v1/videos/video_1/content"
+        );
+        assert_eq!(c.host_of(&Url::parse("https://api.example:443/x").unwrap()), Host::Api);
+        assert_eq!(c.host_of(&Url::parse("http://api.example/x").unwrap()), Host::Cdn);
+        assert_eq!(c.host_of(&Url::parse("https://cdn.example/x").unwrap()), Host::Cdn);
+    }
+}

@@ -1,0 +1,450 @@
+//! The configuration file: its schema, its defaults (all in this file), validation, and loading
+//! the API token from its three possible sources.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Where the daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hingnetd/hingnetd.toml";
+/// The systemd credential name (`LoadCredential=hingnet-token:...`).
+pub const TOKEN_CREDENTIAL: &str = "hingnet-token";
+/// Environment variable that may carry the token (handy for a shell session, never for a unit).
+pub const TOKEN_ENV: &str = "HINGNET_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Token(String),
+}
+
+/// The whole file. Every section and key is optional; defaults live in the `Default` impls below.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub api: ApiConfig,
+    pub queue: QueueConfig,
+    pub archive: ArchiveConfig,
+    pub download: DownloadConfig,
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub base_url: String,
+    pub token_file: PathBuf,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest silence allowed while a response (headers or body) is streaming.
+    #[serde(deserialize_with = "duration")]
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub database: PathBuf,
+    /// Safety net only: new rows are noticed by watching the database files.
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadConfig {
+    pub concurrency: usize,
+    /// On SIGTERM, how long in-flight downloads may run on before they are parked as partials.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    #[serde(deserialize_with = "duration")]
+    pub initial_delay: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub max_delay: Duration,
+    /// Counted from a video's first attempt; past it, a video still not downloadable is failed.
+    #[serde(deserialize_with = "duration")]
+    pub give_up_after: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            base_url: "https://models.hingnet.com.cn".into(),
+            token_file: "/etc/hingnetd/token".into(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            database: "/var/lib/hingnetd/queue.db".into(),
+            poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            dir: "/var/lib/hingnetd/videos".into(),
+        }
+    }
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            concurrency: 4,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_delay: Duration::from_secs(30),
+            max_delay: Duration::from_secs(600),
+            give_up_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file. A missing file at the default path is not an
+    /// error (all defaults apply); a missing file the operator named is.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line_toml_error(&e),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let url = reqwest::Url::parse(&self.api.base_url)
+            .map_err(|e| bad("api.base_url", format!("{:?} is not a URL ({e})", self.api.base_url)))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(bad(
+                "api.base_url",
+                format!("{:?} must be an http(s) URL with a host", self.api.base_url),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            return Err(bad(
+                "api.base_url",
+                "must not carry a query, fragment or credentials (the token goes in token_file)"
+                    .into(),
+            ));
+        }
+        for (key, d) in [
+            ("api.connect_timeout", self.api.connect_timeout),
+            ("api.read_timeout", self.api.read_timeout),
+            ("queue.poll_interval", self.queue.poll_interval),
+            ("retry.initial_delay", self.retry.initial_delay),
+            ("retry.max_delay", self.retry.max_delay),
+            ("retry.give_up_after", self.retry.give_up_after),
+        ] {
+            if d.is_zero() {
+                return Err(bad(key, "must be greater than zero".into()));
+            }
+        }
+        if self.retry.max_delay < self.retry.initial_delay {
+            return Err(bad(
+                "retry.max_delay",
+                "must not be shorter than retry.initial_delay".into(),
+            ));
+        }
+        if !(1..=256).contains(&self.download.concurrency) {
+            return Err(bad(
+                "download.concurrency",
+                format!("{} is out of range (1 to 256)", self.download.concurrency),
+            ));
+        }
+        for (key, p) in [
+            ("queue.database", &self.queue.database),
+            ("archive.dir", &self.archive.dir),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(bad(key, "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The base URL as parsed; `validate` has already proven it parses.
+    pub fn base_url(&self) -> reqwest::Url {
+        reqwest::Url::parse(&self.api.base_url).expect("validated at load")
+    }
+}
+
+/// toml's errors are multi-line with a source excerpt; an operator's log wants one line that
+/// still names the key and the line number.
+fn one_line_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+/// The secret. Its `Debug` and `Display` never show it, so it cannot leak through a log line
+/// or an error chain by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(s: String) -> Token {
+        Token(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Where the token came from, for log lines (never the token itself).
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    Credential(PathBuf),
+    Env,
+    File(PathBuf),
+}
+
+impl fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::Credential(p) => write!(f, "systemd credential {}", p.display()),
+            TokenSource::Env => write!(f, "environment variable {TOKEN_ENV}"),
+            TokenSource::File(p) => write!(f, "token file {}", p.display()),
+        }
+    }
+}
+
+/// Loads the token: a systemd credential wins (it is what the unit is meant to use), then the
+/// environment, then `api.token_file`. Called again whenever the API rejects the token, so an
+/// operator's fix is picked up without a restart.
+pub fn load_token(api: &ApiConfig) -> Result<(Token, TokenSource), ConfigError> {
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let path = Path::new(&dir).join(TOKEN_CREDENTIAL);
+        if path.exists() {
+            let src = TokenSource::Credential(path.clone());
+            return read_token_file(&path).map(|t| (t, src));
+        }
+    }
+    if let Some(v) = std::env::var_os(TOKEN_ENV) {
+        let v = v
+            .into_string()
+            .map_err(|_| ConfigError::Token(format!("{TOKEN_ENV} is not valid UTF-8")))?;
+        return check_token(v.trim(), &TokenSource::Env).map(|t| (t, TokenSource::Env));
+    }
+    let path = &api.token_file;
+    read_token_file(path).map(|t| (t, TokenSource::File(path.clone())))
+}
+
+fn read_token_file(path: &Path) -> Result<Token, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Token(format!(
+            "cannot read token file {} (api.token_file): {e}",
+            path.display()
+        ))
+    })?;
+    check_token(text.trim(), &TokenSource::File(path.to_owned()))
+}
+
+fn check_token(t: &str, src: &TokenSource) -> Result<Token, ConfigError> {
+    if t.is_empty() {
+        return Err(ConfigError::Token(format!("the token in {src} is empty")));
+    }
+    // The token becomes an HTTP header value: reject what would be refused there, without
+    // echoing the offending content.
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::Token(format!(
+            "the token in {src} contains spaces, control or non-ASCII characters"
+        )));
+    }
+    Ok(Token(t.to_owned()))
+}
+
+/// Parses `300ms`, `30s`, `10m`, `24h`, `7d` (also compound: `1h30m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!("{s:?} is not a duration like \"300ms\", \"30s\", \"10m\", \"24h\""));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            "" => return Err(format!("{s:?} needs a unit (ms, s, m, h or d)")),
+            _ => return Err(format!("{s:?} has unknown unit {unit:?} (ms, s, m, h or d)")),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Formats a duration the way the config file spells it, for `check-config` and log lines.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    match s {
+        s if s != 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s != 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("10").unwrap_err().contains("unit"));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        for d in ["300ms", "30s", "10m", "24h", "72h"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(c.download.concurrency, 4);
+        assert_eq!(c.retry.give_up_after, Duration::from_secs(86400));
+    }
+
+    /// The shipped example must parse and must say exactly what the defaults say, so the
+    /// documentation cannot drift from the code.
+    #[test]
+    fn example_file_matches_defaults() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hingnetd.toml.example"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let parsed = Config::parse(&text, path).unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
+        // And every key is spelled out, not left to the defaults.
+        let table: toml::Table = text.parse().unwrap();
+        let keys: usize = table
+            .values()
+            .map(|v| v.as_table().map_or(0, |t| t.len()))
+            .sum();
+        assert_eq!(keys, 12, "hingnetd.toml.example should document every key");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let p = Path::new("c.toml");
+        let e = Config::parse("[api]\nbse_url = \"x\"\n", p).unwrap_err().to_string();
+        assert!(e.contains("bse_url"), "{e}");
+        let e = Config::parse("[retry]\ninitial_delay = \"soon\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("initial_delay") || e.contains("soon"), "{e}");
+        let e = Config::parse("[download]\nconcurrency = 0\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("download.concurrency"), "{e}");
+        let e = Config::parse("[api]\nbase_url = \"ftp://x\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api.base_url"), "{e}");
+        for e in [
+            Config::parse("[api]\nbse_url = \"x\"\n", p).unwrap_err(),
+            Config::parse("[retry]\nmax_delay = \"1s\"\n", p).unwrap_err(),
+        ] {
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let t = Token::new("oh-secret".into());
+        assert!(!format!("{t:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,486 @@
+//! The daemon loop: claiming due rows, running downloads up to the concurrency limit, turning
+//! each attempt's `Outcome` into the row's next state (`decide`), client-wide pauses (429,
+//! rejected token), and shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ApiConfig, RetryConfig, format_duration};
+use crate::fetch::{Fetcher, Outcome};
+use crate::queue::{Claimed, Finish, SharedQueue};
+use crate::watch::Recheck;
+
+pub struct Settings {
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub retry: RetryConfig,
+    /// To re-read the token while the account is paused.
+    pub api: ApiConfig,
+}
+
+/// The row's next state after an attempt. The whole retry policy is here.
+pub fn decide(claimed: &Claimed, outcome: &Outcome, retry: &RetryConfig, held_for: Duration) -> Finish {
+    let backoff = backoff(retry, claimed.attempts);
+    let retry_or_give_up = |http_status: Option<u16>, reason: &str| {
+        let elapsed = claimed.since_first_attempt + held_for;
+        let Some(left) = retry.give_up_after.checked_sub(elapsed).filter(|l| !l.is_zero()) else {
+            return Finish::Failed {
+                error: format!(
+                    "gave up after {} (retry.give_up_after): {reason}",
+                    format_duration(retry.give_up_after)
+                ),
+                http_status,
+            };
+        };
+        // The last try lands on the deadline rather than after it.
+        Finish::Retry {
+            delay: backoff.min(left),
+            error: reason.to_owned(),
+            http_status,
+        }
+    };
+    match outcome {
+        Outcome::Archived {
+            published,
+            http_status,
+            ..
+        } => Finish::Done {
+            path: published.path.display().to_string(),
+            sha256: published.sha256.clone(),
+            bytes: published.bytes,
+            http_status: *http_status,
+        },
+        Outcome::NotReady {
+            http_status,
+            reason,
+        } => retry_or_give_up(Some(*http_status), reason),
+        Outcome::Transient {
+            http_status,
+            reason,
+        } => retry_or_give_up(*http_status, reason),
+        Outcome::Gone {
+            http_status,
+            reason,
+        } => Finish::Failed {
+            error: reason.clone(),
+            http_status: Some(*http_status),
+        },
+        Outcome::InvalidId => Finish::Failed {
+            error: "invalid video id".into(),
+            http_status: None,
+        },
+        // Not the video's fault: its row keeps its schedule and nothing counts against it.
+        Outcome::AccountProblem {
+            http_status,
+            reason,
+        } => Finish::Release {
+            delay: Duration::ZERO,
+            error: Some(format!("waiting: API rejected the token ({http_status}): {reason}")),
+        },
+        Outcome::RateLimited { retry_after } => Finish::Release {
+            delay: retry_after.unwrap_or(backoff),
+            error: Some("waiting: rate limited (429)".into()),
+        },
+        Outcome::Interrupted { .. } => Finish::Release {
+            delay: Duration::ZERO,
+            error: None,
+        },
+        Outcome::Storage { reason } => Finish::Release {
+            delay: backoff,
+            error: Some(format!("archive error: {reason}")),
+        },
+    }
+}
+
+/// Exponential backoff with jitter: `initial * 2^(attempt-1)`, capped, then drawn uniformly
+/// from its upper half so that videos enqueued together do not retry in lockstep.
+pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
+    let exp = attempt.saturating_sub(1).min(30);
+    let base = retry
+        .initial_delay
+        .saturating_mul(1u32 << exp)
+        .min(retry.max_delay);
+    let half = base / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// What a finished download task reports to the loop.
+struct Report {
+    outcome: Outcome,
+}
+
+/// The client-wide pause after the API rejected the token: one probe at a time, backing off.
+struct AccountPause {
+    /// `None` while a probe is in flight.
+    next_probe: Option<Instant>,
+    delay: Duration,
+}
+
+pub struct Scheduler {
+    settings: Settings,
+    queue: SharedQueue,
+    fetcher: Arc<Fetcher>,
+    wake: Arc<Notify>,
+    tasks: JoinSet<Report>,
+    /// Cancels downloads in flight (after the shutdown grace period).
+    downloads: CancellationToken,
+    rate_limited_until: Option<Instant>,
+    account: Option<AccountPause>,
+}
+
+impl Scheduler {
+    pub fn new(settings: Settings, queue: SharedQueue, fetcher: Arc<Fetcher>, wake: Arc<Notify>) -> Scheduler {
+        Scheduler {
+            settings,
+            queue,
+            fetcher,
+            wake,
+            tasks: JoinSet::new(),
+            downloads: CancellationToken::new(),
+            rate_limited_until: None,
+            account: None,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains (see `drain`).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut recheck = Recheck::default();
+        let mut data_version = self.queue.call(|q| q.data_version()).await.unwrap_or(0);
+        // Whether a due row may be waiting: set by anything that can make one due.
+        let mut look = true;
+        let mut next_due: Option<Instant> = None;
+        let mut db_backoff = Duration::from_millis(500);
+        loop {
+            let now = Instant::now();
+            if self.rate_limited_until.is_some_and(|t| t <= now) {
+                self.rate_limited_until = None;
+                look = true;
+            }
+            if look {
+                match self.fill_slots().await {
+                    Ok(due) => {
+                        next_due = due;
+                        look = false;
+                        db_backoff = Duration::from_millis(500);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_in = ?db_backoff, "queue database error");
+                        next_due = Some(Instant::now() + db_backoff);
+                        db_backoff = (db_backoff * 2).min(Duration::from_secs(60));
+                    }
+                }
+            }
+            let mut wake_at = Instant::now() + self.settings.poll_interval;
+            for t in [
+                next_due,
+                self.rate_limited_until,
+                self.account.as_ref().and_then(|a| a.next_probe),
+                recheck.due_at(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                wake_at = wake_at.min(t);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(joined) = self.tasks.join_next() => {
+                    match joined {
+                        Ok(report) => self.absorb(report.outcome),
+                        Err(e) => tracing::error!(error = %e, "download task panicked"),
+                    }
+                    look = true;
+                }
+                _ = self.wake.notified() => recheck.start(),
+                _ = tokio::time::sleep_until(wake_at) => {
+                    if recheck.due_at().is_some_and(|t| t <= Instant::now()) {
+                        match self.queue.call(|q| q.data_version()).await {
+                            Ok(v) if v != data_version => {
+                                data_version = v;
+                                recheck.stop();
+                                look = true;
+                            }
+                            _ => recheck.advance(),
+                        }
+                    } else {
+                        look = true;
+                    }
+                }
+            }
+        }
+        self.drain().await;
+    }
+
+    /// Claims as many due rows as there are free slots, starts their downloads, and returns
+    /// when the next pending row falls due (if none is due now).
+    async fn fill_slots(&mut self) -> Result<Option<Instant>, crate::queue::QueueError> {
+        let now = Instant::now();
+        let free = match &self.account {
+            _ if self.rate_limited_until.is_some() => 0,
+            // Paused: one probe at a time, when its time comes.
+            Some(a) if a.next_probe.is_some_and(|t| t <= now) && self.tasks.is_empty() => 1,
+            Some(_) => 0,
+            None => self.settings.concurrency.saturating_sub(self.tasks.len()),
+        };
+        if free > 0 {
+            if let Some(a) = &mut self.account {
+                a.next_probe = None;
+                self.reload_token();
+            }
+            let claimed = self.queue.call(move |q| q.claim(free)).await?;
+            let got = claimed.len();
+            for c in claimed {
+                self.spawn(c);
+            }
+            if got == free {
+                // Every slot was filled; the next completion triggers the next look.
+                return Ok(None);
+            }
+            if let Some(a) = self.account.as_mut().filter(|_| got == 0) {
+                // Nothing to probe with; look again at the next backoff step.
+                a.next_probe = Some(now + a.delay);
+            }
+        }
+        let due = self.queue.call(|q| q.next_due_in()).await?;
+        Ok(due.map(|d| now + d))
+    }
+
+    fn spawn(&mut self, claimed: Claimed) {
+        let fetcher = self.fetcher.clone();
+        let queue = self.queue.clone();
+        let retry = self.settings.retry.clone();
+        let cancel = self.downloads.clone();
+        self.tasks.spawn(async move {
+            let started = Instant::now();
+            let outcome = fetcher.download(&claimed.video_id, &cancel).await;
+            let finish = decide(&claimed, &outcome, &retry, started.elapsed());
+            log_decision(&claimed, &outcome, &finish, started.elapsed());
+            let id = claimed.video_id.clone();
+            let f = finish.clone();
+            match queue.call(move |q| q.finish(&id, &f)).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(video_id = %claimed.video_id, "row changed or vanished while downloading; outcome not recorded"),
+                Err(e) => tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until restart"),
+            }
+            Report { outcome }
+        });
+    }
+
+    /// Client-wide consequences of one attempt.
+    fn absorb(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::AccountProblem { http_status, reason } => {
+                let delay = match &self.account {
+                    Some(a) => (a.delay * 2).min(self.settings.retry.max_delay),
+                    None => self.settings.retry.initial_delay,
+                };
+                tracing::error!(
+                    http_status,
+                    reason = %reason,
+                    probe_in = %format_duration(delay),
+                    "API rejected the token: ALL DOWNLOADS PAUSED; fix the token (it is re-read before each probe)"
+                );
+                self.account = Some(AccountPause {
+                    next_probe: Some(Instant::now() + delay),
+                    delay,
+                });
+            }
+            Outcome::RateLimited { retry_after } => {
+                let wait = retry_after.unwrap_or(self.settings.retry.initial_delay);
+                let until = Instant::now() + wait;
+                if self.rate_limited_until.is_none_or(|t| t < until) {
+                    tracing::warn!(wait = %format_duration(wait), "rate limited (429): pausing all requests");
+                    self.rate_limited_until = Some(until);
+                }
+            }
+            // Any other answer means the token was accepted.
+            Outcome::Archived { .. }
+            | Outcome::NotReady { .. }
+            | Outcome::Gone { .. }
+            | Outcome::Transient { .. } => {
+                if self.account.take().is_some() {
+                    tracing::info!("API accepts the token again: downloads resumed");
+                }
+            }
+            // No answer about the token: the next probe may go at once.
+            Outcome::InvalidId | Outcome::Interrupted { .. } | Outcome::Storage { .. } => {
+                if let Some(a) = self.account.as_mut().filter(|a| a.next_probe.is_none()) {
+                    a.next_probe = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn reload_token(&self) {
+        match config::load_token(&self.settings.api) {
+            Ok((token, source)) => {
+                tracing::info!(source = %source, "re-read the token before probing the API");
+                self.fetcher.api.set_token(token);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot re-read the token; probing with the old one"),
+        }
+    }
+
+    /// Shutdown: no new claims; downloads in flight get the grace period to finish, then are
+    /// cancelled, which parks their partial files and puts their rows back to pending.
+    async fn drain(mut self) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        tracing::info!(
+            in_flight = self.tasks.len(),
+            grace = %format_duration(self.settings.shutdown_grace),
+            "shutting down: letting downloads in flight finish"
+        );
+        let deadline = Instant::now() + self.settings.shutdown_grace;
+        loop {
+            tokio::select! {
+                joined = self.tasks.join_next() => match joined {
+                    None => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::error!(error = %e, "download task panicked"),
+                },
+                _ = tokio::time::sleep_until(deadline), if !self.downloads.is_cancelled() => {
+                    tracing::info!(in_flight = self.tasks.len(), "grace period over: parking downloads in flight");
+                    self.downloads.cancel();
+                }
+            }
+        }
+    }
+}
+
+fn log_decision(claimed: &Claimed, outcome: &Outcome, finish: &Finish, elapsed: Duration) {
+    let id = claimed.video_id.as_str();
+    let attempt = claimed.attempts;
+    let elapsed_ms = elapsed.as_millis() as u64;
+    match (outcome, finish) {
+        (
+            Outcome::Archived {
+                published,
+                http_status,
+                received,
+                resumed_from,
+            },
+            _,
+        ) => tracing::info!(
+            video_id = id,
+            attempt,
+            http_status,
+            bytes = published.bytes,
+            received,
+            resumed_from,
+            elapsed_ms,
+            sha256 = %published.sha256,
+            "archived"
+        ),
+        (_, Finish::Retry { delay, error, http_status }) => tracing::info!(
+            video_id = id,
+            attempt,
+            http_status = http_status.map(i64::from),
+            elapsed_ms,
+            retry_in = %format_duration(*delay),
+            reason = %error,
+            "not downloaded yet; will retry"
+        ),
+        (_, Finish::Failed { error, http_status }) => tracing::warn!(
+            video_id = id,
+            attempt,
+            http_status = http_status.map(i64::from),
+            elapsed_ms,
+            reason = %error,
+            "failed for good"
+        ),
+        (Outcome::Interrupted { parked_bytes }, _) => tracing::info!(
+            video_id = id,
+            attempt,
+            parked_bytes,
+            elapsed_ms,
+            "interrupted by shutdown; partial file kept for resume"
+        ),
+        (_, Finish::Release { delay, error }) => tracing::warn!(
+            video_id = id,
+            attempt,
+            elapsed_ms,
+            retry_in = %format_duration(*delay),
+            reason = error.as_deref().unwrap_or(""),
+            "put back to pending"
+        ),
+        (_, Finish::Done { .. }) => unreachable!("only Archived becomes Done"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry() -> RetryConfig {
+        RetryConfig {
+            initial_delay: Duration::from_secs(30),
+            max_delay: Duration::from_secs(600),
+            give_up_after: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let r = retry();
+        for attempt in 1..40 {
+            let full = (Duration::from_secs(30) * 2u32.pow((attempt - 1).min(10))).min(r.max_delay);
+            let d = backoff(&r, attempt);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?} vs {full:?}");
+        }
+    }
+
+    #[test]
+    fn not_ready_retries_until_the_deadline() {
+        let r = retry();
+        let c = |since| Claimed {
+            video_id: "v".into(),
+            attempts: 3,
+            since_first_attempt: Duration::from_secs(since),
+        };
+        let o = Outcome::NotReady {
+            http_status: 400,
+            reason: "not ready".into(),
+        };
+        assert!(matches!(decide(&c(0), &o, &r, Duration::ZERO), Finish::Retry { .. }));
+        match decide(&c(3590), &o, &r, Duration::ZERO) {
+            Finish::Retry { delay, .. } => assert!(delay <= Duration::from_secs(10)),
+            f => panic!("{f:?}"),
+        }
+        match decide(&c(3600), &o, &r, Duration::ZERO) {
+            Finish::Failed { error, http_status } => {
+                assert!(error.contains("gave up after 1h"), "{error}");
+                assert_eq!(http_status, Some(400));
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn gone_and_invalid_fail_account_problems_do_not() {
+        let r = retry();
+        let c = Claimed {
+            video_id: "v".into(),
+            attempts: 1,
+            since_first_attempt: Duration::from_secs(99_999),
+        };
+        let gone = Outcome::Gone {
+            http_status: 404,
+            reason: "x".into(),
+        };
+        assert!(matches!(decide(&c, &gone, &r, Duration::ZERO), Finish::Failed { http_status: Some(404), .. }));
+        assert!(matches!(decide(&c, &Outcome::InvalidId, &r, Duration::ZERO), Finish::Failed { .. }));
+        let auth = Outcome::AccountProblem {
+            http_status: 401,
+            reason: "bad".into(),
+        };
+        assert!(matches!(decide(&c, &auth, &r, Duration::ZERO), Finish::Release { .. }));
+    }
+}

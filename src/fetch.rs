@@ -1,0 +1,472 @@
+//! One download attempt of one video, from the API request to a published archive file, and
+//! the `Outcome` it ends in. Decisions about the row (when to retry, when to give up) are the
+//! daemon's; this module only says what happened.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, Action, ApiClient, Answer, Host, VideoState};
+use crate::archive::{Archive, ArchiveError, Partial, Published, VideoId};
+
+/// Chunks queued between the network and the writer thread: bounds memory per download.
+const SINK_DEPTH: usize = 8;
+/// Error pages and status JSON are read up to this size.
+const SMALL_BODY: usize = 64 * 1024;
+/// A download that the server will not resume properly starts over at most this many times
+/// within one attempt.
+const MAX_RESTARTS: u32 = 2;
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Archived {
+        published: Published,
+        http_status: u16,
+        /// Bytes received in this attempt (less than the file when resumed).
+        received: u64,
+        resumed_from: u64,
+    },
+    /// Not downloadable yet (400, or 404 while the status endpoint says pending).
+    NotReady { http_status: u16, reason: String },
+    /// Worth retrying with backoff: network trouble, 5xx, truncated or non-video bodies.
+    Transient {
+        http_status: Option<u16>,
+        reason: String,
+    },
+    /// The video does not exist or failed upstream: never request it again.
+    Gone { http_status: u16, reason: String },
+    /// The ID can never be requested.
+    InvalidId,
+    /// The API refused our credentials: the whole client pauses.
+    AccountProblem { http_status: u16, reason: String },
+    /// 429: the whole client waits.
+    RateLimited { retry_after: Option<Duration> },
+    /// Shutdown: the partial file is parked for the next run.
+    Interrupted { parked_bytes: u64 },
+    /// The archive could not be written (disk, permissions): not the video's fault.
+    Storage { reason: String },
+}
+
+pub struct Fetcher {
+    pub api: ApiClient,
+    pub archive: Archive,
+}
+
+impl Fetcher {
+    /// Downloads one video. `cancel` parks the download as a resumable partial.
+    pub async fn download(self: &Arc<Self>, raw_id: &str, cancel: &CancellationToken) -> Outcome {
+        let Ok(id) = crate::archive::VideoId::parse(raw_id) else {
+            return Outcome::InvalidId;
+        };
+        let me = self.clone();
+        let id2 = id.clone();
+        let existing = tokio::task::spawn_blocking(move || me.archive.existing(&id2))
+            .await
+            .expect("archive task panicked");
+        match existing {
+            Ok(Some(published)) => {
+                tracing::info!(video_id = %id, path = %published.path.display(), "found already archived file; not downloading again");
+                return Outcome::Archived {
+                    published,
+                    http_status: 200,
+                    received: 0,
+                    resumed_from: 0,
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return Outcome::Storage { reason: e.to_string() },
+        }
+        let me = self.clone();
+        let id2 = id.clone();
+        let partial = match tokio::task::spawn_blocking(move || me.archive.begin(&id2))
+            .await
+            .expect("archive task panicked")
+        {
+            Ok(p) => p,
+            Err(e) => return Outcome::Storage { reason: e.to_string() },
+        };
+        let mut attempt = Attempt {
+            fetcher: self.clone(),
+            id,
+            partial: Some(partial),
+            cancel,
+        };
+        attempt.run().await
+    }
+}
+
+struct Attempt<'a> {
+    fetcher: Arc<Fetcher>,
+    id: VideoId,
+    /// `None` only while the writer thread owns it.
+    partial: Option<Partial>,
+    cancel: &'a CancellationToken,
+}
+
+/// Why streaming a body stopped early.
+enum StreamEnd {
+    Complete,
+    Outcome(Outcome),
+    /// The server will not resume correctly: start again from byte zero.
+    Restart(String),
+}
+
+impl Attempt<'_> {
+    fn partial(&mut self) -> &mut Partial {
+        self.partial.as_mut().expect("partial is home")
+    }
+
+    async fn run(&mut self) -> Outcome {
+        let mut restarts = 0;
+        loop {
+            let offset = self.partial().len();
+            let url = self.fetcher.api.content_url(&self.id);
+            let answer = tokio::select! {
+                r = self.fetcher.api.get(url, Some(offset)) => r,
+                _ = self.cancel.cancelled() => return self.park().await,
+            };
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => return self.keep(Outcome::Transient { http_status: None, reason: e.to_string() }).await,
+            };
+            let status = answer.response.status();
+            let end = match api::classify(answer.host, status) {
+                Action::Stream => self.stream(answer, offset).await,
+                Action::RangeNotSatisfiable => self.range_not_satisfiable(&answer, offset),
+                Action::NotReady => {
+                    let reason = body_reason(answer).await;
+                    StreamEnd::Outcome(Outcome::NotReady { http_status: 400, reason })
+                }
+                Action::ConfirmMissing => {
+                    let reason = body_reason(answer).await;
+                    StreamEnd::Outcome(self.confirm_missing(reason).await)
+                }
+                Action::AccountProblem => {
+                    let reason = body_reason(answer).await;
+                    StreamEnd::Outcome(Outcome::AccountProblem {
+                        http_status: status.as_u16(),
+                        reason,
+                    })
+                }
+                Action::RateLimited => StreamEnd::Outcome(Outcome::RateLimited {
+                    retry_after: api::retry_after(answer.response.headers()),
+                }),
+                Action::SignedUrlExpired => {
+                    let origin = answer.origin.clone();
+                    let reason = body_reason(answer).await;
+                    StreamEnd::Outcome(Outcome::Transient {
+                        http_status: Some(status.as_u16()),
+                        reason: format!("CDN {origin} refused the signed URL (expired?): {reason}"),
+                    })
+                }
+                Action::Transient => {
+                    let origin = answer.origin.clone();
+                    let reason = body_reason(answer).await;
+                    StreamEnd::Outcome(Outcome::Transient {
+                        http_status: Some(status.as_u16()),
+                        reason: format!("{origin} answered {status}: {reason}"),
+                    })
+                }
+            };
+            match end {
+                StreamEnd::Complete => return self.publish(status).await,
+                StreamEnd::Outcome(o) => return self.keep(o).await,
+                StreamEnd::Restart(why) if restarts < MAX_RESTARTS => {
+                    restarts += 1;
+                    tracing::warn!(video_id = %self.id, reason = %why, "restarting download from byte 0");
+                    if let Err(e) = self.restart_partial().await {
+                        return Outcome::Storage { reason: e.to_string() };
+                    }
+                }
+                StreamEnd::Restart(why) => {
+                    return self.keep(Outcome::Transient { http_status: Some(status.as_u16()), reason: why }).await;
+                }
+            }
+        }
+    }
+
+    /// 416: if the server's total is exactly what we hold, the partial is complete.
+    fn range_not_satisfiable(&mut self, answer: &Answer, offset: u64) -> StreamEnd {
+        match api::unsatisfied_range_total(answer.response.headers()) {
+            Some(total) if total == offset && offset > 0 => StreamEnd::Complete,
+            total => StreamEnd::Restart(format!(
+                "416 for bytes={offset}- with total {}",
+                total.map_or("unknown".into(), |t| t.to_string())
+            )),
+        }
+    }
+
+    /// The download page's 404 also means "not finished yet": ask the status endpoint before
+    /// failing a video for good.
+    async fn confirm_missing(&mut self, reason404: String) -> Outcome {
+        let url = self.fetcher.api.status_url(&self.id);
+        let answer = tokio::select! {
+            r = self.fetcher.api.get(url, None) => r,
+            _ = self.cancel.cancelled() => return Outcome::Interrupted { parked_bytes: 0 },
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                return Outcome::Transient {
+                    http_status: Some(404),
+                    reason: format!("content 404, status check failed: {e}"),
+                };
+            }
+        };
+        let status = answer.response.status();
+        let state = match (answer.host, status) {
+            (Host::Api, StatusCode::NOT_FOUND) => VideoState::Missing,
+            (_, StatusCode::OK) => {
+                let body = api::read_limited(answer.response, SMALL_BODY).await;
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(v) => match v.get("status").and_then(|s| s.as_str()) {
+                        Some(word) => api::classify_status_word(word),
+                        None => VideoState::Unknown("(no status field)".into()),
+                    },
+                    Err(_) => VideoState::Unknown("(status body is not JSON)".into()),
+                }
+            }
+            (host, s) => match api::classify(host, s) {
+                Action::AccountProblem => {
+                    return Outcome::AccountProblem {
+                        http_status: s.as_u16(),
+                        reason: body_reason(answer).await,
+                    };
+                }
+                Action::RateLimited => {
+                    return Outcome::RateLimited {
+                        retry_after: api::retry_after(answer.response.headers()),
+                    };
+                }
+                _ => {
+                    return Outcome::Transient {
+                        http_status: Some(404),
+                        reason: format!("content 404, status endpoint answered {s}"),
+                    };
+                }
+            },
+        };
+        match state {
+            VideoState::Missing => Outcome::Gone {
+                http_status: 404,
+                reason: format!("not found (content and status both 404): {reason404}"),
+            },
+            VideoState::Failed(word) => Outcome::Gone {
+                http_status: 404,
+                reason: format!("content 404 and status {word:?}"),
+            },
+            VideoState::Pending => Outcome::NotReady {
+                http_status: 404,
+                reason: "content 404 while status says still processing".into(),
+            },
+            VideoState::Finished => Outcome::Transient {
+                http_status: Some(404),
+                reason: "content 404 although status says finished".into(),
+            },
+            VideoState::Unknown(word) => {
+                tracing::warn!(video_id = %self.id, status_word = %word, "unknown video status; treating as pending");
+                Outcome::NotReady {
+                    http_status: 404,
+                    reason: format!("content 404, unknown status {word:?}"),
+                }
+            }
+        }
+    }
+
+    /// Streams a 200/206 body into the partial file through the writer thread.
+    async fn stream(&mut self, answer: Answer, offset: u64) -> StreamEnd {
+        let mut response = answer.response;
+        let status = response.status();
+        if let Some(mime) = api::is_text_type(response.headers()) {
+            let reason = api::error_summary(&api::read_limited(response, SMALL_BODY).await);
+            return StreamEnd::Outcome(Outcome::Transient {
+                http_status: Some(status.as_u16()),
+                reason: format!("{} answered {status} with {mime}, not a video: {reason}", answer.origin),
+            });
+        }
+        // Where this body starts in the file, and the file's expected total size.
+        let (start, total) = if status == StatusCode::PARTIAL_CONTENT {
+            match api::content_range(response.headers()) {
+                Some((s, e, Some(t))) if s == offset && e < t && offset > 0 => (s, Some(t)),
+                other => {
+                    return StreamEnd::Restart(format!(
+                        "206 with Content-Range {other:?} for bytes={offset}-"
+                    ));
+                }
+            }
+        } else {
+            (0, response.content_length())
+        };
+        if start == 0 && offset > 0 {
+            tracing::info!(video_id = %self.id, had = offset, "server sent the whole file; discarding partial");
+            if let Err(e) = self.restart_partial().await {
+                return StreamEnd::Outcome(Outcome::Storage { reason: e.to_string() });
+            }
+        }
+        let (tx, writer) = self.spawn_writer();
+        let read_timeout = self.fetcher.api.read_timeout();
+        let mut sniff = Vec::with_capacity(8);
+        let mut end = StreamEnd::Complete;
+        loop {
+            let chunk = tokio::select! {
+                c = tokio::time::timeout(read_timeout, response.chunk()) => c,
+                _ = self.cancel.cancelled() => { end = StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }); break }
+            };
+            let chunk: Bytes = match chunk {
+                Err(_) => {
+                    end = transient(status, format!("body stalled for {read_timeout:?}"));
+                    break;
+                }
+                Ok(Err(e)) => {
+                    end = transient(status, format!("body cut short: {}", api::error_text(&e)));
+                    break;
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(c))) => c,
+            };
+            // Refuse a non-video body as soon as its first 8 bytes are in.
+            if start == 0 && sniff.len() < 8 {
+                sniff.extend_from_slice(&chunk[..chunk.len().min(8 - sniff.len())]);
+                if sniff.len() == 8 && !crate::archive::looks_like_mp4(&sniff) {
+                    end = StreamEnd::Outcome(Outcome::Transient {
+                        http_status: Some(status.as_u16()),
+                        reason: format!("{} answered {status} with a body that is not an MP4 (no ftyp box)", answer.origin),
+                    });
+                    break;
+                }
+            }
+            if tx.send(chunk).await.is_err() {
+                break; // the writer failed; its error is collected below
+            }
+        }
+        drop(tx);
+        match writer.await.expect("writer task panicked") {
+            Ok(p) => self.partial = Some(p),
+            Err(e) => return StreamEnd::Outcome(Outcome::Storage { reason: e.to_string() }),
+        }
+        if let StreamEnd::Outcome(Outcome::Transient { reason, .. }) = &end
+            && reason.contains("not an MP4")
+        {
+            // Nothing of that body is worth resuming from.
+            if let Err(e) = self.restart_partial().await {
+                return StreamEnd::Outcome(Outcome::Storage { reason: e.to_string() });
+            }
+        }
+        if matches!(end, StreamEnd::Complete) {
+            let have = self.partial().len();
+            if let Some(t) = total
+                && have != t
+            {
+                return transient(status, format!("body ended at {have} of {t} bytes"));
+            }
+        }
+        end
+    }
+
+    /// Hashing and writing happen on a blocking thread, overlapping the network reads.
+    fn spawn_writer(
+        &mut self,
+    ) -> (
+        mpsc::Sender<Bytes>,
+        tokio::task::JoinHandle<Result<Partial, ArchiveError>>,
+    ) {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(SINK_DEPTH);
+        let mut partial = self.partial.take().expect("partial is home");
+        let writer = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                partial.write(&chunk)?;
+            }
+            Ok(partial)
+        });
+        (tx, writer)
+    }
+
+    async fn restart_partial(&mut self) -> Result<(), ArchiveError> {
+        let mut p = self.partial.take().expect("partial is home");
+        let (p, r) = tokio::task::spawn_blocking(move || {
+            let r = p.restart();
+            (p, r)
+        })
+        .await
+        .expect("archive task panicked");
+        self.partial = Some(p);
+        r
+    }
+
+    async fn publish(&mut self, status: StatusCode) -> Outcome {
+        let p = self.partial.take().expect("partial is home");
+        let resumed_from = 0;
+        let received = p.len();
+        match tokio::task::spawn_blocking(move || p.publish())
+            .await
+            .expect("archive task panicked")
+        {
+            Ok(published) => Outcome::Archived {
+                published,
+                http_status: status.as_u16(),
+                received,
+                resumed_from,
+            },
+            Err(ArchiveError::NotMp4 { .. }) => {
+                let fetcher = self.fetcher.clone();
+                let id = self.id.clone();
+                let _ = tokio::task::spawn_blocking(move || fetcher.archive.discard_partial(&id)).await;
+                Outcome::Transient {
+                    http_status: Some(status.as_u16()),
+                    reason: "downloaded file is not an MP4 (no ftyp box); discarded".into(),
+                }
+            }
+            Err(e) => Outcome::Storage { reason: e.to_string() },
+        }
+    }
+
+    /// Ends the attempt keeping the partial file for a later resume.
+    async fn keep(&mut self, outcome: Outcome) -> Outcome {
+        if matches!(outcome, Outcome::Interrupted { .. }) {
+            return self.park().await;
+        }
+        if let Some(p) = self.partial.take() {
+            let r = tokio::task::spawn_blocking(move || p.park())
+                .await
+                .expect("archive task panicked");
+            if let Err(e) = r {
+                return Outcome::Storage { reason: e.to_string() };
+            }
+        }
+        outcome
+    }
+
+    async fn park(&mut self) -> Outcome {
+        let Some(p) = self.partial.take() else {
+            return Outcome::Interrupted { parked_bytes: 0 };
+        };
+        match tokio::task::spawn_blocking(move || p.park())
+            .await
+            .expect("archive task panicked")
+        {
+            Ok(n) => Outcome::Interrupted { parked_bytes: n },
+            Err(e) => Outcome::Storage { reason: e.to_string() },
+        }
+    }
+}
+
+fn transient(status: StatusCode, reason: String) -> StreamEnd {
+    StreamEnd::Outcome(Outcome::Transient {
+        http_status: Some(status.as_u16()),
+        reason,
+    })
+}
+
+async fn body_reason(answer: Answer) -> String {
+    api::error_summary(&api::read_limited(answer.response, SMALL_BODY).await)
+}
+
+/// Milliseconds since `t`, for log fields.
+pub fn elapsed_ms(t: Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}

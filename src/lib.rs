@@ -1,0 +1,15 @@
+//! hingnetd: downloads finished HingNet videos named in a SQLite queue into a verified archive.
+//!
+//! Modules, one concern each: `config` (the file and the token), `queue` (all SQL), `api` (the
+//! HTTP client and the status-to-action table), `archive` (file discipline), `fetch` (one
+//! download attempt), `daemon` (the scheduler loop and retry policy), `watch` (noticing new
+//! rows), `cli` (commands and exit codes).
+
+pub mod api;
+pub mod archive;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fetch;
+pub mod queue;
+pub mod watch;

@@ -1,0 +1,671 @@
+//! The SQLite queue: opening it, migrations, the single-daemon lock, and every SQL statement
+//! the daemon and the CLI run against it.
+//!
+//! rusqlite is blocking. The daemon keeps it off the async workers: `SharedQueue` runs every
+//! call on tokio's blocking pool, one at a time over one connection.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+
+/// The migrations, in order. `PRAGMA user_version` records how many have been applied.
+/// Append only: a shipped migration is never edited.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_queue.sql",
+    include_str!("../migrations/0001_queue.sql"),
+)];
+
+/// SQLite's own clock, in the text format every timestamp column uses.
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// How long one statement waits on a producer's lock before we log and try again.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot open queue database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "queue database {path} has schema version {found}, newer than this hingnetd knows ({known}); upgrade hingnetd"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("queue database {path}: migration {name} failed: {source}")]
+    Migration {
+        path: PathBuf,
+        name: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("queue database {path} has no queue table yet; run `hingnetd migrate` first")]
+    NotMigrated { path: PathBuf },
+    #[error("queue database: {what}: {source}")]
+    Sql {
+        what: String,
+        source: rusqlite::Error,
+    },
+    #[error("cannot use lock file {path}: {source}")]
+    LockIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another hingnetd ({holder}) is already running on {database}")]
+    AlreadyRunning { database: PathBuf, holder: String },
+}
+
+fn sql(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> QueueError {
+    move |source| QueueError::Sql {
+        what: what.into(),
+        source,
+    }
+}
+
+/// A video handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub video_id: String,
+    /// Including this one.
+    pub attempts: u32,
+    /// Time since the first attempt, at the moment of the claim (the give-up clock).
+    pub since_first_attempt: Duration,
+}
+
+/// What happened to a claimed video, as the row will record it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    Done {
+        path: String,
+        sha256: String,
+        bytes: u64,
+        http_status: u16,
+    },
+    /// Back to pending, to be tried again after `delay`.
+    Retry {
+        delay: Duration,
+        error: String,
+        http_status: Option<u16>,
+    },
+    /// Back to pending with nothing held against the video (shutdown, account paused).
+    Release { delay: Duration, error: Option<String> },
+    Failed {
+        error: String,
+        http_status: Option<u16>,
+    },
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    pub pending: u64,
+    pub downloading: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub oldest_pending: Option<(String, String)>,
+    pub next_due_in: Option<Duration>,
+    pub recent_failures: Vec<FailureRow>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailureRow {
+    pub video_id: String,
+    pub finished_at: Option<String>,
+    pub http_status: Option<u16>,
+    pub last_error: Option<String>,
+}
+
+/// Outcome of `enqueue`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Enqueued {
+    pub added: usize,
+    pub already: usize,
+}
+
+/// One connection to the queue database.
+#[derive(Debug)]
+pub struct Queue {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Queue {
+    /// Opens (creating if needed) and migrates. For `run`, `migrate` and `enqueue`.
+    pub fn open_and_migrate(path: &Path) -> Result<Queue, QueueError> {
+        let mut q = Queue::open_raw(path)?;
+        q.migrate()?;
+        Ok(q)
+    }
+
+    /// Opens an existing, migrated database without changing it (read-mostly CLI commands).
+    pub fn open_existing(path: &Path) -> Result<Queue, QueueError> {
+        if !path.exists() {
+            return Err(QueueError::NotMigrated {
+                path: path.to_owned(),
+            });
+        }
+        let q = Queue::open_raw(path)?;
+        let v = q.user_version()?;
+        if v == 0 {
+            return Err(QueueError::NotMigrated {
+                path: path.to_owned(),
+            });
+        }
+        if v as usize > MIGRATIONS.len() {
+            return Err(QueueError::TooNew {
+                path: path.to_owned(),
+                found: v,
+                known: MIGRATIONS.len(),
+            });
+        }
+        Ok(q)
+    }
+
+    fn open_raw(path: &Path) -> Result<Queue, QueueError> {
+        let open_err = |source| QueueError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| QueueError::LockIo {
+                path: dir.to_owned(),
+                source: e,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // WAL lets producers insert while we read and write; FULL makes a commit (a row marked
+        // done) survive power loss, not just a crash of the process.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(database = %path.display(), journal_mode = %mode, "database is not in WAL mode");
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        Ok(Queue {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn user_version(&self) -> Result<i64, QueueError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|source| QueueError::Open {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Applies the migrations this database has not seen yet, each in its own transaction
+    /// together with the `user_version` bump, so a crash leaves a consistent version.
+    pub fn migrate(&mut self) -> Result<usize, QueueError> {
+        let mut applied = 0;
+        loop {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|source| QueueError::Open {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            let v: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(|source| QueueError::Open {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            let v = usize::try_from(v).unwrap_or(usize::MAX);
+            if v > MIGRATIONS.len() {
+                return Err(QueueError::TooNew {
+                    path: self.path.clone(),
+                    found: v as i64,
+                    known: MIGRATIONS.len(),
+                });
+            }
+            let Some(&(name, text)) = MIGRATIONS.get(v) else {
+                return Ok(applied);
+            };
+            let mig_err = |source| QueueError::Migration {
+                path: self.path.clone(),
+                name,
+                source,
+            };
+            tx.execute_batch(text).map_err(mig_err)?;
+            tx.pragma_update(None, "user_version", (v + 1) as i64)
+                .map_err(mig_err)?;
+            tx.commit().map_err(mig_err)?;
+            tracing::info!(database = %self.path.display(), migration = name, "applied migration");
+            applied += 1;
+        }
+    }
+
+    /// Rows a crashed daemon left `downloading` go back to `pending`. Only safe while holding
+    /// the instance lock, which is why `run` calls it right after taking it.
+    pub fn recover_interrupted(&self) -> Result<usize, QueueError> {
+        with_busy_retry("recover interrupted rows", || {
+            self.conn.execute(
+                &format!(
+                    "UPDATE queue SET state = 'pending', next_attempt_at = {NOW}, \
+                     last_error = coalesce(last_error, 'interrupted by a daemon restart') \
+                     WHERE state = 'downloading'"
+                ),
+                [],
+            )
+        })
+    }
+
+    /// Claims up to `n` due rows, earliest first, in one statement.
+    pub fn claim(&self, n: usize) -> Result<Vec<Claimed>, QueueError> {
+        with_busy_retry("claim due rows", || {
+            let mut stmt = self.conn.prepare_cached(&format!(
+                "UPDATE queue SET state = 'downloading', attempts = attempts + 1, \
+                     first_attempt_at = coalesce(first_attempt_at, {NOW}) \
+                 WHERE rowid IN (SELECT rowid FROM queue \
+                     WHERE state = 'pending' AND next_attempt_at <= {NOW} \
+                     ORDER BY next_attempt_at LIMIT ?1) \
+                 RETURNING video_id, attempts, \
+                     (julianday('now') - julianday(first_attempt_at)) * 86400000.0"
+            ))?;
+            let rows = stmt.query_map([n as i64], |r| {
+                // An ID a producer stored as a number or blob still gets a row outcome: it is
+                // turned into text here and then rejected by the ID check.
+                let id = match r.get_ref(0)? {
+                    rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                let ms: f64 = r.get::<_, Option<f64>>(2)?.unwrap_or(0.0);
+                Ok(Claimed {
+                    video_id: id,
+                    attempts: r.get(1)?,
+                    since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Records a claimed video's outcome. Guarded on `state = 'downloading'` so an operator's
+    /// edit made meanwhile (a deleted or reset row) is not overwritten; returns whether the row
+    /// was still ours.
+    pub fn finish(&self, video_id: &str, finish: &Finish) -> Result<bool, QueueError> {
+        let what = format!("record outcome of {video_id}");
+        let n = with_busy_retry(&what, || match finish {
+            Finish::Done {
+                path,
+                sha256,
+                bytes,
+                http_status,
+            } => self.conn.execute(
+                &format!(
+                    "UPDATE queue SET state = 'done', path = ?2, sha256 = ?3, bytes = ?4, \
+                     http_status = ?5, last_error = NULL, finished_at = {NOW} \
+                     WHERE video_id = ?1 AND state = 'downloading'"
+                ),
+                params![video_id, path, sha256, *bytes as i64, http_status],
+            ),
+            Finish::Retry {
+                delay,
+                error,
+                http_status,
+            } => self.conn.execute(
+                &format!(
+                    "UPDATE queue SET state = 'pending', last_error = ?2, http_status = ?3, \
+                     next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?4) \
+                     WHERE video_id = ?1 AND state = 'downloading'"
+                ),
+                params![video_id, error, http_status, sqlite_offset(*delay)],
+            ),
+            Finish::Release { delay, error } => self.conn.execute(
+                "UPDATE queue SET state = 'pending', last_error = coalesce(?2, last_error), \
+                 next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3) \
+                 WHERE video_id = ?1 AND state = 'downloading'",
+                params![video_id, error, sqlite_offset(*delay)],
+            ),
+            Finish::Failed { error, http_status } => self.conn.execute(
+                &format!(
+                    "UPDATE queue SET state = 'failed', last_error = ?2, http_status = ?3, \
+                     finished_at = {NOW} WHERE video_id = ?1 AND state = 'downloading'"
+                ),
+                params![video_id, error, http_status],
+            ),
+        })?;
+        Ok(n == 1)
+    }
+
+    /// How long until the earliest pending row is due (zero if one is due now).
+    pub fn next_due_in(&self) -> Result<Option<Duration>, QueueError> {
+        let ms: Option<f64> = with_busy_retry("find next due row", || {
+            self.conn
+                .prepare_cached(
+                    "SELECT (julianday(min(next_attempt_at)) - julianday('now')) * 86400000.0 \
+                     FROM queue WHERE state = 'pending'",
+                )?
+                .query_row([], |r| r.get(0))
+        })?;
+        Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0).ceil() as u64)))
+    }
+
+    /// Changes whenever another connection (a producer) commits. Cheap: no disk access.
+    pub fn data_version(&self) -> Result<i64, QueueError> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(sql("read data_version"))
+    }
+
+    /// The producer contract, for `hingnetd enqueue`: one transaction for the whole batch.
+    pub fn enqueue<'a>(
+        &mut self,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Enqueued, QueueError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin enqueue"))?;
+        let mut out = Enqueued::default();
+        {
+            let mut stmt = tx
+                .prepare("INSERT OR IGNORE INTO queue(video_id) VALUES (?1)")
+                .map_err(sql("prepare enqueue"))?;
+            for id in ids {
+                match stmt.execute([id]).map_err(sql(format!("enqueue {id}")))? {
+                    0 => out.already += 1,
+                    _ => out.added += 1,
+                }
+            }
+        }
+        tx.commit().map_err(sql("commit enqueue"))?;
+        Ok(out)
+    }
+
+    pub fn status(&self, failures: usize) -> Result<Status, QueueError> {
+        let mut s = Status::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, count(*) FROM queue GROUP BY state")
+            .map_err(sql("count rows"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(sql("count rows"))?;
+        for row in rows {
+            let (state, n) = row.map_err(sql("count rows"))?;
+            match state.as_str() {
+                "pending" => s.pending = n,
+                "downloading" => s.downloading = n,
+                "done" => s.done = n,
+                "failed" => s.failed = n,
+                _ => {}
+            }
+        }
+        s.oldest_pending = self
+            .conn
+            .query_row(
+                "SELECT video_id, enqueued_at FROM queue WHERE state = 'pending' \
+                 ORDER BY enqueued_at LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("find oldest pending row"))?;
+        s.next_due_in = self.next_due_in()?;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT video_id, finished_at, http_status, last_error FROM queue \
+                 WHERE state = 'failed' ORDER BY finished_at DESC LIMIT ?1",
+            )
+            .map_err(sql("list failures"))?;
+        s.recent_failures = stmt
+            .query_map([failures as i64], |r| {
+                Ok(FailureRow {
+                    video_id: r.get(0)?,
+                    finished_at: r.get(1)?,
+                    http_status: r.get(2)?,
+                    last_error: r.get(3)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(sql("list failures"))?;
+        Ok(s)
+    }
+
+    /// One row's columns as (name, value) text pairs, for tests and `show`.
+    pub fn row(&self, video_id: &str) -> Result<Option<Vec<(String, String)>>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM queue WHERE video_id = ?1")
+            .map_err(sql("read row"))?;
+        let names: Vec<String> = stmt.column_names().map(|s| s.to_string()).collect();
+        stmt.query_row([video_id], |r| {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let v = match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => "NULL".to_string(),
+                        rusqlite::types::ValueRef::Integer(i) => i.to_string(),
+                        rusqlite::types::ValueRef::Real(f) => f.to_string(),
+                        rusqlite::types::ValueRef::Text(t) => {
+                            String::from_utf8_lossy(t).into_owned()
+                        }
+                        rusqlite::types::ValueRef::Blob(b) => format!("<{} bytes>", b.len()),
+                    };
+                    Ok((n.clone(), v))
+                })
+                .collect()
+        })
+        .optional()
+        .map_err(sql("read row"))
+    }
+}
+
+/// A SQLite date modifier adding `d` to 'now'.
+fn sqlite_offset(d: Duration) -> String {
+    format!("+{:.3} seconds", d.as_secs_f64())
+}
+
+/// Runs a statement until it gets past a producer's lock. Each try already waits
+/// `BUSY_TIMEOUT` inside SQLite; a producer holding the lock longer only delays us: a
+/// finished download must never be lost to a busy error.
+fn with_busy_retry<T>(
+    what: &str,
+    mut f: impl FnMut() -> rusqlite::Result<T>,
+) -> Result<T, QueueError> {
+    let mut waited = 0u32;
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+            {
+                waited += 1;
+                tracing::warn!(
+                    operation = what,
+                    waited_s = waited * BUSY_TIMEOUT.as_secs() as u32,
+                    "queue database is locked by another writer; still waiting"
+                );
+                // The busy handler already slept; a short pause avoids a hot loop when the
+                // error is returned without waiting (a stale WAL snapshot).
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other.map_err(sql(what)),
+        }
+    }
+}
+
+/// Holds an exclusive advisory lock on `<database>.lock` for the life of the daemon, so only one
+/// daemon serves a database. The kernel drops it when the process dies, even on kill -9.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+impl InstanceLock {
+    pub fn path_for(database: &Path) -> PathBuf {
+        let mut p = database.as_os_str().to_owned();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    pub fn acquire(database: &Path) -> Result<InstanceLock, QueueError> {
+        let path = InstanceLock::path_for(database);
+        let io = |source| QueueError::LockIo {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "unknown pid".to_string(),
+                    pid => format!("pid {pid}"),
+                };
+                return Err(QueueError::AlreadyRunning {
+                    database: database.to_owned(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(InstanceLock { _file: file })
+    }
+
+    /// Whether some daemon holds the lock now (for `status`).
+    pub fn is_held(database: &Path) -> bool {
+        let Ok(file) = File::open(InstanceLock::path_for(database)) else {
+            return false;
+        };
+        matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+    }
+}
+
+/// The daemon's handle: one connection behind a mutex, every call on the blocking pool.
+#[derive(Clone)]
+pub struct SharedQueue {
+    inner: Arc<Mutex<Queue>>,
+}
+
+impl SharedQueue {
+    pub fn new(q: Queue) -> SharedQueue {
+        SharedQueue {
+            inner: Arc::new(Mutex::new(q)),
+        }
+    }
+
+    pub async fn call<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        F: FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut q = inner.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut q)
+        })
+        .await
+        .expect("queue database task panicked")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_queue() -> (tempfile::TempDir, Queue) {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open_and_migrate(&dir.path().join("q.db")).unwrap();
+        (dir, q)
+    }
+
+    #[test]
+    fn migrate_is_idempotent_and_versioned() {
+        let (dir, mut q) = temp_queue();
+        assert_eq!(q.migrate().unwrap(), 0);
+        assert_eq!(q.user_version().unwrap(), MIGRATIONS.len() as i64);
+        q.conn
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        drop(q);
+        let e = Queue::open_and_migrate(&dir.path().join("q.db")).unwrap_err();
+        assert!(matches!(e, QueueError::TooNew { found: 99, .. }), "{e}");
+    }
+
+    #[test]
+    fn claim_finish_cycle() {
+        let (_dir, mut q) = temp_queue();
+        let e = q.enqueue(["a", "b", "a"]).unwrap();
+        assert_eq!(e, Enqueued { added: 2, already: 1 });
+        let c = q.claim(10).unwrap();
+        assert_eq!(c.len(), 2);
+        assert!(c.iter().all(|c| c.attempts == 1));
+        assert!(q.claim(10).unwrap().is_empty());
+        let done = Finish::Done {
+            path: "/x/a.mp4".into(),
+            sha256: "00".into(),
+            bytes: 3,
+            http_status: 200,
+        };
+        assert!(q.finish("a", &done).unwrap());
+        // Not ours any more: a second outcome is refused.
+        assert!(!q.finish("a", &done).unwrap());
+        let retry = Finish::Retry {
+            delay: Duration::from_secs(3600),
+            error: "not ready".into(),
+            http_status: Some(400),
+        };
+        assert!(q.finish("b", &retry).unwrap());
+        assert!(q.claim(10).unwrap().is_empty(), "b is not due for an hour");
+        let due = q.next_due_in().unwrap().unwrap();
+        assert!(due > Duration::from_secs(3500) && due <= Duration::from_secs(3600));
+        // Re-inserting a done ID changes nothing.
+        assert_eq!(q.enqueue(["a"]).unwrap(), Enqueued { added: 0, already: 1 });
+        let s = q.status(5).unwrap();
+        assert_eq!((s.pending, s.done, s.failed, s.downloading), (1, 1, 0, 0));
+    }
+
+    #[test]
+    fn recover_puts_downloading_back() {
+        let (_dir, mut q) = temp_queue();
+        q.enqueue(["a"]).unwrap();
+        assert_eq!(q.claim(1).unwrap().len(), 1);
+        assert_eq!(q.recover_interrupted().unwrap(), 1);
+        let c = q.claim(1).unwrap();
+        assert_eq!(c[0].attempts, 2);
+    }
+
+    #[test]
+    fn instance_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        let held = InstanceLock::acquire(&db).unwrap();
+        assert!(InstanceLock::is_held(&db));
+        let e = InstanceLock::acquire(&db).unwrap_err();
+        assert!(e.to_string().contains("already running"), "{e}");
+        drop(held);
+        assert!(!InstanceLock::is_held(&db));
+        InstanceLock::acquire(&db).unwrap();
+    }
+}
