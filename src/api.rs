@@ -220,9 +220,9 @@ impl ApiClient {
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .ok_or_else(|| ApiError::BadRedirect(format!("{status} without a Location")))?;
-            let next = url
-                .join(location)
-                .map_err(|_| ApiError::BadRedirect(format!("{status} to an unparsable Location")))?;
+            let next = url.join(location).map_err(|_| {
+                ApiError::BadRedirect(format!("{status} to an unparsable Location"))
+            })?;
             match (url.scheme(), next.scheme()) {
                 ("https", "https") | ("http", "http" | "https") => {}
                 ("https", "http") => {
@@ -281,7 +281,8 @@ pub fn error_text(e: &reqwest::Error) -> String {
 /// the text. Never assumes JSON (a proxy may answer HTML).
 pub fn error_summary(body: &[u8]) -> String {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-        let pick = |v: &serde_json::Value, k: &str| v.get(k).and_then(|m| m.as_str()).map(str::to_owned);
+        let pick =
+            |v: &serde_json::Value, k: &str| v.get(k).and_then(|m| m.as_str()).map(str::to_owned);
         let err = v.get("error");
         let found = err
             .and_then(|e| pick(e, "message").or_else(|| pick(e, "code")))
@@ -333,7 +334,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(v).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// `Content-Range: bytes START-END/TOTAL` (206) → (start, end, total).
@@ -341,7 +345,11 @@ pub fn content_range(headers: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
     let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
-    let total = if total == "*" { None } else { Some(total.parse().ok()?) };
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
     let (a, b) = range.split_once('-')?;
     Some((a.parse().ok()?, b.parse().ok()?, total))
 }
@@ -355,7 +363,12 @@ pub fn unsatisfied_range_total(headers: &HeaderMap) -> Option<u64> {
 /// A 200 body with one of these types is an error page, not a video.
 pub fn is_text_type(headers: &HeaderMap) -> Option<String> {
     let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let textual = mime.starts_with("text/")
         || mime.contains("json")
         || mime.contains("xml")
@@ -391,8 +404,14 @@ mod tests {
         assert_eq!(classify_status_word("in_progress"), VideoState::Pending);
         assert_eq!(classify_status_word("success"), VideoState::Finished);
         assert_eq!(classify_status_word("completed"), VideoState::Finished);
-        assert!(matches!(classify_status_word("expired"), VideoState::Failed(_)));
-        assert!(matches!(classify_status_word("weird"), VideoState::Unknown(_)));
+        assert!(matches!(
+            classify_status_word("expired"),
+            VideoState::Failed(_)
+        ));
+        assert!(matches!(
+            classify_status_word("weird"),
+            VideoState::Unknown(_)
+        ));
     }
 
     #[test]
@@ -402,24 +421,42 @@ mod tests {
             "video not ready"
         );
         assert_eq!(error_summary(br#"{"msg":"busy"}"#), "busy");
-        assert_eq!(error_summary(b"<html>\n<b>Bad\tGateway</b></html>"), "<html> <b>Bad Gateway</b></html>");
+        assert_eq!(
+            error_summary(b"<html>\n<b>Bad\tGateway</b></html>"),
+            "<html> <b>Bad Gateway</b></html>"
+        );
         assert_eq!(error_summary(&[b'x'; 2000]).len(), 512);
     }
 
     #[test]
     fn headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes 100-199/200"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 100-199/200"),
+        );
         assert_eq!(content_range(&h), Some((100, 199, Some(200))));
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes */200"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes */200"),
+        );
         assert_eq!(unsatisfied_range_total(&h), Some(200));
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
         assert_eq!(is_text_type(&h).as_deref(), Some("text/html"));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("binary/octet-stream"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("binary/octet-stream"),
+        );
         assert_eq!(is_text_type(&h), None);
     }
 
@@ -437,8 +474,17 @@ mod tests {
             c.content_url(&id).as_str(),
             "https://api.example/base/v1/videos/video_1/content"
         );
-        assert_eq!(c.host_of(&Url::parse("https://api.example:443/x").unwrap()), Host::Api);
-        assert_eq!(c.host_of(&Url::parse("http://api.example/x").unwrap()), Host::Cdn);
-        assert_eq!(c.host_of(&Url::parse("https://cdn.example/x").unwrap()), Host::Cdn);
+        assert_eq!(
+            c.host_of(&Url::parse("https://api.example:443/x").unwrap()),
+            Host::Api
+        );
+        assert_eq!(
+            c.host_of(&Url::parse("http://api.example/x").unwrap()),
+            Host::Cdn
+        );
+        assert_eq!(
+            c.host_of(&Url::parse("https://cdn.example/x").unwrap()),
+            Host::Cdn
+        );
     }
 }

@@ -41,8 +41,7 @@ impl VideoId {
     pub fn parse(s: &str) -> Result<VideoId, InvalidId> {
         let ok = (1..=128).contains(&s.len())
             && !s.starts_with('-')
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if ok {
             Ok(VideoId(s.to_owned()))
@@ -198,7 +197,8 @@ impl Archive {
 /// tricked into writing or reading outside itself.
 fn open_nofollow(path: &Path, write: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
-    o.read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    o.read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
     if write {
         o.write(true).create(true).truncate(false).mode(0o640);
     }
@@ -264,7 +264,9 @@ impl Partial {
     pub fn restart(&mut self) -> Result<(), ArchiveError> {
         self.out.flush().map_err(|e| self.err(e))?;
         let f = self.out.get_mut();
-        let r = f.set_len(0).and_then(|_| f.seek(SeekFrom::Start(0)).map(drop));
+        let r = f
+            .set_len(0)
+            .and_then(|_| f.seek(SeekFrom::Start(0)).map(drop));
         r.map_err(|e| self.err(e))?;
         self.hasher = Sha256::new();
         self.head.clear();
@@ -327,7 +329,17 @@ mod tests {
             assert!(VideoId::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "-x", "../x", "a/b", "a.b", "a b", "a\0b", "é", "a\\b", "%2e%2e", &"x".repeat(129),
+            "",
+            "-x",
+            "../x",
+            "a/b",
+            "a.b",
+            "a b",
+            "a\0b",
+            "é",
+            "a\\b",
+            "%2e%2e",
+            &"x".repeat(129),
         ] {
             assert_eq!(VideoId::parse(bad), Err(InvalidId), "{bad:?}");
         }

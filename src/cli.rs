@@ -44,7 +44,9 @@ pub enum Command {
     /// Run the daemon (normally started by systemd).
     Run,
     /// Add video IDs to the queue ("-" reads IDs from stdin, one per line).
-    #[command(after_help = "Example:\n  hingnetd enqueue video_abc123 video_def456\n  ls-finished-videos | hingnetd enqueue -")]
+    #[command(
+        after_help = "Example:\n  hingnetd enqueue video_abc123 video_def456\n  ls-finished-videos | hingnetd enqueue -"
+    )]
     Enqueue {
         #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
@@ -119,7 +121,8 @@ fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
     for a in args {
         if a == "-" {
             for line in std::io::stdin().lock().lines() {
-                let line = line.map_err(|e| Failure::new(exit::DATA, format!("cannot read stdin: {e}")))?;
+                let line =
+                    line.map_err(|e| Failure::new(exit::DATA, format!("cannot read stdin: {e}")))?;
                 let t = line.trim();
                 if !t.is_empty() {
                     ids.push(t.to_owned());
@@ -131,7 +134,9 @@ fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
     }
     let (good, bad): (Vec<_>, Vec<_>) = ids.iter().partition(|id| VideoId::parse(id).is_ok());
     for b in &bad {
-        eprintln!("hingnetd: invalid video id {b:?} (1-128 characters of A-Z a-z 0-9 _ -, not starting with -); not enqueued");
+        eprintln!(
+            "hingnetd: invalid video id {b:?} (1-128 characters of A-Z a-z 0-9 _ -, not starting with -); not enqueued"
+        );
     }
     let mut q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
     let r = q
@@ -141,7 +146,10 @@ fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(Failure::new(exit::DATA, format!("{} invalid video id(s) rejected", bad.len())))
+        Err(Failure::new(
+            exit::DATA,
+            format!("{} invalid video id(s) rejected", bad.len()),
+        ))
     }
 }
 
@@ -162,12 +170,20 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
         "{} pending, {} downloading, {} done, {} failed",
         s.pending, s.downloading, s.done, s.failed
     );
-    let _ = writeln!(out, "daemon: {}", if running { "running" } else { "not running" });
+    let _ = writeln!(
+        out,
+        "daemon: {}",
+        if running { "running" } else { "not running" }
+    );
     if let Some((id, at)) = &s.oldest_pending {
         let _ = writeln!(out, "oldest pending: {id} (enqueued {at})");
     }
     if let Some(d) = s.next_due_in {
-        let _ = writeln!(out, "next attempt due in: {}", config::format_duration(std::time::Duration::from_secs(d.as_secs())));
+        let _ = writeln!(
+            out,
+            "next attempt due in: {}",
+            config::format_duration(std::time::Duration::from_secs(d.as_secs()))
+        );
     }
     if !s.recent_failures.is_empty() {
         let _ = writeln!(out, "recent failures:");
@@ -189,14 +205,16 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
 fn run(cfg: Config) -> Result<(), Failure> {
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
-    let archive = Archive::open(&cfg.archive.dir).map_err(|e| {
-        Failure::new(exit::CONFIG, format!("{e} (archive.dir)"))
-    })?;
+    let archive = Archive::open(&cfg.archive.dir)
+        .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let _lock = InstanceLock::acquire(&cfg.queue.database).map_err(queue_failure)?;
     let queue = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
     let recovered = queue.recover_interrupted().map_err(queue_failure)?;
     if recovered > 0 {
-        tracing::warn!(rows = recovered, "rows left downloading by an earlier run are pending again");
+        tracing::warn!(
+            rows = recovered,
+            "rows left downloading by an earlier run are pending again"
+        );
     }
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;

@@ -171,8 +171,12 @@ impl Config {
             key,
             message,
         };
-        let url = reqwest::Url::parse(&self.api.base_url)
-            .map_err(|e| bad("api.base_url", format!("{:?} is not a URL ({e})", self.api.base_url)))?;
+        let url = reqwest::Url::parse(&self.api.base_url).map_err(|e| {
+            bad(
+                "api.base_url",
+                format!("{:?} is not a URL ({e})", self.api.base_url),
+            )
+        })?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(bad(
                 "api.base_url",
@@ -331,7 +335,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("{s:?} is not a duration like \"300ms\", \"30s\", \"10m\", \"24h\""));
+            return Err(format!(
+                "{s:?} is not a duration like \"300ms\", \"30s\", \"10m\", \"24h\""
+            ));
         }
         let n: u64 = rest[..digits]
             .parse()
@@ -347,7 +353,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86400)),
             "" => return Err(format!("{s:?} needs a unit (ms, s, m, h or d)")),
-            _ => return Err(format!("{s:?} has unknown unit {unit:?} (ms, s, m, h or d)")),
+            _ => {
+                return Err(format!(
+                    "{s:?} has unknown unit {unit:?} (ms, s, m, h or d)"
+                ));
+            }
         };
         total = total.saturating_add(part);
     }
@@ -357,13 +367,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Formats a duration the way the config file spells it, for `check-config` and log lines.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
     match s {
-        s if s != 0 && s % 3600 == 0 => format!("{}h", s / 3600),
-        s if s != 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s if s != 0 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s if s != 0 && s.is_multiple_of(60) => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
 }
@@ -404,7 +414,10 @@ mod tests {
     /// documentation cannot drift from the code.
     #[test]
     fn example_file_matches_defaults() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hingnetd.toml.example"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/hingnetd.toml.example"
+        ));
         let text = std::fs::read_to_string(path).unwrap();
         let parsed = Config::parse(&text, path).unwrap();
         assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
@@ -420,7 +433,9 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let p = Path::new("c.toml");
-        let e = Config::parse("[api]\nbse_url = \"x\"\n", p).unwrap_err().to_string();
+        let e = Config::parse("[api]\nbse_url = \"x\"\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bse_url"), "{e}");
         let e = Config::parse("[retry]\ninitial_delay = \"soon\"\n", p)
             .unwrap_err()

@@ -25,11 +25,20 @@ pub struct Settings {
 }
 
 /// The row's next state after an attempt. The whole retry policy is here.
-pub fn decide(claimed: &Claimed, outcome: &Outcome, retry: &RetryConfig, held_for: Duration) -> Finish {
+pub fn decide(
+    claimed: &Claimed,
+    outcome: &Outcome,
+    retry: &RetryConfig,
+    held_for: Duration,
+) -> Finish {
     let backoff = backoff(retry, claimed.attempts);
     let retry_or_give_up = |http_status: Option<u16>, reason: &str| {
         let elapsed = claimed.since_first_attempt + held_for;
-        let Some(left) = retry.give_up_after.checked_sub(elapsed).filter(|l| !l.is_zero()) else {
+        let Some(left) = retry
+            .give_up_after
+            .checked_sub(elapsed)
+            .filter(|l| !l.is_zero())
+        else {
             return Finish::Failed {
                 error: format!(
                     "gave up after {} (retry.give_up_after): {reason}",
@@ -81,7 +90,9 @@ pub fn decide(claimed: &Claimed, outcome: &Outcome, retry: &RetryConfig, held_fo
             reason,
         } => Finish::Release {
             delay: Duration::ZERO,
-            error: Some(format!("waiting: API rejected the token ({http_status}): {reason}")),
+            error: Some(format!(
+                "waiting: API rejected the token ({http_status}): {reason}"
+            )),
         },
         Outcome::RateLimited { retry_after } => Finish::Release {
             delay: retry_after.unwrap_or(backoff),
@@ -135,7 +146,12 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(settings: Settings, queue: SharedQueue, fetcher: Arc<Fetcher>, wake: Arc<Notify>) -> Scheduler {
+    pub fn new(
+        settings: Settings,
+        queue: SharedQueue,
+        fetcher: Arc<Fetcher>,
+        wake: Arc<Notify>,
+    ) -> Scheduler {
         Scheduler {
             settings,
             queue,
@@ -275,7 +291,10 @@ impl Scheduler {
     /// Client-wide consequences of one attempt.
     fn absorb(&mut self, outcome: Outcome) {
         match outcome {
-            Outcome::AccountProblem { http_status, reason } => {
+            Outcome::AccountProblem {
+                http_status,
+                reason,
+            } => {
                 let delay = match &self.account {
                     Some(a) => (a.delay * 2).min(self.settings.retry.max_delay),
                     None => self.settings.retry.initial_delay,
@@ -323,7 +342,9 @@ impl Scheduler {
                 tracing::info!(source = %source, "re-read the token before probing the API");
                 self.fetcher.api.set_token(token);
             }
-            Err(e) => tracing::error!(error = %e, "cannot re-read the token; probing with the old one"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-read the token; probing with the old one")
+            }
         }
     }
 
@@ -379,7 +400,14 @@ fn log_decision(claimed: &Claimed, outcome: &Outcome, finish: &Finish, elapsed: 
             sha256 = %published.sha256,
             "archived"
         ),
-        (_, Finish::Retry { delay, error, http_status }) => tracing::info!(
+        (
+            _,
+            Finish::Retry {
+                delay,
+                error,
+                http_status,
+            },
+        ) => tracing::info!(
             video_id = id,
             attempt,
             http_status = http_status.map(i64::from),
@@ -433,7 +461,10 @@ mod tests {
         for attempt in 1..40 {
             let full = (Duration::from_secs(30) * 2u32.pow((attempt - 1).min(10))).min(r.max_delay);
             let d = backoff(&r, attempt);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?} vs {full:?}");
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} vs {full:?}"
+            );
         }
     }
 
@@ -449,7 +480,10 @@ mod tests {
             http_status: 400,
             reason: "not ready".into(),
         };
-        assert!(matches!(decide(&c(0), &o, &r, Duration::ZERO), Finish::Retry { .. }));
+        assert!(matches!(
+            decide(&c(0), &o, &r, Duration::ZERO),
+            Finish::Retry { .. }
+        ));
         match decide(&c(3590), &o, &r, Duration::ZERO) {
             Finish::Retry { delay, .. } => assert!(delay <= Duration::from_secs(10)),
             f => panic!("{f:?}"),
@@ -475,12 +509,24 @@ mod tests {
             http_status: 404,
             reason: "x".into(),
         };
-        assert!(matches!(decide(&c, &gone, &r, Duration::ZERO), Finish::Failed { http_status: Some(404), .. }));
-        assert!(matches!(decide(&c, &Outcome::InvalidId, &r, Duration::ZERO), Finish::Failed { .. }));
+        assert!(matches!(
+            decide(&c, &gone, &r, Duration::ZERO),
+            Finish::Failed {
+                http_status: Some(404),
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&c, &Outcome::InvalidId, &r, Duration::ZERO),
+            Finish::Failed { .. }
+        ));
         let auth = Outcome::AccountProblem {
             http_status: 401,
             reason: "bad".into(),
         };
-        assert!(matches!(decide(&c, &auth, &r, Duration::ZERO), Finish::Release { .. }));
+        assert!(matches!(
+            decide(&c, &auth, &r, Duration::ZERO),
+            Finish::Release { .. }
+        ));
     }
 }

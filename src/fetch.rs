@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, Action, ApiClient, Answer, Host, VideoState};
+use crate::api::{self, Action, Answer, ApiClient, Host, VideoState};
 use crate::archive::{Archive, ArchiveError, Partial, Published, VideoId};
 
 /// Chunks queued between the network and the writer thread: bounds memory per download.
@@ -79,7 +79,11 @@ impl Fetcher {
                 };
             }
             Ok(None) => {}
-            Err(e) => return Outcome::Storage { reason: e.to_string() },
+            Err(e) => {
+                return Outcome::Storage {
+                    reason: e.to_string(),
+                };
+            }
         }
         let me = self.clone();
         let id2 = id.clone();
@@ -88,12 +92,17 @@ impl Fetcher {
             .expect("archive task panicked")
         {
             Ok(p) => p,
-            Err(e) => return Outcome::Storage { reason: e.to_string() },
+            Err(e) => {
+                return Outcome::Storage {
+                    reason: e.to_string(),
+                };
+            }
         };
         let mut attempt = Attempt {
             fetcher: self.clone(),
             id,
             partial: Some(partial),
+            resumed_from: 0,
             cancel,
         };
         attempt.run().await
@@ -105,6 +114,8 @@ struct Attempt<'a> {
     id: VideoId,
     /// `None` only while the writer thread owns it.
     partial: Option<Partial>,
+    /// Where the body that completed the file started (non-zero for a resumed download).
+    resumed_from: u64,
     cancel: &'a CancellationToken,
 }
 
@@ -132,7 +143,14 @@ impl Attempt<'_> {
             };
             let answer = match answer {
                 Ok(a) => a,
-                Err(e) => return self.keep(Outcome::Transient { http_status: None, reason: e.to_string() }).await,
+                Err(e) => {
+                    return self
+                        .keep(Outcome::Transient {
+                            http_status: None,
+                            reason: e.to_string(),
+                        })
+                        .await;
+                }
             };
             let status = answer.response.status();
             let end = match api::classify(answer.host, status) {
@@ -140,7 +158,10 @@ impl Attempt<'_> {
                 Action::RangeNotSatisfiable => self.range_not_satisfiable(&answer, offset),
                 Action::NotReady => {
                     let reason = body_reason(answer).await;
-                    StreamEnd::Outcome(Outcome::NotReady { http_status: 400, reason })
+                    StreamEnd::Outcome(Outcome::NotReady {
+                        http_status: 400,
+                        reason,
+                    })
                 }
                 Action::ConfirmMissing => {
                     let reason = body_reason(answer).await;
@@ -180,11 +201,18 @@ impl Attempt<'_> {
                     restarts += 1;
                     tracing::warn!(video_id = %self.id, reason = %why, "restarting download from byte 0");
                     if let Err(e) = self.restart_partial().await {
-                        return Outcome::Storage { reason: e.to_string() };
+                        return Outcome::Storage {
+                            reason: e.to_string(),
+                        };
                     }
                 }
                 StreamEnd::Restart(why) => {
-                    return self.keep(Outcome::Transient { http_status: Some(status.as_u16()), reason: why }).await;
+                    return self
+                        .keep(Outcome::Transient {
+                            http_status: Some(status.as_u16()),
+                            reason: why,
+                        })
+                        .await;
                 }
             }
         }
@@ -193,7 +221,10 @@ impl Attempt<'_> {
     /// 416: if the server's total is exactly what we hold, the partial is complete.
     fn range_not_satisfiable(&mut self, answer: &Answer, offset: u64) -> StreamEnd {
         match api::unsatisfied_range_total(answer.response.headers()) {
-            Some(total) if total == offset && offset > 0 => StreamEnd::Complete,
+            Some(total) if total == offset && offset > 0 => {
+                self.resumed_from = offset;
+                StreamEnd::Complete
+            }
             total => StreamEnd::Restart(format!(
                 "416 for bytes={offset}- with total {}",
                 total.map_or("unknown".into(), |t| t.to_string())
@@ -286,7 +317,10 @@ impl Attempt<'_> {
             let reason = api::error_summary(&api::read_limited(response, SMALL_BODY).await);
             return StreamEnd::Outcome(Outcome::Transient {
                 http_status: Some(status.as_u16()),
-                reason: format!("{} answered {status} with {mime}, not a video: {reason}", answer.origin),
+                reason: format!(
+                    "{} answered {status} with {mime}, not a video: {reason}",
+                    answer.origin
+                ),
             });
         }
         // Where this body starts in the file, and the file's expected total size.
@@ -305,12 +339,16 @@ impl Attempt<'_> {
         if start == 0 && offset > 0 {
             tracing::info!(video_id = %self.id, had = offset, "server sent the whole file; discarding partial");
             if let Err(e) = self.restart_partial().await {
-                return StreamEnd::Outcome(Outcome::Storage { reason: e.to_string() });
+                return StreamEnd::Outcome(Outcome::Storage {
+                    reason: e.to_string(),
+                });
             }
         }
+        self.resumed_from = start;
         let (tx, writer) = self.spawn_writer();
         let read_timeout = self.fetcher.api.read_timeout();
         let mut sniff = Vec::with_capacity(8);
+        let mut not_video = false;
         let mut end = StreamEnd::Complete;
         loop {
             let chunk = tokio::select! {
@@ -319,7 +357,11 @@ impl Attempt<'_> {
             };
             let chunk: Bytes = match chunk {
                 Err(_) => {
-                    end = transient(status, format!("body stalled for {read_timeout:?}"));
+                    end = transient(status, stalled(read_timeout));
+                    break;
+                }
+                Ok(Err(e)) if e.is_timeout() => {
+                    end = transient(status, stalled(read_timeout));
                     break;
                 }
                 Ok(Err(e)) => {
@@ -333,9 +375,13 @@ impl Attempt<'_> {
             if start == 0 && sniff.len() < 8 {
                 sniff.extend_from_slice(&chunk[..chunk.len().min(8 - sniff.len())]);
                 if sniff.len() == 8 && !crate::archive::looks_like_mp4(&sniff) {
+                    not_video = true;
                     end = StreamEnd::Outcome(Outcome::Transient {
                         http_status: Some(status.as_u16()),
-                        reason: format!("{} answered {status} with a body that is not an MP4 (no ftyp box)", answer.origin),
+                        reason: format!(
+                            "{} answered {status} with a body that is not an MP4 (no ftyp box)",
+                            answer.origin
+                        ),
                     });
                     break;
                 }
@@ -347,14 +393,18 @@ impl Attempt<'_> {
         drop(tx);
         match writer.await.expect("writer task panicked") {
             Ok(p) => self.partial = Some(p),
-            Err(e) => return StreamEnd::Outcome(Outcome::Storage { reason: e.to_string() }),
+            Err(e) => {
+                return StreamEnd::Outcome(Outcome::Storage {
+                    reason: e.to_string(),
+                });
+            }
         }
-        if let StreamEnd::Outcome(Outcome::Transient { reason, .. }) = &end
-            && reason.contains("not an MP4")
-        {
+        if not_video {
             // Nothing of that body is worth resuming from.
             if let Err(e) = self.restart_partial().await {
-                return StreamEnd::Outcome(Outcome::Storage { reason: e.to_string() });
+                return StreamEnd::Outcome(Outcome::Storage {
+                    reason: e.to_string(),
+                });
             }
         }
         if matches!(end, StreamEnd::Complete) {
@@ -400,8 +450,8 @@ impl Attempt<'_> {
 
     async fn publish(&mut self, status: StatusCode) -> Outcome {
         let p = self.partial.take().expect("partial is home");
-        let resumed_from = 0;
-        let received = p.len();
+        let resumed_from = self.resumed_from;
+        let received = p.len() - resumed_from;
         match tokio::task::spawn_blocking(move || p.publish())
             .await
             .expect("archive task panicked")
@@ -415,13 +465,16 @@ impl Attempt<'_> {
             Err(ArchiveError::NotMp4 { .. }) => {
                 let fetcher = self.fetcher.clone();
                 let id = self.id.clone();
-                let _ = tokio::task::spawn_blocking(move || fetcher.archive.discard_partial(&id)).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || fetcher.archive.discard_partial(&id)).await;
                 Outcome::Transient {
                     http_status: Some(status.as_u16()),
                     reason: "downloaded file is not an MP4 (no ftyp box); discarded".into(),
                 }
             }
-            Err(e) => Outcome::Storage { reason: e.to_string() },
+            Err(e) => Outcome::Storage {
+                reason: e.to_string(),
+            },
         }
     }
 
@@ -435,7 +488,9 @@ impl Attempt<'_> {
                 .await
                 .expect("archive task panicked");
             if let Err(e) = r {
-                return Outcome::Storage { reason: e.to_string() };
+                return Outcome::Storage {
+                    reason: e.to_string(),
+                };
             }
         }
         outcome
@@ -450,9 +505,18 @@ impl Attempt<'_> {
             .expect("archive task panicked")
         {
             Ok(n) => Outcome::Interrupted { parked_bytes: n },
-            Err(e) => Outcome::Storage { reason: e.to_string() },
+            Err(e) => Outcome::Storage {
+                reason: e.to_string(),
+            },
         }
     }
+}
+
+fn stalled(read_timeout: Duration) -> String {
+    format!(
+        "body stalled for {} (api.read_timeout)",
+        crate::config::format_duration(read_timeout)
+    )
 }
 
 fn transient(status: StatusCode, reason: String) -> StreamEnd {

@@ -95,7 +95,10 @@ pub enum Finish {
         http_status: Option<u16>,
     },
     /// Back to pending with nothing held against the video (shutdown, account paused).
-    Release { delay: Duration, error: Option<String> },
+    Release {
+        delay: Duration,
+        error: Option<String>,
+    },
     Failed {
         error: String,
         http_status: Option<u16>,
@@ -321,11 +324,9 @@ impl Queue {
                 error,
                 http_status,
             } => self.conn.execute(
-                &format!(
-                    "UPDATE queue SET state = 'pending', last_error = ?2, http_status = ?3, \
-                     next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?4) \
-                     WHERE video_id = ?1 AND state = 'downloading'"
-                ),
+                "UPDATE queue SET state = 'pending', last_error = ?2, http_status = ?3, \
+                 next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?4) \
+                 WHERE video_id = ?1 AND state = 'downloading'",
                 params![video_id, error, http_status, sqlite_offset(*delay)],
             ),
             Finish::Release { delay, error } => self.conn.execute(
@@ -397,7 +398,9 @@ impl Queue {
             .prepare("SELECT state, count(*) FROM queue GROUP BY state")
             .map_err(sql("count rows"))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
             .map_err(sql("count rows"))?;
         for row in rows {
             let (state, n) = row.map_err(sql("count rows"))?;
@@ -605,9 +608,7 @@ mod tests {
         let (dir, mut q) = temp_queue();
         assert_eq!(q.migrate().unwrap(), 0);
         assert_eq!(q.user_version().unwrap(), MIGRATIONS.len() as i64);
-        q.conn
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
+        q.conn.pragma_update(None, "user_version", 99).unwrap();
         drop(q);
         let e = Queue::open_and_migrate(&dir.path().join("q.db")).unwrap_err();
         assert!(matches!(e, QueueError::TooNew { found: 99, .. }), "{e}");
@@ -617,7 +618,13 @@ mod tests {
     fn claim_finish_cycle() {
         let (_dir, mut q) = temp_queue();
         let e = q.enqueue(["a", "b", "a"]).unwrap();
-        assert_eq!(e, Enqueued { added: 2, already: 1 });
+        assert_eq!(
+            e,
+            Enqueued {
+                added: 2,
+                already: 1
+            }
+        );
         let c = q.claim(10).unwrap();
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| c.attempts == 1));
@@ -641,7 +648,13 @@ mod tests {
         let due = q.next_due_in().unwrap().unwrap();
         assert!(due > Duration::from_secs(3500) && due <= Duration::from_secs(3600));
         // Re-inserting a done ID changes nothing.
-        assert_eq!(q.enqueue(["a"]).unwrap(), Enqueued { added: 0, already: 1 });
+        assert_eq!(
+            q.enqueue(["a"]).unwrap(),
+            Enqueued {
+                added: 0,
+                already: 1
+            }
+        );
         let s = q.status(5).unwrap();
         assert_eq!((s.pending, s.done, s.failed, s.downloading), (1, 1, 0, 0));
     }

@@ -1,0 +1,530 @@
+//! End to end: the real `hingnetd run` against the loopback stand-in (API on 127.0.0.1, CDN on
+//! 127.0.0.2), fed by real producers (the system `sqlite3` shell, Python). One behaviour each.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::harness::{DEADLINE, Env, Settings, file_sha256};
+use support::standin::{Host, Request, StandIn, Step, Video};
+
+const TOKEN: &str = "oh-test-canary-token-7f3a9c";
+
+fn setup() -> (StandIn, Env) {
+    setup_with(|_| {})
+}
+
+fn setup_with(tune: impl FnOnce(&mut Settings)) -> (StandIn, Env) {
+    let api = StandIn::start(TOKEN);
+    let mut settings = Settings::new(&api.base_url());
+    tune(&mut settings);
+    let env = Env::new(settings, TOKEN);
+    (api, env)
+}
+
+fn content_requests(api: &StandIn, id: &str) -> Vec<Request> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.is_content() && r.video_id().as_deref() == Some(id))
+        .collect()
+}
+
+/// The row says done, and the file it names is exactly the video.
+fn assert_archived(env: &Env, v: &Video) {
+    let row = env.wait_state(&v.id, "done");
+    let path = env.final_path(&v.id);
+    assert_eq!(row.path.as_deref(), Some(path.to_str().unwrap()));
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+    assert_eq!(row.bytes, Some(v.bytes.len() as i64));
+    assert_eq!(file_sha256(&path), v.sha256);
+    assert!(!env.partial_path(&v.id).exists(), "partial left behind");
+}
+
+/// Nothing secret in the logs, the database or the archive's file names.
+fn assert_no_secrets(env: &Env) {
+    let logs = env.logs();
+    assert!(!logs.contains(TOKEN), "token in logs:\n{logs}");
+    assert!(!logs.contains("SIGNED-"), "signed URL in logs:\n{logs}");
+    let db = std::fs::read(&env.db).unwrap();
+    let wal = std::fs::read(env.db.with_extension("db-wal")).unwrap_or_default();
+    for hay in [&db, &wal] {
+        assert!(!contains(hay, TOKEN.as_bytes()), "token in the database");
+        assert!(!contains(hay, b"SIGNED-"), "signed URL in the database");
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn downloads_a_200_directly() {
+    let (api, env) = setup();
+    let v = api.add_video("video_direct1", 1_500_000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_direct1"]);
+    assert_archived(&env, &v);
+    let row = env.row("video_direct1").unwrap();
+    assert_eq!((row.http_status, row.attempts), (Some(200), 1));
+    assert!(row.finished_at.is_some());
+    let reqs = content_requests(&api, "video_direct1");
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(
+        reqs[0].authorization.as_deref(),
+        Some(&*format!("Bearer {TOKEN}"))
+    );
+    assert_no_secrets(&env);
+}
+
+#[test]
+fn follows_redirect_without_sending_the_token_to_the_cdn() {
+    let (api, env) = setup();
+    let v = api.add_video("video_redirect", 2_000_000);
+    api.script("video_redirect", vec![Step::Redirect]);
+    let rel = api.add_video("video_relative", 100_000);
+    api.script("video_relative", vec![Step::RedirectRelative]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_redirect", "video_relative"]);
+    assert_archived(&env, &v);
+    assert_archived(&env, &rel);
+    let reqs = api.requests();
+    let cdn: Vec<_> = reqs.iter().filter(|r| r.host == Host::Cdn).collect();
+    assert_eq!(cdn.len(), 1, "{}", api.dump());
+    assert!(
+        cdn.iter().all(|r| r.authorization.is_none()),
+        "token sent to the CDN: {}",
+        api.dump()
+    );
+    // A relative redirect stays on the API host, which may see the token.
+    assert!(reqs.iter().any(|r| r.is_signed() && r.host == Host::Api));
+    assert_no_secrets(&env);
+}
+
+#[test]
+fn retries_not_ready_with_backoff_then_downloads() {
+    let (api, env) = setup();
+    let v = api.add_video("video_slow", 300_000);
+    api.script(
+        "video_slow",
+        vec![Step::NotReady, Step::NotReady, Step::NotReady, Step::Serve],
+    );
+    let _d = env.start();
+    env.insert_sqlite3(&["video_slow"]);
+    assert_archived(&env, &v);
+    let reqs = content_requests(&api, "video_slow");
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [400, 400, 400, 200]
+    );
+    assert_eq!(env.row("video_slow").unwrap().attempts, 4);
+    // Backoff: each retry waits at least half its nominal delay (50 ms, 100 ms, 200 ms capped).
+    for (pair, min_ms) in reqs.windows(2).zip([25, 50, 100]) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= Duration::from_millis(min_ms),
+            "retry after {gap:?}, expected >= {min_ms} ms"
+        );
+    }
+    assert!(env.logs().contains("video not ready"));
+}
+
+#[test]
+fn gives_up_after_the_deadline() {
+    let (api, env) = setup_with(|s| s.give_up_after = "300ms");
+    api.add_video("video_never", 1000);
+    api.script("video_never", vec![Step::NotReady]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_never"]);
+    let row = env.wait_state("video_never", "failed");
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("gave up after 300ms"),
+        "{row:?}"
+    );
+    assert_eq!(row.http_status, Some(400));
+    assert!(!env.final_path("video_never").exists());
+}
+
+#[test]
+fn confirmed_404_fails_for_good() {
+    let (api, env) = setup();
+    api.add_video("video_gone", 1000);
+    api.script("video_gone", vec![Step::NotFound]);
+    api.set_status("video_gone", None);
+    let ok = api.add_video("video_after", 1000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_gone"]);
+    let row = env.wait_state("video_gone", "failed");
+    assert_eq!(row.http_status, Some(404));
+    assert!(
+        row.last_error.as_deref().unwrap().contains("not found"),
+        "{row:?}"
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.is_status() && r.video_id().as_deref() == Some("video_gone")),
+        "404 was not confirmed with the status endpoint"
+    );
+    // Re-inserting changes nothing, and the daemon never asks for it again: by the time a
+    // later video is done, the failed one has had every chance to be (wrongly) retried.
+    env.insert_sqlite3(&["video_gone", "video_after"]);
+    assert_archived(&env, &ok);
+    assert_eq!(content_requests(&api, "video_gone").len(), 1);
+    assert_eq!(env.row("video_gone").unwrap().state, "failed");
+}
+
+#[test]
+fn a_404_while_still_processing_is_not_ready() {
+    let (api, env) = setup();
+    let v = api.add_video("video_processing", 50_000);
+    api.script(
+        "video_processing",
+        vec![Step::NotFound, Step::NotFound, Step::Serve],
+    );
+    api.set_status("video_processing", Some("processing"));
+    let _d = env.start();
+    env.insert_sqlite3(&["video_processing"]);
+    assert_archived(&env, &v);
+    let status_checks = api
+        .requests()
+        .iter()
+        .filter(|r| r.is_status() && r.video_id().as_deref() == Some("video_processing"))
+        .count();
+    assert_eq!(status_checks, 2);
+}
+
+/// The second request must ask for the rest, and the stand-in must have answered 206.
+fn assert_resumed(api: &StandIn, id: &str) -> u64 {
+    let reqs = api.requests();
+    let resumed = reqs
+        .iter()
+        .rfind(|r| r.video_id().as_deref() == Some(id) && r.status == 206)
+        .unwrap_or_else(|| panic!("no 206 for {id}:\n{}", api.dump()));
+    let from: u64 = resumed
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .expect("Range: bytes=N-");
+    assert!(from > 0);
+    from
+}
+
+#[test]
+fn truncated_body_is_resumed_with_range() {
+    let (api, env) = setup();
+    let v = api.add_video("video_cut", 1_000_000);
+    api.script("video_cut", vec![Step::Truncate(300_000), Step::Serve]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_cut"]);
+    assert_archived(&env, &v);
+    let from = assert_resumed(&api, "video_cut");
+    assert!(from <= 300_000);
+}
+
+#[test]
+fn stalled_body_is_dropped_and_resumed() {
+    let (api, env) = setup_with(|s| s.read_timeout = "500ms");
+    let v = api.add_video("video_stall", 1_000_000);
+    api.script("video_stall", vec![Step::Stall(200_000), Step::Serve]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_stall"]);
+    assert_archived(&env, &v);
+    assert_resumed(&api, "video_stall");
+    assert!(env.logs().contains("stalled"), "{}", env.logs());
+}
+
+#[test]
+fn server_errors_are_retried() {
+    let (api, env) = setup();
+    let v = api.add_video("video_5xx", 10_000);
+    api.script(
+        "video_5xx",
+        vec![Step::Error(500), Step::Error(503), Step::Serve],
+    );
+    let _d = env.start();
+    env.insert_sqlite3(&["video_5xx"]);
+    assert_archived(&env, &v);
+    assert_eq!(env.row("video_5xx").unwrap().attempts, 3);
+}
+
+#[test]
+fn rate_limit_pauses_the_whole_client_for_retry_after() {
+    let (api, env) = setup_with(|s| s.concurrency = 1);
+    let a = api.add_video("video_429", 10_000);
+    api.script(
+        "video_429",
+        vec![Step::RateLimited("1".into()), Step::Serve],
+    );
+    let b = api.add_video("video_next", 10_000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_429"]);
+    let reqs = api.wait_for("the 429", DEADLINE, |l| l.iter().any(|r| r.status == 429));
+    let limited_at = reqs.iter().find(|r| r.status == 429).unwrap().at;
+    env.insert_sqlite3(&["video_next"]);
+    assert_archived(&env, &a);
+    assert_archived(&env, &b);
+    for r in api.requests().iter().filter(|r| r.at > limited_at) {
+        assert!(
+            r.at - limited_at >= Duration::from_millis(990),
+            "request {r} only {:?} after the 429",
+            r.at - limited_at
+        );
+    }
+}
+
+#[test]
+fn rejected_token_pauses_everything_until_the_token_is_fixed() {
+    let (api, env) = setup();
+    env.set_token("oh-wrong-token");
+    let vids: Vec<Video> = (0..3)
+        .map(|i| api.add_video(&format!("video_auth{i}"), 20_000))
+        .collect();
+    let _d = env.start();
+    env.insert_sqlite3(&["video_auth0", "video_auth1", "video_auth2"]);
+    // The first rejection, then at least two probes, one at a time.
+    api.wait_for("three 401s", DEADLINE, |l| {
+        l.iter().filter(|r| r.status == 401).count() >= 3
+    });
+    for v in &vids {
+        let row = env.row(&v.id).unwrap();
+        assert_ne!(row.state, "failed", "{row:?}");
+        assert_ne!(row.state, "done", "{row:?}");
+    }
+    assert!(env.logs().contains("ALL DOWNLOADS PAUSED"));
+    env.set_token(TOKEN);
+    for v in &vids {
+        assert_archived(&env, v);
+    }
+    assert_no_secrets(&env);
+}
+
+#[test]
+fn html_or_json_on_200_is_never_archived() {
+    let (api, env) = setup();
+    let v = api.add_video("video_html", 50_000);
+    api.script("video_html", vec![Step::Html, Step::WrongType, Step::Serve]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_html"]);
+    assert_archived(&env, &v);
+    assert_eq!(env.row("video_html").unwrap().attempts, 3);
+    let logs = env.logs();
+    assert!(logs.contains("text/html, not a video"), "{logs}");
+    assert!(logs.contains("not an MP4"), "{logs}");
+}
+
+#[test]
+fn bad_ids_fail_without_any_request() {
+    let (api, env) = setup();
+    let ok = api.add_video("video_good", 1000);
+    let long = "x".repeat(129);
+    let bad = [
+        "../../etc/passwd",
+        "a/b",
+        "-rf",
+        "",
+        "é",
+        "a b",
+        "..",
+        "%2e%2e",
+        long.as_str(),
+    ];
+    let _d = env.start();
+    let mut all: Vec<&str> = bad.to_vec();
+    all.push("video_good");
+    env.insert_sqlite3(&all);
+    assert_archived(&env, &ok);
+    for id in bad {
+        let row = env.wait_state(id, "failed");
+        assert_eq!(
+            row.last_error.as_deref(),
+            Some("invalid video id"),
+            "{id:?}"
+        );
+        assert_eq!(row.attempts, 1);
+    }
+    let reqs = api.requests();
+    assert_eq!(reqs.len(), 1, "{}", api.dump());
+    assert_eq!(env.archive_files(), ["video_good.mp4"]);
+    let mut top: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    top.sort();
+    assert_eq!(
+        top,
+        ["daemon.log", "hingnetd.toml", "state", "token", "videos"]
+    );
+}
+
+/// Waits until the daemon has put some of the held body into the partial file.
+fn wait_partial(env: &Env, id: &str) -> u64 {
+    let start = std::time::Instant::now();
+    loop {
+        let n = std::fs::metadata(env.partial_path(id))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if n > 0 {
+            return n;
+        }
+        assert!(start.elapsed() < DEADLINE, "no partial file for {id}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn kill_9_mid_download_then_restart_resumes() {
+    let (api, env) = setup();
+    let v = api.add_video("video_crash", 3_000_000);
+    api.script("video_crash", vec![Step::Hold(1_200_000), Step::Serve]);
+    let mut d = env.start();
+    env.insert_sqlite3(&["video_crash"]);
+    api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
+    let had = wait_partial(&env, "video_crash");
+    d.kill9();
+    assert_eq!(env.row("video_crash").unwrap().state, "downloading");
+    assert!(
+        !env.final_path("video_crash").exists(),
+        "a partial was published"
+    );
+    api.release("video_crash");
+    let _d2 = env.start_with_log("daemon2.log");
+    assert_archived(&env, &v);
+    let from = assert_resumed(&api, "video_crash");
+    assert!(
+        from >= had,
+        "resumed from {from}, but {had} bytes were on disk"
+    );
+}
+
+#[test]
+fn sigterm_mid_download_parks_the_partial_and_exits_0() {
+    let (api, env) = setup();
+    let v = api.add_video("video_term", 3_000_000);
+    api.script("video_term", vec![Step::Hold(1_200_000), Step::Serve]);
+    let mut d = env.start();
+    env.insert_sqlite3(&["video_term"]);
+    api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
+    wait_partial(&env, "video_term");
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    let row = env.row("video_term").unwrap();
+    assert_eq!(row.state, "pending", "{row:?}");
+    let parked = std::fs::metadata(env.partial_path("video_term"))
+        .unwrap()
+        .len();
+    assert!(d.log().contains("partial file kept"), "{}", d.log());
+    api.release("video_term");
+    let _d2 = env.start_with_log("daemon2.log");
+    assert_archived(&env, &v);
+    assert_eq!(assert_resumed(&api, "video_term"), parked);
+}
+
+#[test]
+fn producers_using_sqlite3_shell_and_python_are_picked_up() {
+    let (api, env) = setup();
+    let a = api.add_video("video_shell", 1000);
+    let b = api.add_video("video_python", 1000);
+    let c = api.add_video("video_cli", 1000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_shell"]);
+    assert_archived(&env, &a);
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], timeout=30)\n\
+             c.execute('INSERT OR IGNORE INTO queue(video_id) VALUES (?)', ('video_python',))\n\
+             c.commit()\n",
+        )
+        .arg(&env.db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_archived(&env, &b);
+    let out = env.cmd(&["enqueue", "video_cli", "video_shell"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("enqueued 1 new, 1 already queued"));
+    assert_archived(&env, &c);
+    // Re-inserting a done ID changes nothing.
+    let before = env.row("video_shell").unwrap();
+    env.insert_sqlite3(&["video_shell"]);
+    let after = env.row("video_shell").unwrap();
+    assert_eq!(
+        (before.finished_at, before.attempts),
+        (after.finished_at, after.attempts)
+    );
+    assert_eq!(content_requests(&api, "video_shell").len(), 1);
+}
+
+#[test]
+fn a_producer_holding_the_write_lock_only_delays_the_daemon() {
+    let (api, env) = setup();
+    let v = api.add_video("video_locked", 500_000);
+    api.script("video_locked", vec![Step::Hold(100_000), Step::Serve]);
+    let w = api.add_video("video_in_tx", 1000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_locked"]);
+    api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
+    // A Python producer takes the write lock, inserts, and holds the transaction open until
+    // told to commit (a line on its stdin).
+    let mut producer = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             c.execute('INSERT OR IGNORE INTO queue(video_id) VALUES (?)', ('video_in_tx',))\n\
+             print('locked', flush=True)\n\
+             sys.stdin.readline()\n\
+             c.execute('COMMIT')\n",
+        )
+        .arg(&env.db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(producer.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    api.release("video_locked");
+    api.wait_for("body sent", DEADLINE, |l| {
+        l.iter()
+            .any(|r| r.video_id().as_deref() == Some("video_locked") && r.finished)
+    });
+    // The daemon cannot record the outcome while the lock is held: it waits, and says so.
+    env.wait_row("video_locked", "still downloading", |r| {
+        r.state == "downloading"
+    });
+    _d.wait_log("locked by another writer");
+    assert_eq!(env.row("video_locked").unwrap().state, "downloading");
+    std::io::Write::write_all(producer.stdin.as_mut().unwrap(), b"commit\n").unwrap();
+    assert!(producer.wait().unwrap().success());
+    assert_archived(&env, &v);
+    assert_archived(&env, &w);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_database_is_refused() {
+    let (_api, env) = setup();
+    let _d = env.start();
+    let out = env.cmd(&["run"]);
+    assert_eq!(out.status.code(), Some(75));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already running"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

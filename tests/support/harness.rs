@@ -1,0 +1,356 @@
+//! Running the real `hingnetd` binary in a scratch directory: config and token files, the
+//! daemon process and its log, and reading the queue database the way an operator's tools do.
+//! Every wait here waits for an event (a row changing, a log line, a process exiting) with a
+//! generous deadline; nothing sleeps a fixed time to "let things happen".
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any single wait may take before the test fails: long, because a loaded CI machine
+/// is slow, and a passing test never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+/// How often polled conditions (rows, log lines) are looked at.
+const POLL: Duration = Duration::from_millis(10);
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hingnetd");
+
+/// Settings a test may change; `render` turns them into the config file.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub base_url: String,
+    pub concurrency: usize,
+    pub read_timeout: &'static str,
+    pub initial_delay: &'static str,
+    pub max_delay: &'static str,
+    pub give_up_after: &'static str,
+    pub shutdown_grace: &'static str,
+    /// Kept at an hour so every test proves that new rows are noticed without polling.
+    pub poll_interval: &'static str,
+}
+
+impl Settings {
+    pub fn new(base_url: &str) -> Settings {
+        Settings {
+            base_url: base_url.to_owned(),
+            concurrency: 2,
+            read_timeout: "2s",
+            initial_delay: "50ms",
+            max_delay: "200ms",
+            give_up_after: "1h",
+            shutdown_grace: "200ms",
+            poll_interval: "1h",
+        }
+    }
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub db: PathBuf,
+    pub archive: PathBuf,
+    pub token_file: PathBuf,
+    pub settings: Settings,
+}
+
+impl Env {
+    /// A scratch directory with a config and token file, and a migrated queue database.
+    pub fn new(settings: Settings, token: &str) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = Env {
+            config: dir.path().join("hingnetd.toml"),
+            db: dir.path().join("state").join("queue.db"),
+            archive: dir.path().join("videos"),
+            token_file: dir.path().join("token"),
+            settings,
+            dir,
+        };
+        env.write_config();
+        env.set_token(token);
+        let out = env.cmd(&["migrate"]);
+        assert!(out.status.success(), "migrate failed: {}", stderr(&out));
+        env
+    }
+
+    pub fn render(&self) -> String {
+        let s = &self.settings;
+        format!(
+            "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n\
+             [queue]\ndatabase = {:?}\npoll_interval = {:?}\n\
+             [archive]\ndir = {:?}\n\
+             [download]\nconcurrency = {}\nshutdown_grace = {:?}\n\
+             [retry]\ninitial_delay = {:?}\nmax_delay = {:?}\ngive_up_after = {:?}\n",
+            s.base_url,
+            self.token_file,
+            s.read_timeout,
+            self.db,
+            s.poll_interval,
+            self.archive,
+            s.concurrency,
+            s.shutdown_grace,
+            s.initial_delay,
+            s.max_delay,
+            s.give_up_after,
+        )
+    }
+
+    pub fn write_config(&self) {
+        fs::write(&self.config, self.render()).expect("write config");
+    }
+
+    pub fn set_token(&self, token: &str) {
+        fs::write(&self.token_file, format!("{token}\n")).expect("write token");
+    }
+
+    /// A `hingnetd` command with this env's config and a clean environment (no proxies, no
+    /// token variable, no credentials directory inherited from the developer's shell).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config").arg(&self.config).args(args);
+        for v in [
+            "HINGNET_TOKEN",
+            "CREDENTIALS_DIRECTORY",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "HINGNETD_CONFIG",
+        ] {
+            c.env_remove(v);
+        }
+        c.env("RUST_LOG", "info");
+        c
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run hingnetd")
+    }
+
+    pub fn start(&self) -> Daemon {
+        self.start_with_log("daemon.log")
+    }
+
+    pub fn start_with_log(&self, name: &str) -> Daemon {
+        let log = self.dir.path().join(name);
+        let file = fs::File::create(&log).expect("log file");
+        let child = self
+            .command(&["run"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn hingnetd run");
+        let d = Daemon { child, log };
+        d.wait_log("hingnetd ready");
+        d
+    }
+
+    /// Inserts IDs the way a producer script does, with the system `sqlite3` shell.
+    pub fn insert_sqlite3(&self, ids: &[&str]) {
+        let mut sql = String::new();
+        for id in ids {
+            sql.push_str(&format!(
+                "INSERT OR IGNORE INTO queue(video_id) VALUES ('{}');\n",
+                id.replace('\'', "''")
+            ));
+        }
+        let mut child = Command::new("sqlite3")
+            .arg("-bail")
+            .arg(&self.db)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the sqlite3 shell is needed (apt-get install sqlite3)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!(".timeout 30000\n{sql}").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "sqlite3: {}", stderr(&out));
+    }
+
+    pub fn open_db(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open_with_flags(
+            &self.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open queue db");
+        c.busy_timeout(Duration::from_secs(30)).unwrap();
+        c
+    }
+
+    pub fn row(&self, id: &str) -> Option<Row> {
+        use rusqlite::OptionalExtension;
+        self.open_db()
+            .query_row(
+                "SELECT state, attempts, last_error, http_status, path, sha256, bytes, \
+                 next_attempt_at, finished_at FROM queue WHERE video_id = ?1",
+                [id],
+                |r| {
+                    Ok(Row {
+                        state: r.get(0)?,
+                        attempts: r.get(1)?,
+                        last_error: r.get(2)?,
+                        http_status: r.get(3)?,
+                        path: r.get(4)?,
+                        sha256: r.get(5)?,
+                        bytes: r.get(6)?,
+                        next_attempt_at: r.get(7)?,
+                        finished_at: r.get(8)?,
+                    })
+                },
+            )
+            .optional()
+            .expect("read row")
+    }
+
+    /// Waits until the row satisfies `pred`; fails with the row and the log otherwise.
+    pub fn wait_row(&self, id: &str, what: &str, pred: impl Fn(&Row) -> bool) -> Row {
+        let start = Instant::now();
+        loop {
+            let row = self.row(id);
+            if let Some(r) = &row
+                && pred(r)
+            {
+                return r.clone();
+            }
+            if start.elapsed() > DEADLINE {
+                panic!(
+                    "timed out waiting for {id}: {what}; row: {row:?}\nlogs:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn wait_state(&self, id: &str, state: &str) -> Row {
+        self.wait_row(id, &format!("state {state}"), |r| r.state == state)
+    }
+
+    /// Every log file the daemons of this env wrote.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = fs::read_dir(self.dir.path()) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    out.push_str(&format!("--- {}\n", e.path().display()));
+                    out.push_str(&fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    /// Files in the archive directory (including hidden partials).
+    pub fn archive_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(&self.archive)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn partial_path(&self, id: &str) -> PathBuf {
+        self.archive.join(format!(".{id}.mp4.part"))
+    }
+
+    pub fn final_path(&self, id: &str) -> PathBuf {
+        self.archive.join(format!("{id}.mp4"))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub state: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub http_status: Option<i64>,
+    pub path: Option<String>,
+    pub sha256: Option<String>,
+    pub bytes: Option<i64>,
+    pub next_attempt_at: String,
+    pub finished_at: Option<String>,
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.log().contains(needle) {
+            if start.elapsed() > DEADLINE {
+                panic!(
+                    "timed out waiting for log line {needle:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(r, 0, "kill failed");
+    }
+
+    /// kill -9: no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if start.elapsed() > DEADLINE {
+                panic!("daemon did not exit; log:\n{}", self.log());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn file_sha256(p: &Path) -> String {
+    use sha2::Digest;
+    let bytes = fs::read(p).expect("read archived file");
+    hingnetd::archive::hex(&sha2::Sha256::digest(&bytes))
+}
