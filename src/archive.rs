@@ -181,15 +181,12 @@ impl Archive {
             dir: self.dir.clone(),
         })
     }
+}
 
-    /// Removes a partial file (a download that can never complete).
-    pub fn discard_partial(&self, id: &VideoId) {
-        let path = self.partial_path(id);
-        if let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove partial file");
-        }
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -288,10 +285,19 @@ impl Partial {
         self.head.len() < 8 || looks_like_mp4(&self.head)
     }
 
-    /// Writes out the buffer so a later attempt can resume from every byte received.
+    /// Writes out the buffer so a later attempt can resume from every byte received. An empty
+    /// file is removed instead: a video that is not ready yet leaves nothing behind.
     pub fn park(mut self) -> Result<u64, ArchiveError> {
         self.out.flush().map_err(|e| self.err(e))?;
+        if self.len == 0 {
+            remove_if_exists(&self.path).map_err(|e| self.err(e))?;
+        }
         Ok(self.len)
+    }
+
+    /// Removes the partial file: what it holds will never be needed.
+    pub fn discard(self) -> Result<(), ArchiveError> {
+        remove_if_exists(&self.path).map_err(|e| self.err(e))
     }
 
     /// The publish sequence. Any error here means the file is not trusted: the caller

@@ -462,11 +462,12 @@ impl Attempt<'_> {
                 received,
                 resumed_from,
             },
-            Err(ArchiveError::NotMp4 { .. }) => {
-                let fetcher = self.fetcher.clone();
-                let id = self.id.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || fetcher.archive.discard_partial(&id)).await;
+            // `publish` checks the head before touching anything, so the partial is still
+            // there, and worthless.
+            Err(ArchiveError::NotMp4 { path }) => {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(video_id = %self.id, error = %e, "cannot remove partial file");
+                }
                 Outcome::Transient {
                     http_status: Some(status.as_u16()),
                     reason: "downloaded file is not an MP4 (no ftyp box); discarded".into(),
@@ -484,9 +485,17 @@ impl Attempt<'_> {
             return self.park().await;
         }
         if let Some(p) = self.partial.take() {
-            let r = tokio::task::spawn_blocking(move || p.park())
-                .await
-                .expect("archive task panicked");
+            // A video that is gone for good will never resume.
+            let gone = matches!(outcome, Outcome::Gone { .. });
+            let r = tokio::task::spawn_blocking(move || {
+                if gone {
+                    p.discard()
+                } else {
+                    p.park().map(drop)
+                }
+            })
+            .await
+            .expect("archive task panicked");
             if let Err(e) = r {
                 return Outcome::Storage {
                     reason: e.to_string(),

@@ -145,7 +145,7 @@ fn gives_up_after_the_deadline() {
         "{row:?}"
     );
     assert_eq!(row.http_status, Some(400));
-    assert!(!env.final_path("video_never").exists());
+    assert!(env.archive_files().is_empty(), "{:?}", env.archive_files());
 }
 
 #[test]
@@ -175,6 +175,7 @@ fn confirmed_404_fails_for_good() {
     assert_archived(&env, &ok);
     assert_eq!(content_requests(&api, "video_gone").len(), 1);
     assert_eq!(env.row("video_gone").unwrap().state, "failed");
+    assert_eq!(env.archive_files(), ["video_after.mp4"], "failed videos leave no files");
 }
 
 #[test]

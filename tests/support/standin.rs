@@ -23,7 +23,7 @@
 //! behaviour, and block on [`StandIn::wait_for`], which waits on a condition variable that is
 //! notified on every change of the request log (new request, bytes sent, paused, finished).
 //! Nothing in here sleeps to synchronise; the only timers are the 120 s give-up limits of
-//! [`Step::Stall`] and [`Step::Hold`].
+//! [`Step::Stall`] and [`Step::Hold`] and a 10 ms back-off after a failed `accept`.
 //!
 //! Include it with `#[path = "support/standin.rs"] mod standin;` from a test file or
 //! `#[path = "../tests/support/standin.rs"] mod standin;` from an example.
