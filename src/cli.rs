@@ -270,8 +270,13 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), Failure> {
 /// Logs go to stderr (journald under systemd), without colours unless it is a terminal;
 /// `RUST_LOG` overrides the default `info` level.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The HTTP stack's debug output names request URIs, and a signed URL is a credential:
+    // those crates stay at `info` whatever RUST_LOG asks for.
+    for quiet in ["reqwest", "hyper", "hyper_util", "h2", "rustls"] {
+        filter = filter.add_directive(format!("{quiet}=info").parse().expect("valid directive"));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

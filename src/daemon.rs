@@ -121,6 +121,9 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
     half + half.mul_f64(fastrand::f64())
 }
 
+/// The shortest wait before claiming again when the clock and the claim disagree.
+const RELOOK: Duration = Duration::from_millis(250);
+
 /// What a finished download task reports to the loop.
 struct Report {
     outcome: Outcome,
@@ -244,26 +247,32 @@ impl Scheduler {
             Some(_) => 0,
             None => self.settings.concurrency.saturating_sub(self.tasks.len()),
         };
-        if free > 0 {
-            if let Some(a) = &mut self.account {
-                a.next_probe = None;
-                self.reload_token();
-            }
-            let claimed = self.queue.call(move |q| q.claim(free)).await?;
-            let got = claimed.len();
-            for c in claimed {
-                self.spawn(c);
-            }
-            if got == free {
-                // Every slot was filled; the next completion triggers the next look.
-                return Ok(None);
-            }
-            if let Some(a) = self.account.as_mut().filter(|_| got == 0) {
-                // Nothing to probe with; look again at the next backoff step.
-                a.next_probe = Some(now + a.delay);
-            }
+        if free == 0 {
+            // Nothing to claim with: a finished download, or the end of a pause, looks again.
+            // (Asking for the next due row here would spin while due rows wait for a slot.)
+            return Ok(None);
+        }
+        if let Some(a) = &mut self.account {
+            a.next_probe = None;
+            self.reload_token();
+        }
+        let claimed = self.queue.call(move |q| q.claim(free)).await?;
+        let got = claimed.len();
+        for c in claimed {
+            self.spawn(c);
+        }
+        if got == free {
+            // Every slot was filled; the next completion triggers the next look.
+            return Ok(None);
+        }
+        if let Some(a) = self.account.as_mut().filter(|_| got == 0) {
+            // Nothing to probe with; look again at the next backoff step.
+            a.next_probe = Some(now + a.delay);
         }
         let due = self.queue.call(|q| q.next_due_in()).await?;
+        // A row that is due by the clock but was not claimed has a timestamp that compares
+        // differently as text (a producer's own format); look again soon, without spinning.
+        let due = due.map(|d| if got == 0 && d.is_zero() { RELOOK } else { d });
         Ok(due.map(|d| now + d))
     }
 

@@ -175,7 +175,11 @@ fn confirmed_404_fails_for_good() {
     assert_archived(&env, &ok);
     assert_eq!(content_requests(&api, "video_gone").len(), 1);
     assert_eq!(env.row("video_gone").unwrap().state, "failed");
-    assert_eq!(env.archive_files(), ["video_after.mp4"], "failed videos leave no files");
+    assert_eq!(
+        env.archive_files(),
+        ["video_after.mp4"],
+        "failed videos leave no files"
+    );
 }
 
 #[test]
