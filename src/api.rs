@@ -223,24 +223,25 @@ impl ApiClient {
             let next = url.join(location).map_err(|_| {
                 ApiError::BadRedirect(format!("{status} to an unparsable Location"))
             })?;
-            match (url.scheme(), next.scheme()) {
-                ("https", "https") | ("http", "http" | "https") => {}
-                ("https", "http") => {
-                    return Err(ApiError::BadRedirect(format!(
-                        "from https to plain http ({})",
-                        origin_of(&next)
-                    )));
-                }
-                (_, other) => {
-                    return Err(ApiError::BadRedirect(format!(
-                        "to unsupported scheme {other:?}"
-                    )));
-                }
-            }
+            check_redirect(&url, &next)?;
             tracing::debug!(from = %origin_of(&url), to = %origin_of(&next), "following redirect");
             url = next;
         }
         unreachable!("the loop returns on its last hop")
+    }
+}
+
+/// The redirect rules: http(s) only, and never from https down to plain http.
+fn check_redirect(from: &Url, to: &Url) -> Result<(), ApiError> {
+    match (from.scheme(), to.scheme()) {
+        ("https", "https") | ("http", "http" | "https") => Ok(()),
+        ("https", "http") => Err(ApiError::BadRedirect(format!(
+            "from https to plain http ({})",
+            origin_of(to)
+        ))),
+        (_, other) => Err(ApiError::BadRedirect(format!(
+            "to unsupported scheme {other:?}"
+        ))),
     }
 }
 
@@ -458,6 +459,17 @@ mod tests {
             HeaderValue::from_static("binary/octet-stream"),
         );
         assert_eq!(is_text_type(&h), None);
+    }
+
+    #[test]
+    fn redirect_rules() {
+        let u = |s| Url::parse(s).unwrap();
+        assert!(check_redirect(&u("https://a/x"), &u("https://b/y?sig=1")).is_ok());
+        assert!(check_redirect(&u("http://a/x"), &u("https://b/y")).is_ok());
+        let e = check_redirect(&u("https://a/x"), &u("http://b/y?sig=SECRET")).unwrap_err();
+        assert!(e.to_string().contains("plain http") && !e.to_string().contains("SECRET"));
+        assert!(check_redirect(&u("https://a/x"), &u("file:///etc/passwd")).is_err());
+        assert!(check_redirect(&u("http://a/x"), &u("ftp://b/y")).is_err());
     }
 
     #[test]

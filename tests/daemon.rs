@@ -102,6 +102,33 @@ fn follows_redirect_without_sending_the_token_to_the_cdn() {
 }
 
 #[test]
+fn a_redirect_loop_is_cut_after_10_hops() {
+    let (api, env) = setup_with(|s| s.give_up_after = "300ms");
+    api.add_video("video_loop", 1000);
+    api.script("video_loop", vec![Step::Redirect]);
+    api.script_cdn("video_loop", vec![Step::Redirect]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_loop"]);
+    let row = env.wait_state("video_loop", "failed");
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("more than 10 redirects"),
+        "{row:?}"
+    );
+    // Each attempt: the API request and ten CDN hops, then it stops.
+    let reqs = api.requests();
+    assert_eq!(reqs.len() as i64, row.attempts * 11, "{}", api.dump());
+    assert!(
+        reqs.iter()
+            .filter(|r| r.host == Host::Cdn)
+            .all(|r| r.authorization.is_none())
+    );
+    assert_no_secrets(&env);
+}
+
+#[test]
 fn retries_not_ready_with_backoff_then_downloads() {
     let (api, env) = setup();
     let v = api.add_video("video_slow", 300_000);
