@@ -20,8 +20,6 @@ CREATE TABLE queue (
     finished_at      TEXT
 );
 
--- The scheduler's only hot query: the earliest due pending row. Partial, so a queue of a
--- million finished rows costs it nothing.
-CREATE INDEX queue_due ON queue (next_attempt_at) WHERE state = 'pending';
--- Counts per state for `hingnetd status`.
-CREATE INDEX queue_state ON queue (state);
+-- The scheduler's hot queries (claim the earliest due pending rows; when is the next one due)
+-- and the counts per state for `hingnetd status` all run on this one index, without a sort.
+CREATE INDEX queue_state_due ON queue (state, next_attempt_at);

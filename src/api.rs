@@ -10,6 +10,10 @@ use reqwest::{Response, StatusCode, Url};
 use crate::archive::VideoId;
 use crate::config::{ApiConfig, Token};
 
+/// Error pages and status JSON are read up to this size.
+const SMALL_BODY: usize = 64 * 1024;
+/// The longest `Retry-After` honoured; a larger one is a broken or hostile header.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Redirect hops followed before giving up (the contract's limit).
 pub const MAX_REDIRECTS: usize = 10;
 /// How much of an error body is kept for `last_error`.
@@ -137,6 +141,23 @@ impl ApiClient {
 
     pub fn set_token(&self, token: Token) {
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// A small body (status JSON, an error page), bounded in size and time.
+    pub async fn read_small(&self, response: Response) -> Vec<u8> {
+        read_limited(response, SMALL_BODY, self.read_timeout).await
+    }
+
+    /// What to record about an error answer's body. From the API: its message, with the token
+    /// scrubbed should it echo it. From a CDN: nothing, because CDN error pages may echo the
+    /// signed URL, which is a credential.
+    pub async fn error_reason(&self, answer: Answer) -> String {
+        if answer.host == Host::Cdn {
+            return "(body not kept: a CDN error page may echo the signed URL)".into();
+        }
+        let summary = error_summary(&self.read_small(answer.response).await);
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner());
+        summary.replace(token.expose(), "<token>")
     }
 
     /// `{base}/v1/videos/{id}` plus any extra segments, the ID pushed as one encoded segment.
@@ -316,20 +337,29 @@ fn one_line(s: &str, max: usize) -> String {
     out
 }
 
-/// Reads at most `limit` bytes of a body (for error pages and status JSON).
-pub async fn read_limited(mut response: Response, limit: usize) -> Vec<u8> {
+/// Reads at most `limit` bytes of a body within `time` overall: a slow-drip error page must
+/// not hold a download slot (or a shutdown).
+async fn read_limited(mut response: Response, limit: usize, time: Duration) -> Vec<u8> {
     let mut out = Vec::new();
-    while out.len() < limit {
-        match response.chunk().await {
-            Ok(Some(c)) => out.extend_from_slice(&c[..c.len().min(limit - out.len())]),
-            _ => break,
+    let read = async {
+        while out.len() < limit {
+            match response.chunk().await {
+                Ok(Some(c)) => out.extend_from_slice(&c[..c.len().min(limit - out.len())]),
+                _ => break,
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(time, read).await;
     out
 }
 
-/// `Retry-After` as seconds or an HTTP date.
+/// `Retry-After`, capped at `MAX_RETRY_AFTER`.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    parse_retry_after(headers).map(|d| d.min(MAX_RETRY_AFTER))
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
@@ -444,6 +474,11 @@ mod tests {
         assert_eq!(unsatisfied_range_total(&h), Some(200));
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
         h.insert(
             header::RETRY_AFTER,
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),

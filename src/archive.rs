@@ -130,10 +130,14 @@ impl Archive {
             path: path.clone(),
             source,
         };
-        let (sha256, bytes, head) = hash_reader(file).map_err(ferr)?;
+        let (sha256, bytes, head) = hash_reader(&file).map_err(ferr)?;
         if !looks_like_mp4(&head) {
             return Err(ArchiveError::NotMp4 { path });
         }
+        // The run that renamed it may have died before (or failed at) the fsyncs: make the
+        // file and its name durable before a row says done.
+        file.sync_all().map_err(ferr)?;
+        sync_dir(&self.dir)?;
         Ok(Some(Published {
             path,
             sha256,
@@ -181,6 +185,15 @@ impl Archive {
             dir: self.dir.clone(),
         })
     }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ArchiveError::Dir {
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
@@ -309,13 +322,7 @@ impl Partial {
         self.out.flush().map_err(|e| self.err(e))?;
         self.out.get_ref().sync_all().map_err(|e| self.err(e))?;
         std::fs::rename(&self.path, &self.final_path).map_err(|e| self.err(e))?;
-        let dir_err = |source| ArchiveError::Dir {
-            path: self.dir.clone(),
-            source,
-        };
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(dir_err)?;
+        sync_dir(&self.dir)?;
         let sha256 = hex(&self.hasher.clone().finalize());
         Ok(Published {
             path: self.final_path.clone(),

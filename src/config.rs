@@ -9,6 +9,8 @@ use serde::{Deserialize, Deserializer};
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/hingnetd/hingnetd.toml";
+/// No duration setting may exceed this: longer is a typo, and would overflow timers.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The systemd credential name (`LoadCredential=hingnet-token:...`).
 pub const TOKEN_CREDENTIAL: &str = "hingnet-token";
 /// Environment variable that may carry the token (handy for a shell session, never for a unit).
@@ -200,6 +202,9 @@ impl Config {
         ] {
             if d.is_zero() {
                 return Err(bad(key, "must be greater than zero".into()));
+            }
+            if d > MAX_DURATION {
+                return Err(bad(key, "must be at most 30 days".into()));
             }
         }
         if self.retry.max_delay < self.retry.initial_delay {

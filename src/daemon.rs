@@ -124,6 +124,9 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
 /// The shortest wait before claiming again when the clock and the claim disagree.
 const RELOOK: Duration = Duration::from_millis(250);
 
+/// How long parked downloads get to record themselves after the grace period.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a finished download task reports to the loop.
 struct Report {
     outcome: Outcome,
@@ -145,6 +148,9 @@ pub struct Scheduler {
     /// Cancels downloads in flight (after the shutdown grace period).
     downloads: CancellationToken,
     rate_limited_until: Option<Instant>,
+    /// 429s without a success in between: the client-wide wait grows with them when the
+    /// server gives no `Retry-After`.
+    rate_limits_in_a_row: u32,
     account: Option<AccountPause>,
 }
 
@@ -163,6 +169,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
             downloads: CancellationToken::new(),
             rate_limited_until: None,
+            rate_limits_in_a_row: 0,
             account: None,
         }
     }
@@ -199,7 +206,11 @@ impl Scheduler {
             for t in [
                 next_due,
                 self.rate_limited_until,
-                self.account.as_ref().and_then(|a| a.next_probe),
+                // A probe waits for the downloads in flight; their completion wakes us.
+                self.account
+                    .as_ref()
+                    .and_then(|a| a.next_probe)
+                    .filter(|_| self.tasks.is_empty()),
                 recheck.due_at(),
             ]
             .into_iter()
@@ -214,6 +225,14 @@ impl Scheduler {
                         Ok(report) => self.absorb(report.outcome),
                         Err(e) => tracing::error!(error = %e, "download task panicked"),
                     }
+                    // Paused, and nothing in flight said anything about the token (a 429, a
+                    // shutdown, a panic): the next probe may go as soon as the loop allows.
+                    if let Some(a) = self.account.as_mut()
+                        && a.next_probe.is_none()
+                        && self.tasks.is_empty()
+                    {
+                        a.next_probe = Some(Instant::now());
+                    }
                     look = true;
                 }
                 _ = self.wake.notified() => recheck.start(),
@@ -222,7 +241,9 @@ impl Scheduler {
                         match self.queue.call(|q| q.data_version()).await {
                             Ok(v) if v != data_version => {
                                 data_version = v;
-                                recheck.stop();
+                                // Keep looking: the event that started this check may belong
+                                // to a later commit than the one just seen.
+                                recheck.start();
                                 look = true;
                             }
                             _ => recheck.advance(),
@@ -286,9 +307,8 @@ impl Scheduler {
             let outcome = fetcher.download(&claimed.video_id, &cancel).await;
             let finish = decide(&claimed, &outcome, &retry, started.elapsed());
             log_decision(&claimed, &outcome, &finish, started.elapsed());
-            let id = claimed.video_id.clone();
-            let f = finish.clone();
-            match queue.call(move |q| q.finish(&id, &f)).await {
+            let (c, f) = (claimed.clone(), finish.clone());
+            match queue.call(move |q| q.finish(&c, &f)).await {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(video_id = %claimed.video_id, "row changed or vanished while downloading; outcome not recorded"),
                 Err(e) => tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until restart"),
@@ -320,7 +340,9 @@ impl Scheduler {
                 });
             }
             Outcome::RateLimited { retry_after } => {
-                let wait = retry_after.unwrap_or(self.settings.retry.initial_delay);
+                self.rate_limits_in_a_row += 1;
+                let wait = retry_after
+                    .unwrap_or_else(|| backoff(&self.settings.retry, self.rate_limits_in_a_row));
                 let until = Instant::now() + wait;
                 if self.rate_limited_until.is_none_or(|t| t < until) {
                     tracing::warn!(wait = %format_duration(wait), "rate limited (429): pausing all requests");
@@ -332,16 +354,12 @@ impl Scheduler {
             | Outcome::NotReady { .. }
             | Outcome::Gone { .. }
             | Outcome::Transient { .. } => {
+                self.rate_limits_in_a_row = 0;
                 if self.account.take().is_some() {
                     tracing::info!("API accepts the token again: downloads resumed");
                 }
             }
-            // No answer about the token: the next probe may go at once.
-            Outcome::InvalidId | Outcome::Interrupted { .. } | Outcome::Storage { .. } => {
-                if let Some(a) = self.account.as_mut().filter(|a| a.next_probe.is_none()) {
-                    a.next_probe = Some(Instant::now());
-                }
-            }
+            Outcome::InvalidId | Outcome::Interrupted { .. } | Outcome::Storage { .. } => {}
         }
     }
 
@@ -368,7 +386,11 @@ impl Scheduler {
             grace = %format_duration(self.settings.shutdown_grace),
             "shutting down: letting downloads in flight finish"
         );
-        let deadline = Instant::now() + self.settings.shutdown_grace;
+        let grace_over = Instant::now() + self.settings.shutdown_grace;
+        // Parking is quick, but recording it may wait on a producer's lock: past this, stop
+        // anyway. Rows left `downloading` are recovered at the next start, and a partial file is
+        // only ever resumed, never trusted as it is.
+        let hard_stop = grace_over + PARK_TIMEOUT;
         loop {
             tokio::select! {
                 joined = self.tasks.join_next() => match joined {
@@ -376,9 +398,14 @@ impl Scheduler {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => tracing::error!(error = %e, "download task panicked"),
                 },
-                _ = tokio::time::sleep_until(deadline), if !self.downloads.is_cancelled() => {
+                _ = tokio::time::sleep_until(grace_over), if !self.downloads.is_cancelled() => {
                     tracing::info!(in_flight = self.tasks.len(), "grace period over: parking downloads in flight");
                     self.downloads.cancel();
+                }
+                _ = tokio::time::sleep_until(hard_stop) => {
+                    tracing::warn!(in_flight = self.tasks.len(), "downloads did not park in time; leaving them to recovery at the next start");
+                    self.tasks.abort_all();
+                    return;
                 }
             }
         }
@@ -481,6 +508,7 @@ mod tests {
     fn not_ready_retries_until_the_deadline() {
         let r = retry();
         let c = |since| Claimed {
+            key: rusqlite::types::Value::Text("v".into()),
             video_id: "v".into(),
             attempts: 3,
             since_first_attempt: Duration::from_secs(since),
@@ -510,6 +538,7 @@ mod tests {
     fn gone_and_invalid_fail_account_problems_do_not() {
         let r = retry();
         let c = Claimed {
+            key: rusqlite::types::Value::Text("v".into()),
             video_id: "v".into(),
             attempts: 1,
             since_first_attempt: Duration::from_secs(99_999),

@@ -15,8 +15,6 @@ use crate::archive::{Archive, ArchiveError, Partial, Published, VideoId};
 
 /// Chunks queued between the network and the writer thread: bounds memory per download.
 const SINK_DEPTH: usize = 8;
-/// Error pages and status JSON are read up to this size.
-const SMALL_BODY: usize = 64 * 1024;
 /// A download that the server will not resume properly starts over at most this many times
 /// within one attempt.
 const MAX_RESTARTS: u32 = 2;
@@ -157,18 +155,18 @@ impl Attempt<'_> {
                 Action::Stream => self.stream(answer, offset).await,
                 Action::RangeNotSatisfiable => self.range_not_satisfiable(&answer, offset),
                 Action::NotReady => {
-                    let reason = body_reason(answer).await;
+                    let reason = self.fetcher.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::NotReady {
                         http_status: 400,
                         reason,
                     })
                 }
                 Action::ConfirmMissing => {
-                    let reason = body_reason(answer).await;
+                    let reason = self.fetcher.api.error_reason(answer).await;
                     StreamEnd::Outcome(self.confirm_missing(reason).await)
                 }
                 Action::AccountProblem => {
-                    let reason = body_reason(answer).await;
+                    let reason = self.fetcher.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::AccountProblem {
                         http_status: status.as_u16(),
                         reason,
@@ -179,15 +177,17 @@ impl Attempt<'_> {
                 }),
                 Action::SignedUrlExpired => {
                     let origin = answer.origin.clone();
-                    let reason = body_reason(answer).await;
+                    let reason = self.fetcher.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::Transient {
                         http_status: Some(status.as_u16()),
-                        reason: format!("CDN {origin} refused the signed URL (expired?): {reason}"),
+                        reason: format!(
+                            "CDN {origin} answered {status}: signed URL expired? {reason}"
+                        ),
                     })
                 }
                 Action::Transient => {
                     let origin = answer.origin.clone();
-                    let reason = body_reason(answer).await;
+                    let reason = self.fetcher.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::Transient {
                         http_status: Some(status.as_u16()),
                         reason: format!("{origin} answered {status}: {reason}"),
@@ -253,7 +253,7 @@ impl Attempt<'_> {
         let state = match (answer.host, status) {
             (Host::Api, StatusCode::NOT_FOUND) => VideoState::Missing,
             (_, StatusCode::OK) => {
-                let body = api::read_limited(answer.response, SMALL_BODY).await;
+                let body = self.fetcher.api.read_small(answer.response).await;
                 match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(v) => match v.get("status").and_then(|s| s.as_str()) {
                         Some(word) => api::classify_status_word(word),
@@ -266,7 +266,7 @@ impl Attempt<'_> {
                 Action::AccountProblem => {
                     return Outcome::AccountProblem {
                         http_status: s.as_u16(),
-                        reason: body_reason(answer).await,
+                        reason: self.fetcher.api.error_reason(answer).await,
                     };
                 }
                 Action::RateLimited => {
@@ -314,12 +314,17 @@ impl Attempt<'_> {
         let mut response = answer.response;
         let status = response.status();
         if let Some(mime) = api::is_text_type(response.headers()) {
-            let reason = api::error_summary(&api::read_limited(response, SMALL_BODY).await);
+            let origin = answer.origin.clone();
+            let reason = self
+                .fetcher
+                .api
+                .error_reason(Answer { response, ..answer })
+                .await;
             return StreamEnd::Outcome(Outcome::Transient {
                 http_status: Some(status.as_u16()),
                 reason: format!(
                     "{} answered {status} with {mime}, not a video: {reason}",
-                    answer.origin
+                    origin
                 ),
             });
         }
@@ -533,10 +538,6 @@ fn transient(status: StatusCode, reason: String) -> StreamEnd {
         http_status: Some(status.as_u16()),
         reason,
     })
-}
-
-async fn body_reason(answer: Answer) -> String {
-    api::error_summary(&api::read_limited(answer.response, SMALL_BODY).await)
 }
 
 /// Milliseconds since `t`, for log fields.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
 /// The migrations, in order. `PRAGMA user_version` records how many have been applied.
@@ -72,6 +73,10 @@ fn sql(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> QueueError {
 /// A video handed to a worker.
 #[derive(Debug, Clone)]
 pub struct Claimed {
+    /// The key exactly as stored (a producer may have stored a BLOB or a number), so the
+    /// outcome lands on this row whatever the ID's type.
+    pub key: rusqlite::types::Value,
+    /// The ID as text, for the ID check, paths and logs.
     pub video_id: String,
     /// Including this one.
     pub attempts: u32,
@@ -283,15 +288,14 @@ impl Queue {
                      (julianday('now') - julianday(first_attempt_at)) * 86400000.0"
             ))?;
             let rows = stmt.query_map([n as i64], |r| {
-                // An ID a producer stored as a number or blob still gets a row outcome: it is
-                // turned into text here and then rejected by the ID check.
-                let id = match r.get_ref(0)? {
-                    rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                    other => format!("{other:?}"),
-                };
+                let key: rusqlite::types::Value = r.get(0)?;
+                // An ID a producer stored as a blob fails the ID check later; its row is still
+                // found through `key`.
+                let video_id = id_text(r.get_ref(0)?);
                 let ms: f64 = r.get::<_, Option<f64>>(2)?.unwrap_or(0.0);
                 Ok(Claimed {
-                    video_id: id,
+                    key,
+                    video_id,
                     attempts: r.get(1)?,
                     since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
                 })
@@ -303,8 +307,9 @@ impl Queue {
     /// Records a claimed video's outcome. Guarded on `state = 'downloading'` so an operator's
     /// edit made meanwhile (a deleted or reset row) is not overwritten; returns whether the row
     /// was still ours.
-    pub fn finish(&self, video_id: &str, finish: &Finish) -> Result<bool, QueueError> {
-        let what = format!("record outcome of {video_id}");
+    pub fn finish(&self, claimed: &Claimed, finish: &Finish) -> Result<bool, QueueError> {
+        let what = format!("record outcome of {}", claimed.video_id);
+        let video_id = &claimed.key;
         let n = with_busy_retry(&what, || match finish {
             Finish::Done {
                 path,
@@ -329,9 +334,13 @@ impl Queue {
                  WHERE video_id = ?1 AND state = 'downloading'",
                 params![video_id, error, http_status, sqlite_offset(*delay)],
             ),
+            // The attempt did not count: take it back, and restart the give-up clock if it was
+            // the video's first.
             Finish::Release { delay, error } => self.conn.execute(
                 "UPDATE queue SET state = 'pending', last_error = coalesce(?2, last_error), \
-                 next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3) \
+                 next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3), \
+                 attempts = max(attempts - 1, 0), \
+                 first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END \
                  WHERE video_id = ?1 AND state = 'downloading'",
                 params![video_id, error, sqlite_offset(*delay)],
             ),
@@ -418,7 +427,7 @@ impl Queue {
                 "SELECT video_id, enqueued_at FROM queue WHERE state = 'pending' \
                  ORDER BY enqueued_at LIMIT 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((id_text(r.get_ref(0)?), r.get(1)?)),
             )
             .optional()
             .map_err(sql("find oldest pending row"))?;
@@ -433,7 +442,7 @@ impl Queue {
         s.recent_failures = stmt
             .query_map([failures as i64], |r| {
                 Ok(FailureRow {
-                    video_id: r.get(0)?,
+                    video_id: id_text(r.get_ref(0)?),
                     finished_at: r.get(1)?,
                     http_status: r.get(2)?,
                     last_error: r.get(3)?,
@@ -474,9 +483,23 @@ impl Queue {
     }
 }
 
-/// A SQLite date modifier adding `d` to 'now'.
+/// A `video_id` as text, whatever type a producer stored it as.
+fn id_text(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Blob(b) => format!("x'{}'", crate::archive::hex(b)),
+        ValueRef::Null => "NULL".into(),
+    }
+}
+
+/// The longest delay a row can be given: anything longer is a bug or a hostile header.
+pub const MAX_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A SQLite date modifier adding `d` (capped at `MAX_DELAY`) to 'now'.
 fn sqlite_offset(d: Duration) -> String {
-    format!("+{:.3} seconds", d.as_secs_f64())
+    format!("+{:.3} seconds", d.min(MAX_DELAY).as_secs_f64())
 }
 
 /// Runs a statement until it gets past a producer's lock. Each try already waits
@@ -628,6 +651,11 @@ mod tests {
         let c = q.claim(10).unwrap();
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| c.attempts == 1));
+        let (a, b) = if c[0].video_id == "a" {
+            (&c[0], &c[1])
+        } else {
+            (&c[1], &c[0])
+        };
         assert!(q.claim(10).unwrap().is_empty());
         let done = Finish::Done {
             path: "/x/a.mp4".into(),
@@ -635,15 +663,15 @@ mod tests {
             bytes: 3,
             http_status: 200,
         };
-        assert!(q.finish("a", &done).unwrap());
+        assert!(q.finish(a, &done).unwrap());
         // Not ours any more: a second outcome is refused.
-        assert!(!q.finish("a", &done).unwrap());
+        assert!(!q.finish(a, &done).unwrap());
         let retry = Finish::Retry {
             delay: Duration::from_secs(3600),
             error: "not ready".into(),
             http_status: Some(400),
         };
-        assert!(q.finish("b", &retry).unwrap());
+        assert!(q.finish(b, &retry).unwrap());
         assert!(q.claim(10).unwrap().is_empty(), "b is not due for an hour");
         let due = q.next_due_in().unwrap().unwrap();
         assert!(due > Duration::from_secs(3500) && due <= Duration::from_secs(3600));
@@ -667,6 +695,63 @@ mod tests {
         assert_eq!(q.recover_interrupted().unwrap(), 1);
         let c = q.claim(1).unwrap();
         assert_eq!(c[0].attempts, 2);
+    }
+
+    #[test]
+    fn a_released_attempt_does_not_count() {
+        let (_dir, mut q) = temp_queue();
+        q.enqueue(["a"]).unwrap();
+        let c = q.claim(1).unwrap().remove(0);
+        let release = Finish::Release {
+            delay: Duration::ZERO,
+            error: Some("paused".into()),
+        };
+        assert!(q.finish(&c, &release).unwrap());
+        let row = q.row("a").unwrap().unwrap();
+        let get = |k: &str| row.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(get("attempts"), "0");
+        assert_eq!(get("first_attempt_at"), "NULL");
+        assert_eq!(get("last_error"), "paused");
+    }
+
+    #[test]
+    fn a_blob_id_still_gets_its_outcome() {
+        let (_dir, q) = temp_queue();
+        q.conn
+            .execute("INSERT INTO queue(video_id) VALUES (x'00ff')", [])
+            .unwrap();
+        let c = q.claim(1).unwrap().remove(0);
+        let failed = Finish::Failed {
+            error: "invalid video id".into(),
+            http_status: None,
+        };
+        assert!(q.finish(&c, &failed).unwrap());
+        assert_eq!(q.status(5).unwrap().failed, 1);
+    }
+
+    #[test]
+    fn hot_queries_use_the_index_without_sorting() {
+        let (_dir, q) = temp_queue();
+        for sql in [
+            format!(
+                "SELECT rowid FROM queue WHERE state = 'pending' AND next_attempt_at <= {NOW} \
+                 ORDER BY next_attempt_at LIMIT 4"
+            ),
+            "SELECT min(next_attempt_at) FROM queue WHERE state = 'pending'".into(),
+            "SELECT state, count(*) FROM queue GROUP BY state".into(),
+        ] {
+            let plan: Vec<String> = q
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let plan = plan.join("; ");
+            assert!(plan.contains("queue_state_due"), "{sql}: {plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+        }
     }
 
     #[test]

@@ -93,11 +93,6 @@ impl Recheck {
         self.next = Some((Instant::now(), 0));
     }
 
-    /// The commit was seen (or nothing more to wait for).
-    pub fn stop(&mut self) {
-        self.next = None;
-    }
-
     pub fn due_at(&self) -> Option<Instant> {
         self.next.map(|(t, _)| t)
     }

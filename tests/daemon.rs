@@ -272,6 +272,66 @@ fn stalled_body_is_dropped_and_resumed() {
 }
 
 #[test]
+fn servers_that_get_ranges_wrong_still_give_the_right_file() {
+    let (api, env) = setup();
+    let ignore = api.add_video("video_ignores_range", 600_000);
+    api.script(
+        "video_ignores_range",
+        vec![Step::Truncate(200_000), Step::IgnoreRange],
+    );
+    let bad = api.add_video("video_bad_range", 600_000);
+    api.script(
+        "video_bad_range",
+        vec![Step::Truncate(200_000), Step::BadContentRange, Step::Serve],
+    );
+    let chunked = api.add_video("video_chunked", 600_000);
+    api.script("video_chunked", vec![Step::Chunked]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_ignores_range", "video_bad_range", "video_chunked"]);
+    for v in [&ignore, &bad, &chunked] {
+        assert_archived(&env, v);
+    }
+    // A 206 that starts elsewhere than asked restarts from zero, within the same attempt.
+    let reqs = content_requests(&api, "video_bad_range");
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [200, 206, 200]
+    );
+    assert!(reqs[2].range.is_none(), "{}", api.dump());
+    assert_eq!(env.row("video_bad_range").unwrap().attempts, 2);
+}
+
+#[test]
+fn a_complete_partial_left_by_a_crash_is_verified_not_fetched_again() {
+    let (api, env) = setup();
+    let v = api.add_video("video_whole", 300_000);
+    std::fs::create_dir_all(&env.archive).unwrap();
+    std::fs::write(env.partial_path("video_whole"), &*v.bytes).unwrap();
+    let _d = env.start();
+    env.insert_sqlite3(&["video_whole"]);
+    assert_archived(&env, &v);
+    let reqs = content_requests(&api, "video_whole");
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].range.as_deref(), Some("bytes=300000-"));
+    assert_eq!((reqs[0].status, reqs[0].body_sent), (416, 0));
+}
+
+#[test]
+fn an_expired_signed_url_starts_over_from_the_api() {
+    let (api, env) = setup();
+    let v = api.add_video("video_expired", 100_000);
+    api.script("video_expired", vec![Step::Redirect]);
+    api.script_cdn("video_expired", vec![Step::Error(403), Step::Serve]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_expired"]);
+    assert_archived(&env, &v);
+    assert_eq!(content_requests(&api, "video_expired").len(), 2);
+    let logs = env.logs();
+    assert!(logs.contains("signed URL expired?"), "{logs}");
+    assert_no_secrets(&env);
+}
+
+#[test]
 fn server_errors_are_retried() {
     let (api, env) = setup();
     let v = api.add_video("video_5xx", 10_000);
@@ -334,6 +394,69 @@ fn rejected_token_pauses_everything_until_the_token_is_fixed() {
         assert_archived(&env, v);
     }
     assert_no_secrets(&env);
+}
+
+#[test]
+fn a_429_answering_the_token_probe_does_not_stall_the_queue() {
+    let (api, env) = setup();
+    env.set_token("oh-wrong-token");
+    let v = api.add_video("video_probe", 10_000);
+    // A 401 does not consume a step: the first answer to the right token is the 429.
+    api.script(
+        "video_probe",
+        vec![Step::RateLimited("1".into()), Step::Serve],
+    );
+    let _d = env.start();
+    env.insert_sqlite3(&["video_probe"]);
+    api.wait_for("two 401s", DEADLINE, |l| {
+        l.iter().filter(|r| r.status == 401).count() >= 2
+    });
+    env.set_token(TOKEN);
+    api.wait_for("the 429", DEADLINE, |l| l.iter().any(|r| r.status == 429));
+    let w = api.add_video("video_probe_later", 10_000);
+    env.insert_sqlite3(&["video_probe_later"]);
+    assert_archived(&env, &v);
+    assert_archived(&env, &w);
+}
+
+/// CPU ticks (1/100 s) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// While the account is paused and another download is still running, nothing can happen until
+/// that download ends: the loop must sleep, not spin. Measured over one second of CPU time (a
+/// window, not a wait for an event: an idle daemon uses ~0 ticks, a spinning one ~80).
+#[test]
+fn no_busy_loop_while_paused_with_a_download_in_flight() {
+    let (api, env) = setup();
+    let a = api.add_video("video_inflight", 500_000);
+    api.script("video_inflight", vec![Step::Hold(100_000), Step::Serve]);
+    let b = api.add_video("video_revoked", 10_000);
+    let d = env.start();
+    env.insert_sqlite3(&["video_inflight"]);
+    api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
+    api.set_token("oh-rotated-token");
+    env.insert_sqlite3(&["video_revoked"]);
+    d.wait_log("ALL DOWNLOADS PAUSED");
+    let before = cpu_ticks(d.child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(d.child.id()) - before;
+    assert!(
+        used < 30,
+        "daemon used {used} ticks in 1 s while it had nothing to do"
+    );
+    env.set_token("oh-rotated-token");
+    api.release("video_inflight");
+    assert_archived(&env, &a);
+    assert_archived(&env, &b);
 }
 
 #[test]
