@@ -137,10 +137,15 @@ impl Env {
     }
 
     pub fn start_with_log(&self, name: &str) -> Daemon {
+        self.start_with_env(name, &[])
+    }
+
+    pub fn start_with_env(&self, name: &str, vars: &[(&str, &str)]) -> Daemon {
         let log = self.dir.path().join(name);
         let file = fs::File::create(&log).expect("log file");
         let child = self
             .command(&["run"])
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
