@@ -2,26 +2,30 @@
 //! carry the exit code the process ends with.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiClient;
 use crate::archive::{Archive, VideoId};
-use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
-use crate::daemon::{Scheduler, Settings};
-use crate::fetch::Fetcher;
+use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogConfig, LogFormat};
+use crate::daemon::{Scheduler, Settings, decide};
+use crate::fetch::{Fetcher, Outcome};
 use crate::queue::{InstanceLock, Queue, QueueError, SharedQueue};
+use crate::service::Service;
 
 /// Exit codes (sysexits.h), so a unit can tell "fix the config" from "try again".
 pub mod exit {
-    /// Bad input to `enqueue`.
+    /// Something did not check out: `verify` found problems, `fetch` did not archive.
+    pub const PROBLEM: u8 = 1;
+    /// Bad input: invalid video IDs.
     pub const DATA: u8 = 65;
-    /// Another daemon already serves this database.
+    /// Another daemon already serves this database, or is downloading that video now.
     pub const ALREADY_RUNNING: u8 = 75;
     /// Config file, token or archive directory unusable: restarting will not help.
     pub const CONFIG: u8 = 78;
@@ -30,7 +34,12 @@ pub mod exit {
 }
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Archives finished HingNet videos queued in SQLite", long_about = None)]
+#[command(
+    name = "hingnetd",
+    version,
+    about = "Archives finished HingNet videos queued in SQLite",
+    after_help = "Examples:\n  hingnetd run                       # the daemon (systemd starts it)\n  hingnetd enqueue video_abc123      # queue a video\n  hingnetd status                    # how the queue is doing"
+)]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, global = true, value_name = "PATH", env = "HINGNETD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -42,23 +51,94 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (normally started by systemd).
+    #[command(after_help = "Example:\n  hingnetd --config /etc/hingnetd/hingnetd.toml run")]
     Run,
     /// Add video IDs to the queue ("-" reads IDs from stdin, one per line).
     #[command(
-        after_help = "Example:\n  hingnetd enqueue video_abc123 video_def456\n  ls-finished-videos | hingnetd enqueue -"
+        after_help = "Example:\n  hingnetd enqueue video_abc123 video_def456\n  list-finished-videos | hingnetd enqueue -"
     )]
     Enqueue {
         #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
     },
-    /// Show counts per state, the oldest pending video and recent failures.
+    /// Counts per state, oldest pending, downloads in flight, recent failures, archive size.
+    #[command(after_help = "Example:\n  hingnetd status\n  hingnetd status --json | jq .pending")]
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// List queue rows, newest first.
+    #[command(after_help = "Example:\n  hingnetd list --state failed --limit 20")]
+    List {
+        /// Only rows in this state.
+        #[arg(long, value_parser = ["pending", "downloading", "done", "failed"])]
+        state: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON (one array) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one video's row, its attempt history and why its next attempt is when it is.
+    #[command(after_help = "Example:\n  hingnetd show video_abc123")]
+    Show {
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed videos back to pending, with a fresh give-up deadline.
+    #[command(after_help = "Example:\n  hingnetd retry video_abc123\n  hingnetd retry --failed")]
+    Retry {
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "failed",
+            conflicts_with = "failed"
+        )]
+        ids: Vec<String>,
+        /// Every failed video.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Re-hash archived files against their recorded SHA-256 and size; report missing,
+    /// changed and orphan files. Exits 1 if anything is wrong.
+    #[command(after_help = "Example:\n  hingnetd verify --all\n  hingnetd verify video_abc123")]
+    Verify {
+        /// Every done video, and look for orphan files (the default without IDs).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(value_name = "ID")]
+        ids: Vec<String>,
+    },
+    /// Download one video now, in the foreground, the way the daemon would.
+    #[command(after_help = "Example:\n  hingnetd fetch video_abc123")]
+    Fetch {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Validate the configuration and print it as in force, with the token redacted.
+    #[command(
+        name = "check-config",
+        after_help = "Example:\n  hingnetd --config /etc/hingnetd/hingnetd.toml check-config"
+    )]
+    CheckConfig,
     /// Create or upgrade the queue database schema, then exit.
+    #[command(after_help = "Example:\n  hingnetd migrate")]
     Migrate,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  hingnetd completions bash > /etc/bash_completion.d/hingnetd"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(after_help = "Example:\n  hingnetd man | man -l -")]
+    Man,
 }
 
 /// A failure with the exit code it maps to. Its message is one line.
@@ -86,37 +166,80 @@ fn queue_failure(e: QueueError) -> Failure {
 }
 
 pub fn main_with(cli: Cli) -> ExitCode {
+    // These need no configuration.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "hingnetd",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&Failure::new(exit::FAILURE, e)),
+            };
+        }
+        _ => {}
+    }
     let explicit = cli.config.as_os_str() != DEFAULT_CONFIG_PATH;
-    let result = Config::load(&cli.config, explicit)
-        .map_err(|e| Failure::new(exit::CONFIG, e))
-        .and_then(|cfg| match cli.command {
-            Command::Run => run(cfg),
-            Command::Enqueue { ids } => enqueue(&cfg, ids),
-            Command::Status { json } => status(&cfg, json),
-            Command::Migrate => migrate(&cfg),
-        });
+    let cfg = match Config::load(&cli.config, explicit) {
+        Ok(c) => c,
+        Err(e) => return fail(&Failure::new(exit::CONFIG, e)),
+    };
+    init_logging(&cfg.log);
+    let result = match cli.command {
+        Command::Run => run(cfg, cli.config),
+        Command::Enqueue { ids } => enqueue(&cfg, ids),
+        Command::Status { json } => status(&cfg, json),
+        Command::List { state, limit, json } => list(&cfg, state.as_deref(), limit, json),
+        Command::Show { id, json } => show(&cfg, &id, json),
+        Command::Retry { ids, failed } => retry(&cfg, ids, failed),
+        Command::Verify { all, ids } => verify(&cfg, all || ids.is_empty(), ids),
+        Command::Fetch { id } => fetch(cfg, &id),
+        Command::CheckConfig => check_config(&cfg, &cli.config),
+        Command::Migrate => migrate(&cfg),
+        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            tracing::error!("{}", f.message);
-            // Also on stderr directly when logs go elsewhere: the operator at a shell sees it.
-            if !tracing::enabled!(tracing::Level::ERROR) {
-                eprintln!("hingnetd: {}", f.message);
-            }
-            ExitCode::from(f.code)
-        }
+        Err(f) => fail(&f),
     }
 }
 
+/// The one line an operator sees, on stderr (journald under systemd).
+fn fail(f: &Failure) -> ExitCode {
+    eprintln!("hingnetd: error: {}", f.message);
+    ExitCode::from(f.code)
+}
+
+fn out() -> std::io::StdoutLock<'static> {
+    std::io::stdout().lock()
+}
+
 fn migrate(cfg: &Config) -> Result<(), Failure> {
-    let mut q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
-    let n = q.migrate().map_err(queue_failure)?;
-    println!("{}: schema up to date", q.path().display());
-    let _ = n;
+    let q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let _ = writeln!(out(), "{}: schema up to date", q.path().display());
     Ok(())
 }
 
-fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
+fn check_config(cfg: &Config, path: &Path) -> Result<(), Failure> {
+    let (_token, source) =
+        config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
+    let text = toml::to_string(cfg).map_err(|e| Failure::new(exit::FAILURE, e))?;
+    let mut o = out();
+    let _ = writeln!(o, "# {}: valid", path.display());
+    let _ = writeln!(o, "# token: read from {source} (redacted)");
+    let _ = write!(o, "{text}");
+    Ok(())
+}
+
+/// IDs from the arguments, with "-" meaning one per line from stdin; invalid ones are named on
+/// stderr and returned apart.
+fn read_ids(args: Vec<String>) -> Result<(Vec<String>, usize), Failure> {
     let mut ids = Vec::new();
     for a in args {
         if a == "-" {
@@ -132,64 +255,87 @@ fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
             ids.push(a);
         }
     }
-    let (good, bad): (Vec<_>, Vec<_>) = ids.iter().partition(|id| VideoId::parse(id).is_ok());
+    let (good, bad): (Vec<_>, Vec<_>) = ids.into_iter().partition(|id| VideoId::parse(id).is_ok());
     for b in &bad {
         eprintln!(
-            "hingnetd: invalid video id {b:?} (1-128 characters of A-Z a-z 0-9 _ -, not starting with -); not enqueued"
+            "hingnetd: invalid video id {b:?} (1-128 characters of A-Z a-z 0-9 _ -, not starting with -); skipped"
         );
     }
+    Ok((good, bad.len()))
+}
+
+fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
+    let (good, bad) = read_ids(args)?;
     let mut q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
     let r = q
         .enqueue(good.iter().map(|s| s.as_str()))
         .map_err(queue_failure)?;
-    println!("enqueued {} new, {} already queued", r.added, r.already);
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::new(
+    let _ = writeln!(
+        out(),
+        "enqueued {} new, {} already queued",
+        r.added,
+        r.already
+    );
+    match bad {
+        0 => Ok(()),
+        n => Err(Failure::new(
             exit::DATA,
-            format!("{} invalid video id(s) rejected", bad.len()),
-        ))
+            format!("{n} invalid video id(s) rejected"),
+        )),
     }
 }
 
 fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
     let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     let s = q.status(5).map_err(queue_failure)?;
+    let archived = q.archived_bytes().map_err(queue_failure)?;
+    let age = match &s.oldest_pending {
+        Some((_, at)) => q.age_of(at).map_err(queue_failure)?,
+        None => None,
+    };
     let running = InstanceLock::is_held(&cfg.queue.database);
-    let mut out = std::io::stdout().lock();
+    let mut o = out();
     if json {
         let mut v = serde_json::to_value(&s).expect("status serializes");
         v["daemon_running"] = running.into();
         v["next_due_in_ms"] = s.next_due_in.map(|d| d.as_millis() as u64).into();
-        let _ = writeln!(out, "{v}");
+        v["oldest_pending_age_s"] = age.map(|d| d.as_secs()).into();
+        v["archive_bytes"] = archived.into();
+        let _ = writeln!(o, "{v}");
         return Ok(());
     }
     let _ = writeln!(
-        out,
+        o,
         "{} pending, {} downloading, {} done, {} failed",
         s.pending, s.downloading, s.done, s.failed
     );
     let _ = writeln!(
-        out,
+        o,
         "daemon: {}",
         if running { "running" } else { "not running" }
     );
+    let _ = writeln!(o, "archive: {} in {} files", human_bytes(archived), s.done);
     if let Some((id, at)) = &s.oldest_pending {
-        let _ = writeln!(out, "oldest pending: {id} (enqueued {at})");
+        let age = age.map_or(String::new(), |a| {
+            format!(
+                ", {} ago",
+                config::format_duration(Duration::from_secs(a.as_secs()))
+            )
+        });
+        let _ = writeln!(o, "oldest pending: {id} (enqueued {at}{age})");
     }
     if let Some(d) = s.next_due_in {
         let _ = writeln!(
-            out,
+            o,
             "next attempt due in: {}",
-            config::format_duration(std::time::Duration::from_secs(d.as_secs()))
+            config::format_duration(Duration::from_secs(d.as_secs()))
         );
     }
     if !s.recent_failures.is_empty() {
-        let _ = writeln!(out, "recent failures:");
+        let _ = writeln!(o, "recent failures:");
         for f in &s.recent_failures {
             let _ = writeln!(
-                out,
+                o,
                 "  {} at {} (http {}): {}",
                 f.video_id,
                 f.finished_at.as_deref().unwrap_or("?"),
@@ -201,8 +347,252 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `hingnetd run`: every check that can fail on bad configuration happens before any work.
-fn run(cfg: Config) -> Result<(), Failure> {
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn list(cfg: &Config, state: Option<&str>, limit: usize, json: bool) -> Result<(), Failure> {
+    let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let rows = q.list(state, limit).map_err(queue_failure)?;
+    let mut o = out();
+    if json {
+        let _ = writeln!(
+            o,
+            "{}",
+            serde_json::to_string(&rows).expect("rows serialize")
+        );
+        return Ok(());
+    }
+    for r in rows {
+        let when = r.finished_at.as_deref().unwrap_or(&r.next_attempt_at);
+        let _ = writeln!(
+            o,
+            "{:<40} {:<11} {:>3} {:<24} {:>4} {}",
+            r.video_id,
+            r.state,
+            r.attempts,
+            when,
+            r.http_status.map_or("-".into(), |s| s.to_string()),
+            r.last_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
+    let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let Some(row) = q.get(id).map_err(queue_failure)? else {
+        return Err(Failure::new(
+            exit::DATA,
+            format!("video {id:?} is not in the queue"),
+        ));
+    };
+    let history = q.history(id).map_err(queue_failure)?;
+    let due_in = q.age_of(&row.next_attempt_at).map_err(queue_failure)?;
+    let mut o = out();
+    if json {
+        let v = serde_json::json!({ "row": row, "history": history });
+        let _ = writeln!(o, "{v}");
+        return Ok(());
+    }
+    let v = serde_json::to_value(&row).expect("row serializes");
+    for (k, val) in v.as_object().expect("row is an object") {
+        let text = match val {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(o, "{k:<17} {text}");
+    }
+    let next = match row.state.as_str() {
+        "pending" => match (due_in, history.last()) {
+            // `age_of` is positive for times past: a due row waits only for a free slot.
+            (Some(_), _) => "due now (waiting for a free download slot)".to_string(),
+            (None, Some(last)) => format!(
+                "at {}: {}",
+                row.next_attempt_at,
+                last.detail.as_deref().unwrap_or("")
+            ),
+            (None, None) => format!("at {} (set by the producer)", row.next_attempt_at),
+        },
+        "downloading" => "downloading now".into(),
+        "done" => "never (done)".into(),
+        _ => "never (failed; `hingnetd retry` puts it back)".into(),
+    };
+    let _ = writeln!(o, "next attempt      {next}");
+    if !history.is_empty() {
+        let _ = writeln!(o, "history:");
+        for h in &history {
+            let _ = writeln!(
+                o,
+                "  {} attempt {} {} (http {}, {} ms): {}",
+                h.at,
+                h.attempt,
+                h.outcome,
+                h.http_status.map_or("-".into(), |s| s.to_string()),
+                h.elapsed_ms.unwrap_or(0),
+                h.detail.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn retry(cfg: &Config, ids: Vec<String>, all_failed: bool) -> Result<(), Failure> {
+    let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let changed = if all_failed {
+        q.retry_failed(None)
+    } else {
+        q.retry_failed(Some(&ids))
+    }
+    .map_err(queue_failure)?;
+    let mut o = out();
+    let _ = writeln!(o, "{} failed video(s) back to pending", changed.len());
+    let not_failed: Vec<&String> = ids.iter().filter(|id| !changed.contains(id)).collect();
+    if !not_failed.is_empty() {
+        for id in &not_failed {
+            eprintln!("hingnetd: {id}: not a failed video in the queue; left as it is");
+        }
+        return Err(Failure::new(
+            exit::DATA,
+            format!("{} id(s) were not failed", not_failed.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, nothing in scripts.
+fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    Some(bar)
+}
+
+fn verify(cfg: &Config, all: bool, ids: Vec<String>) -> Result<(), Failure> {
+    let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let report = crate::verify::run(&q, &cfg.archive.dir, all, &ids, |total| {
+        progress_bar(total, "verifying")
+    })
+    .map_err(|e| Failure::new(exit::FAILURE, e))?;
+    let mut o = out();
+    for p in &report.problems {
+        let _ = writeln!(o, "{p}");
+    }
+    let _ = writeln!(o, "{}", report.summary());
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            exit::PROBLEM,
+            format!("{} problem(s) found", report.problems.len()),
+        ))
+    }
+}
+
+fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
+    if VideoId::parse(id).is_err() {
+        return Err(Failure::new(exit::DATA, format!("invalid video id {id:?}")));
+    }
+    let (token, _) = config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
+    let archive = Archive::open(&cfg.archive.dir)
+        .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
+    let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
+        .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
+    let mut q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let claimed = match q.claim_one(id).map_err(queue_failure)? {
+        Ok(c) => c,
+        Err(state) if state == "done" => {
+            let row = q.get(id).map_err(queue_failure)?;
+            let path = row.and_then(|r| r.path).unwrap_or_default();
+            let _ = writeln!(out(), "{id}: already archived at {path}");
+            return Ok(());
+        }
+        Err(state) => {
+            return Err(Failure::new(
+                exit::ALREADY_RUNNING,
+                format!("{id} is {state}: the daemon is downloading it now"),
+            ));
+        }
+    };
+    let bar = progress_bar(0, id);
+    let mut fetcher = Fetcher::new(api, archive);
+    if let Some(bar) = bar.clone() {
+        fetcher = fetcher.with_progress(Arc::new(move |have, total| {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(have);
+        }));
+    }
+    let fetcher = Arc::new(fetcher);
+    let runtime = runtime()?;
+    let started = Instant::now();
+    let outcome = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                c.cancel();
+            }
+        });
+        fetcher.download(id, &cancel).await
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let finish = decide(&claimed, &outcome, &cfg.retry, started.elapsed());
+    q.finish(&claimed, &finish, started.elapsed())
+        .map_err(queue_failure)?;
+    let mut o = out();
+    match (&outcome, &finish) {
+        (Outcome::Archived { published, .. }, _) => {
+            let _ = writeln!(
+                o,
+                "{id}: archived {} ({} bytes, sha256 {})",
+                published.path.display(),
+                published.bytes,
+                published.sha256
+            );
+            Ok(())
+        }
+        (_, f) => Err(Failure::new(
+            exit::PROBLEM,
+            format!("{id}: {}", f.describe()),
+        )),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start the runtime: {e}")))
+}
+
+/// `hingnetd run`: every check that can fail on bad configuration happens before any work, and
+/// systemd hears READY=1 only once the database is open and migrated and the token read.
+fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = Archive::open(&cfg.archive.dir)
@@ -218,24 +608,15 @@ fn run(cfg: Config) -> Result<(), Failure> {
     }
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start the runtime: {e}")))?;
+    let runtime = runtime()?;
     runtime.block_on(async move {
         let wake = Arc::new(Notify::new());
         let _watch = crate::watch::watch(&cfg.queue.database, wake.clone())
             .map_err(|e| Failure::new(exit::FAILURE, e))?;
         let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone())?;
-        let fetcher = Arc::new(Fetcher { api, archive });
-        let settings = Settings {
-            concurrency: cfg.download.concurrency,
-            poll_interval: cfg.queue.poll_interval,
-            shutdown_grace: cfg.download.shutdown_grace,
-            retry: cfg.retry.clone(),
-            api: cfg.api.clone(),
-        };
+        let reload = Arc::new(Notify::new());
+        spawn_signal_handler(shutdown.clone(), reload.clone())?;
+        let fetcher = Arc::new(Fetcher::new(api, archive));
         tracing::info!(
             database = %cfg.queue.database.display(),
             archive = %fetcher.archive.dir().display(),
@@ -244,43 +625,70 @@ fn run(cfg: Config) -> Result<(), Failure> {
             concurrency = cfg.download.concurrency,
             "hingnetd ready"
         );
-        let scheduler = Scheduler::new(settings, SharedQueue::new(queue), fetcher, wake);
+        let service = Service::from_env();
+        service.ready();
+        let settings = Settings {
+            config: cfg,
+            config_path,
+        };
+        let scheduler = Scheduler::new(
+            settings,
+            SharedQueue::new(queue),
+            fetcher,
+            wake,
+            reload,
+            service,
+        );
         scheduler.run(shutdown).await;
         tracing::info!("hingnetd stopped");
         Ok(())
     })
 }
 
-/// SIGTERM/SIGINT start a graceful shutdown (tokio's handlers sit on signal-hook's registry).
-fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), Failure> {
+/// SIGTERM/SIGINT start a graceful shutdown; SIGHUP reloads (tokio's handlers sit on
+/// signal-hook's registry).
+fn spawn_signal_handler(shutdown: CancellationToken, reload: Arc<Notify>) -> Result<(), Failure> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Failure::new(exit::FAILURE, e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Failure::new(exit::FAILURE, e))?;
+    let sig = |k| signal(k).map_err(|e| Failure::new(exit::FAILURE, e));
+    let (mut term, mut int, mut hup) = (
+        sig(SignalKind::terminate())?,
+        sig(SignalKind::interrupt())?,
+        sig(SignalKind::hangup())?,
+    );
     tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "shutdown requested");
-        shutdown.cancel();
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    tracing::info!(signal = "SIGHUP", "reloading configuration and token");
+                    reload.notify_one();
+                    continue;
+                }
+            };
+            tracing::info!(signal = name, "shutdown requested");
+            shutdown.cancel();
+        }
     });
     Ok(())
 }
 
-/// Logs go to stderr (journald under systemd), without colours unless it is a terminal;
-/// `RUST_LOG` overrides the default `info` level.
-pub fn init_logging() {
+/// Logs go to stderr (journald under systemd): text without colours unless stderr is a
+/// terminal, or JSON. `RUST_LOG` overrides `[log] level`.
+pub fn init_logging(log: &LogConfig) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     // The HTTP stack's debug output names request URIs, and a signed URL is a credential:
     // those crates stay at `info` whatever RUST_LOG asks for.
     for quiet in ["reqwest", "hyper", "hyper_util", "h2", "rustls"] {
         filter = filter.add_directive(format!("{quiet}=info").parse().expect("valid directive"));
     }
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/hingnetd/hingnetd.toml";
@@ -36,7 +36,7 @@ pub enum ConfigError {
 }
 
 /// The whole file. Every section and key is optional; defaults live in the `Default` impls below.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub api: ApiConfig,
@@ -44,54 +44,81 @@ pub struct Config {
     pub archive: ArchiveConfig,
     pub download: DownloadConfig,
     pub retry: RetryConfig,
+    pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub base_url: String,
     pub token_file: PathBuf,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     /// Longest silence allowed while a response (headers or body) is streaming.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub read_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     pub database: PathBuf,
     /// Safety net only: new rows are noticed by watching the database files.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub poll_interval: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
     pub dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DownloadConfig {
     pub concurrency: usize,
     /// On SIGTERM, how long in-flight downloads may run on before they are parked as partials.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub initial_delay: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub max_delay: Duration,
     /// Counted from a video's first attempt; past it, a video still not downloadable is failed.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub give_up_after: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `hingnetd=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event, `key=value` fields; no colours unless stderr is a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -218,6 +245,9 @@ impl Config {
                 "download.concurrency",
                 format!("{} is out of range (1 to 256)", self.download.concurrency),
             ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return Err(bad("log.level", format!("{:?}: {e}", self.log.level)));
         }
         for (key, p) in [
             ("queue.database", &self.queue.database),
@@ -383,6 +413,10 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
@@ -432,7 +466,7 @@ mod tests {
             .values()
             .map(|v| v.as_table().map_or(0, |t| t.len()))
             .sum();
-        assert_eq!(keys, 12, "hingnetd.toml.example should document every key");
+        assert_eq!(keys, 14, "hingnetd.toml.example should document every key");
     }
 
     #[test]
@@ -460,6 +494,19 @@ mod tests {
         ] {
             assert!(!e.to_string().contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::default();
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("give_up_after = \"24h\""), "{text}");
+        let back = Config::parse(&text, Path::new("x")).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{c:?}"));
+        let e = Config::parse("[log]\nlevel = \"=bad=\"\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("log.level"), "{e}");
+        let e = Config::parse("[log]\nformat = \"xml\"\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("xml"), "{e}");
     }
 
     #[test]

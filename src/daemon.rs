@@ -10,18 +10,20 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ApiConfig, RetryConfig, format_duration};
+use std::path::PathBuf;
+
+use crate::api::ApiClient;
+use crate::config::{self, Config, RetryConfig, format_duration};
 use crate::fetch::{Fetcher, Outcome};
 use crate::queue::{Claimed, Finish, SharedQueue};
+use crate::service::{Service, thousands};
 use crate::watch::Recheck;
 
+/// What the loop runs with. Replaced on SIGHUP, except what cannot change live.
 pub struct Settings {
-    pub concurrency: usize,
-    pub poll_interval: Duration,
-    pub shutdown_grace: Duration,
-    pub retry: RetryConfig,
-    /// To re-read the token while the account is paused.
-    pub api: ApiConfig,
+    pub config: Config,
+    /// Re-read on SIGHUP.
+    pub config_path: PathBuf,
 }
 
 /// The row's next state after an attempt. The whole retry policy is here.
@@ -124,6 +126,9 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
 /// The shortest wait before claiming again when the clock and the claim disagree.
 const RELOOK: Duration = Duration::from_millis(250);
 
+/// The status line is recounted at most this often.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
 /// How long parked downloads get to record themselves after the grace period.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -152,6 +157,12 @@ pub struct Scheduler {
     /// server gives no `Retry-After`.
     rate_limits_in_a_row: u32,
     account: Option<AccountPause>,
+    /// Fired by SIGHUP.
+    reload: Arc<Notify>,
+    service: Service,
+    /// The status line needs fresh counts (something changed since the last ones).
+    counts_stale: bool,
+    counts_at: Option<Instant>,
 }
 
 impl Scheduler {
@@ -160,6 +171,8 @@ impl Scheduler {
         queue: SharedQueue,
         fetcher: Arc<Fetcher>,
         wake: Arc<Notify>,
+        reload: Arc<Notify>,
+        service: Service,
     ) -> Scheduler {
         Scheduler {
             settings,
@@ -171,6 +184,10 @@ impl Scheduler {
             rate_limited_until: None,
             rate_limits_in_a_row: 0,
             account: None,
+            reload,
+            service,
+            counts_stale: true,
+            counts_at: None,
         }
     }
 
@@ -202,8 +219,14 @@ impl Scheduler {
                     }
                 }
             }
-            let mut wake_at = Instant::now() + self.settings.poll_interval;
+            self.service.ping_if_due();
+            self.update_status().await;
+            let mut wake_at = Instant::now() + self.settings.config.queue.poll_interval;
             for t in [
+                self.service.ping_due(),
+                self.counts_at
+                    .filter(|_| self.counts_stale)
+                    .map(|t| t + STATUS_EVERY),
                 next_due,
                 self.rate_limited_until,
                 // A probe waits for the downloads in flight; their completion wakes us.
@@ -233,14 +256,20 @@ impl Scheduler {
                     {
                         a.next_probe = Some(Instant::now());
                     }
+                    self.counts_stale = true;
                     look = true;
                 }
                 _ = self.wake.notified() => recheck.start(),
+                _ = self.reload.notified() => {
+                    self.apply_reload();
+                    look = true;
+                }
                 _ = tokio::time::sleep_until(wake_at) => {
                     if recheck.due_at().is_some_and(|t| t <= Instant::now()) {
                         match self.queue.call(|q| q.data_version()).await {
                             Ok(v) if v != data_version => {
                                 data_version = v;
+                                self.counts_stale = true;
                                 // Keep looking: the event that started this check may belong
                                 // to a later commit than the one just seen.
                                 recheck.start();
@@ -254,7 +283,84 @@ impl Scheduler {
                 }
             }
         }
+        self.service.stopping();
         self.drain().await;
+    }
+
+    /// Keeps systemd's STATUS= line current, e.g. "3 downloading, 120 pending, 18,044 done,
+    /// 2 failed; paused: API rejected the token". Counting costs a scan of the state index, so
+    /// it runs only after something changed, and at most every `STATUS_EVERY`.
+    async fn update_status(&mut self) {
+        if !self.counts_stale || self.counts_at.is_some_and(|t| t.elapsed() < STATUS_EVERY) {
+            return;
+        }
+        self.counts_stale = false;
+        self.counts_at = Some(Instant::now());
+        let counts = match self.queue.call(|q| q.counts()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count rows for the status line");
+                return;
+            }
+        };
+        let mut text = format!(
+            "{} downloading, {} pending, {} done, {} failed",
+            thousands(counts.downloading),
+            thousands(counts.pending),
+            thousands(counts.done),
+            thousands(counts.failed)
+        );
+        if self.account.is_some() {
+            text.push_str("; paused: API rejected the token");
+        } else if self.rate_limited_until.is_some() {
+            text.push_str("; paused: rate limited (429)");
+        }
+        self.service.status(text);
+    }
+
+    /// SIGHUP: re-read the config file and the token. A bad new config (or token) is refused
+    /// and the running one stays; settings that cannot change live say so.
+    fn apply_reload(&mut self) {
+        self.service.reloading();
+        match self.try_reload() {
+            Ok(()) => {
+                tracing::info!(config = %self.settings.config_path.display(), "configuration reloaded")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload rejected; the running configuration stays in force")
+            }
+        }
+        self.service.ready();
+        self.counts_stale = true;
+    }
+
+    fn try_reload(&mut self) -> Result<(), String> {
+        let mut new = Config::load(&self.settings.config_path, true).map_err(|e| e.to_string())?;
+        let (token, source) = config::load_token(&new.api).map_err(|e| e.to_string())?;
+        let api = ApiClient::new(&new.api, new.base_url(), token).map_err(|e| e.to_string())?;
+        let old = &self.settings.config;
+        if new.queue.database != old.queue.database {
+            tracing::warn!(
+                key = "queue.database",
+                "cannot change while running; restart to apply"
+            );
+            new.queue.database = old.queue.database.clone();
+        }
+        if new.archive.dir != old.archive.dir {
+            tracing::warn!(
+                key = "archive.dir",
+                "cannot change while running; restart to apply"
+            );
+            new.archive.dir = old.archive.dir.clone();
+        }
+        if new.log.level != old.log.level || new.log.format != old.log.format {
+            tracing::warn!(key = "log", "log settings apply at the next start");
+        }
+        // Downloads in flight keep the client they started with.
+        self.fetcher.replace_api(api);
+        tracing::info!(token_from = %source, concurrency = new.download.concurrency, "token and settings re-read");
+        self.settings.config = new;
+        Ok(())
     }
 
     /// Claims as many due rows as there are free slots, starts their downloads, and returns
@@ -266,7 +372,12 @@ impl Scheduler {
             // Paused: one probe at a time, when its time comes.
             Some(a) if a.next_probe.is_some_and(|t| t <= now) && self.tasks.is_empty() => 1,
             Some(_) => 0,
-            None => self.settings.concurrency.saturating_sub(self.tasks.len()),
+            None => self
+                .settings
+                .config
+                .download
+                .concurrency
+                .saturating_sub(self.tasks.len()),
         };
         if free == 0 {
             // Nothing to claim with: a finished download, or the end of a pause, looks again.
@@ -300,7 +411,7 @@ impl Scheduler {
     fn spawn(&mut self, claimed: Claimed) {
         let fetcher = self.fetcher.clone();
         let queue = self.queue.clone();
-        let retry = self.settings.retry.clone();
+        let retry = self.settings.config.retry.clone();
         let cancel = self.downloads.clone();
         self.tasks.spawn(async move {
             let started = Instant::now();
@@ -308,7 +419,8 @@ impl Scheduler {
             let finish = decide(&claimed, &outcome, &retry, started.elapsed());
             log_decision(&claimed, &outcome, &finish, started.elapsed());
             let (c, f) = (claimed.clone(), finish.clone());
-            match queue.call(move |q| q.finish(&c, &f)).await {
+            let elapsed = started.elapsed();
+            match queue.call(move |q| q.finish(&c, &f, elapsed)).await {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(video_id = %claimed.video_id, "row changed or vanished while downloading; outcome not recorded"),
                 Err(e) => tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until restart"),
@@ -325,8 +437,8 @@ impl Scheduler {
                 reason,
             } => {
                 let delay = match &self.account {
-                    Some(a) => (a.delay * 2).min(self.settings.retry.max_delay),
-                    None => self.settings.retry.initial_delay,
+                    Some(a) => (a.delay * 2).min(self.settings.config.retry.max_delay),
+                    None => self.settings.config.retry.initial_delay,
                 };
                 tracing::error!(
                     http_status,
@@ -341,8 +453,9 @@ impl Scheduler {
             }
             Outcome::RateLimited { retry_after } => {
                 self.rate_limits_in_a_row += 1;
-                let wait = retry_after
-                    .unwrap_or_else(|| backoff(&self.settings.retry, self.rate_limits_in_a_row));
+                let wait = retry_after.unwrap_or_else(|| {
+                    backoff(&self.settings.config.retry, self.rate_limits_in_a_row)
+                });
                 let until = Instant::now() + wait;
                 if self.rate_limited_until.is_none_or(|t| t < until) {
                     tracing::warn!(wait = %format_duration(wait), "rate limited (429): pausing all requests");
@@ -364,10 +477,10 @@ impl Scheduler {
     }
 
     fn reload_token(&self) {
-        match config::load_token(&self.settings.api) {
+        match config::load_token(&self.settings.config.api) {
             Ok((token, source)) => {
                 tracing::info!(source = %source, "re-read the token before probing the API");
-                self.fetcher.api.set_token(token);
+                self.fetcher.api().set_token(token);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot re-read the token; probing with the old one")
@@ -383,10 +496,10 @@ impl Scheduler {
         }
         tracing::info!(
             in_flight = self.tasks.len(),
-            grace = %format_duration(self.settings.shutdown_grace),
+            grace = %format_duration(self.settings.config.download.shutdown_grace),
             "shutting down: letting downloads in flight finish"
         );
-        let grace_over = Instant::now() + self.settings.shutdown_grace;
+        let grace_over = Instant::now() + self.settings.config.download.shutdown_grace;
         // Parking is quick, but recording it may wait on a producer's lock: past this, stop
         // anyway. Rows left `downloading` are recovered at the next start, and a partial file is
         // only ever resumed, never trusted as it is.

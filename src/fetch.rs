@@ -2,7 +2,7 @@
 //! the `Outcome` it ends in. Decisions about the row (when to retry, when to give up) are the
 //! daemon's; this module only says what happened.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,12 +50,38 @@ pub enum Outcome {
     Storage { reason: String },
 }
 
+/// Told the bytes of the file so far and its total (when known) as a download streams.
+pub type Progress = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
+
 pub struct Fetcher {
-    pub api: ApiClient,
+    /// Replaced as a whole on reload; a download keeps the client it started with.
+    api: RwLock<Arc<ApiClient>>,
     pub archive: Archive,
+    progress: Option<Progress>,
 }
 
 impl Fetcher {
+    pub fn new(api: ApiClient, archive: Archive) -> Fetcher {
+        Fetcher {
+            api: RwLock::new(Arc::new(api)),
+            archive,
+            progress: None,
+        }
+    }
+
+    pub fn with_progress(mut self, progress: Progress) -> Fetcher {
+        self.progress = Some(progress);
+        self
+    }
+
+    pub fn api(&self) -> Arc<ApiClient> {
+        self.api.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace_api(&self, api: ApiClient) {
+        *self.api.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(api);
+    }
+
     /// Downloads one video. `cancel` parks the download as a resumable partial.
     pub async fn download(self: &Arc<Self>, raw_id: &str, cancel: &CancellationToken) -> Outcome {
         let Ok(id) = crate::archive::VideoId::parse(raw_id) else {
@@ -97,6 +123,7 @@ impl Fetcher {
             }
         };
         let mut attempt = Attempt {
+            api: self.api(),
             fetcher: self.clone(),
             id,
             partial: Some(partial),
@@ -108,6 +135,7 @@ impl Fetcher {
 }
 
 struct Attempt<'a> {
+    api: Arc<ApiClient>,
     fetcher: Arc<Fetcher>,
     id: VideoId,
     /// `None` only while the writer thread owns it.
@@ -134,9 +162,9 @@ impl Attempt<'_> {
         let mut restarts = 0;
         loop {
             let offset = self.partial().len();
-            let url = self.fetcher.api.content_url(&self.id);
+            let url = self.api.content_url(&self.id);
             let answer = tokio::select! {
-                r = self.fetcher.api.get(url, Some(offset)) => r,
+                r = self.api.get(url, Some(offset)) => r,
                 _ = self.cancel.cancelled() => return self.park().await,
             };
             let answer = match answer {
@@ -155,18 +183,18 @@ impl Attempt<'_> {
                 Action::Stream => self.stream(answer, offset).await,
                 Action::RangeNotSatisfiable => self.range_not_satisfiable(&answer, offset),
                 Action::NotReady => {
-                    let reason = self.fetcher.api.error_reason(answer).await;
+                    let reason = self.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::NotReady {
                         http_status: 400,
                         reason,
                     })
                 }
                 Action::ConfirmMissing => {
-                    let reason = self.fetcher.api.error_reason(answer).await;
+                    let reason = self.api.error_reason(answer).await;
                     StreamEnd::Outcome(self.confirm_missing(reason).await)
                 }
                 Action::AccountProblem => {
-                    let reason = self.fetcher.api.error_reason(answer).await;
+                    let reason = self.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::AccountProblem {
                         http_status: status.as_u16(),
                         reason,
@@ -177,7 +205,7 @@ impl Attempt<'_> {
                 }),
                 Action::SignedUrlExpired => {
                     let origin = answer.origin.clone();
-                    let reason = self.fetcher.api.error_reason(answer).await;
+                    let reason = self.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::Transient {
                         http_status: Some(status.as_u16()),
                         reason: format!(
@@ -187,7 +215,7 @@ impl Attempt<'_> {
                 }
                 Action::Transient => {
                     let origin = answer.origin.clone();
-                    let reason = self.fetcher.api.error_reason(answer).await;
+                    let reason = self.api.error_reason(answer).await;
                     StreamEnd::Outcome(Outcome::Transient {
                         http_status: Some(status.as_u16()),
                         reason: format!("{origin} answered {status}: {reason}"),
@@ -235,9 +263,9 @@ impl Attempt<'_> {
     /// The download page's 404 also means "not finished yet": ask the status endpoint before
     /// failing a video for good.
     async fn confirm_missing(&mut self, reason404: String) -> Outcome {
-        let url = self.fetcher.api.status_url(&self.id);
+        let url = self.api.status_url(&self.id);
         let answer = tokio::select! {
-            r = self.fetcher.api.get(url, None) => r,
+            r = self.api.get(url, None) => r,
             _ = self.cancel.cancelled() => return Outcome::Interrupted { parked_bytes: 0 },
         };
         let answer = match answer {
@@ -253,7 +281,7 @@ impl Attempt<'_> {
         let state = match (answer.host, status) {
             (Host::Api, StatusCode::NOT_FOUND) => VideoState::Missing,
             (_, StatusCode::OK) => {
-                let body = self.fetcher.api.read_small(answer.response).await;
+                let body = self.api.read_small(answer.response).await;
                 match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(v) => match v.get("status").and_then(|s| s.as_str()) {
                         Some(word) => api::classify_status_word(word),
@@ -266,7 +294,7 @@ impl Attempt<'_> {
                 Action::AccountProblem => {
                     return Outcome::AccountProblem {
                         http_status: s.as_u16(),
-                        reason: self.fetcher.api.error_reason(answer).await,
+                        reason: self.api.error_reason(answer).await,
                     };
                 }
                 Action::RateLimited => {
@@ -315,11 +343,7 @@ impl Attempt<'_> {
         let status = response.status();
         if let Some(mime) = api::is_text_type(response.headers()) {
             let origin = answer.origin.clone();
-            let reason = self
-                .fetcher
-                .api
-                .error_reason(Answer { response, ..answer })
-                .await;
+            let reason = self.api.error_reason(Answer { response, ..answer }).await;
             return StreamEnd::Outcome(Outcome::Transient {
                 http_status: Some(status.as_u16()),
                 reason: format!(
@@ -351,9 +375,10 @@ impl Attempt<'_> {
         }
         self.resumed_from = start;
         let (tx, writer) = self.spawn_writer();
-        let read_timeout = self.fetcher.api.read_timeout();
+        let read_timeout = self.api.read_timeout();
         let mut sniff = Vec::with_capacity(8);
         let mut not_video = false;
+        let mut received = 0u64;
         let mut end = StreamEnd::Complete;
         loop {
             let chunk = tokio::select! {
@@ -391,8 +416,12 @@ impl Attempt<'_> {
                     break;
                 }
             }
+            received += chunk.len() as u64;
             if tx.send(chunk).await.is_err() {
                 break; // the writer failed; its error is collected below
+            }
+            if let Some(progress) = &self.fetcher.progress {
+                progress(start + received, total);
             }
         }
         drop(tx);

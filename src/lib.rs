@@ -3,7 +3,7 @@
 //! Modules, one concern each: `config` (the file and the token), `queue` (all SQL), `api` (the
 //! HTTP client and the status-to-action table), `archive` (file discipline), `fetch` (one
 //! download attempt), `daemon` (the scheduler loop and retry policy), `watch` (noticing new
-//! rows), `cli` (commands and exit codes).
+//! rows), `service` (sd_notify), `verify` (re-checking the archive), `cli` (commands and exit codes).
 
 pub mod api;
 pub mod archive;
@@ -12,4 +12,6 @@ pub mod config;
 pub mod daemon;
 pub mod fetch;
 pub mod queue;
+pub mod service;
+pub mod verify;
 pub mod watch;

@@ -1,9 +1,7 @@
-//! The `hingnetd` binary: parse the command line, set up logging, hand over to the library.
+//! The `hingnetd` binary: parse the command line, hand over to the library.
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = hingnetd::cli::Cli::parse();
-    hingnetd::cli::init_logging();
-    hingnetd::cli::main_with(cli)
+    hingnetd::cli::main_with(hingnetd::cli::Cli::parse())
 }

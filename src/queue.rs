@@ -15,10 +15,19 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, pa
 
 /// The migrations, in order. `PRAGMA user_version` records how many have been applied.
 /// Append only: a shipped migration is never edited.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_queue.sql",
-    include_str!("../migrations/0001_queue.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_queue.sql",
+        include_str!("../migrations/0001_queue.sql"),
+    ),
+    (
+        "0002_attempt_log.sql",
+        include_str!("../migrations/0002_attempt_log.sql"),
+    ),
+];
+
+/// Attempt-log entries kept per video.
+const LOG_KEEP: i64 = 20;
 
 /// SQLite's own clock, in the text format every timestamp column uses.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -127,6 +136,87 @@ pub struct FailureRow {
     pub finished_at: Option<String>,
     pub http_status: Option<u16>,
     pub last_error: Option<String>,
+}
+
+impl Finish {
+    /// One line for the attempt log: what happened and when the next try is.
+    pub fn describe(&self) -> String {
+        use crate::config::format_duration as fd;
+        match self {
+            Finish::Done { bytes, sha256, .. } => {
+                format!("archived {bytes} bytes, sha256 {sha256}")
+            }
+            Finish::Retry { delay, error, .. } => {
+                format!("next try in {} (backoff): {error}", fd(round_ms(*delay)))
+            }
+            Finish::Release { delay, error } => format!(
+                "given back, next try in {}: {}",
+                fd(round_ms(*delay)),
+                error.as_deref().unwrap_or("shutdown")
+            ),
+            Finish::Failed { error, .. } => format!("failed: {error}"),
+        }
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// The columns `RowView` reads, in order.
+const ROW_COLUMNS: &str = "video_id, state, attempts, next_attempt_at, last_error, http_status, \
+     path, sha256, bytes, enqueued_at, first_attempt_at, finished_at";
+
+/// A queue row, as the CLI shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RowView {
+    pub video_id: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: String,
+    pub last_error: Option<String>,
+    pub http_status: Option<i64>,
+    pub path: Option<String>,
+    pub sha256: Option<String>,
+    pub bytes: Option<i64>,
+    pub enqueued_at: String,
+    pub first_attempt_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl RowView {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowView> {
+        RowView::from_row_at(r, 0)
+    }
+
+    fn from_row_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<RowView> {
+        Ok(RowView {
+            video_id: id_text(r.get_ref(i)?),
+            state: r.get(i + 1)?,
+            attempts: r.get(i + 2)?,
+            next_attempt_at: r.get(i + 3)?,
+            last_error: r.get(i + 4)?,
+            http_status: r.get(i + 5)?,
+            path: r.get(i + 6)?,
+            sha256: r.get(i + 7)?,
+            bytes: r.get(i + 8)?,
+            enqueued_at: r.get(i + 9)?,
+            first_attempt_at: r.get(i + 10)?,
+            finished_at: r.get(i + 11)?,
+        })
+    }
+}
+
+/// One entry of the attempt log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogEntry {
+    pub at: String,
+    pub attempt: i64,
+    pub outcome: String,
+    pub http_status: Option<i64>,
+    pub bytes: Option<i64>,
+    pub elapsed_ms: Option<i64>,
+    pub detail: Option<String>,
 }
 
 /// Outcome of `enqueue`.
@@ -307,10 +397,68 @@ impl Queue {
     /// Records a claimed video's outcome. Guarded on `state = 'downloading'` so an operator's
     /// edit made meanwhile (a deleted or reset row) is not overwritten; returns whether the row
     /// was still ours.
-    pub fn finish(&self, claimed: &Claimed, finish: &Finish) -> Result<bool, QueueError> {
+    pub fn finish(
+        &self,
+        claimed: &Claimed,
+        finish: &Finish,
+        elapsed: Duration,
+    ) -> Result<bool, QueueError> {
         let what = format!("record outcome of {}", claimed.video_id);
-        let video_id = &claimed.key;
-        let n = with_busy_retry(&what, || match finish {
+        with_busy_retry(&what, || {
+            let tx = self.conn.unchecked_transaction()?;
+            let ours = self.update_row(&claimed.key, finish)? == 1;
+            if ours {
+                self.log_attempt(claimed, finish, elapsed)?;
+            }
+            tx.commit()?;
+            Ok(ours)
+        })
+    }
+
+    fn log_attempt(
+        &self,
+        claimed: &Claimed,
+        finish: &Finish,
+        elapsed: Duration,
+    ) -> rusqlite::Result<()> {
+        let (outcome, http_status, bytes) = match finish {
+            Finish::Done {
+                http_status, bytes, ..
+            } => ("done", Some(*http_status), Some(*bytes as i64)),
+            Finish::Retry { http_status, .. } => ("retry", *http_status, None),
+            Finish::Release { .. } => ("released", None, None),
+            Finish::Failed { http_status, .. } => ("failed", *http_status, None),
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO attempt_log(video_id, attempt, outcome, http_status, bytes, \
+                 elapsed_ms, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                claimed.video_id,
+                claimed.attempts,
+                outcome,
+                http_status,
+                bytes,
+                elapsed.as_millis() as i64,
+                finish.describe()
+            ])?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM attempt_log WHERE video_id = ?1 AND id <= \
+                 (SELECT id FROM attempt_log WHERE video_id = ?1 ORDER BY id DESC \
+                  LIMIT 1 OFFSET ?2)",
+            )?
+            .execute(params![claimed.video_id, LOG_KEEP])?;
+        Ok(())
+    }
+
+    fn update_row(
+        &self,
+        video_id: &rusqlite::types::Value,
+        finish: &Finish,
+    ) -> rusqlite::Result<usize> {
+        match finish {
             Finish::Done {
                 path,
                 sha256,
@@ -351,8 +499,7 @@ impl Queue {
                 ),
                 params![video_id, error, http_status],
             ),
-        })?;
-        Ok(n == 1)
+        }
     }
 
     /// How long until the earliest pending row is due (zero if one is due now).
@@ -400,7 +547,8 @@ impl Queue {
         Ok(out)
     }
 
-    pub fn status(&self, failures: usize) -> Result<Status, QueueError> {
+    /// Rows per state (the `failures`, `oldest_pending` and `next_due_in` fields left empty).
+    pub fn counts(&self) -> Result<Status, QueueError> {
         let mut s = Status::default();
         let mut stmt = self
             .conn
@@ -421,6 +569,11 @@ impl Queue {
                 _ => {}
             }
         }
+        Ok(s)
+    }
+
+    pub fn status(&self, failures: usize) -> Result<Status, QueueError> {
+        let mut s = self.counts()?;
         s.oldest_pending = self
             .conn
             .query_row(
@@ -451,6 +604,196 @@ impl Queue {
             .and_then(|rows| rows.collect())
             .map_err(sql("list failures"))?;
         Ok(s)
+    }
+
+    /// Rows for `hingnetd list`, newest first.
+    pub fn list(&self, state: Option<&str>, limit: usize) -> Result<Vec<RowView>, QueueError> {
+        // Newest first by insertion order (rowid), which needs no sort of the whole table.
+        let filter = if state.is_some() {
+            "WHERE state = ?1"
+        } else {
+            "WHERE ?1 IS NULL"
+        };
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {ROW_COLUMNS} FROM queue {filter} ORDER BY rowid DESC LIMIT ?2"
+            ))
+            .map_err(sql("list rows"))?;
+        stmt.query_map(params![state, limit as i64], RowView::from_row)
+            .and_then(|rows| rows.collect())
+            .map_err(sql("list rows"))
+    }
+
+    pub fn get(&self, video_id: &str) -> Result<Option<RowView>, QueueError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"),
+                [video_id],
+                RowView::from_row,
+            )
+            .optional()
+            .map_err(sql(format!("read row {video_id}")))
+    }
+
+    /// A video's attempt log, oldest first.
+    pub fn history(&self, video_id: &str) -> Result<Vec<LogEntry>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT at, attempt, outcome, http_status, bytes, elapsed_ms, detail \
+                 FROM attempt_log WHERE video_id = ?1 ORDER BY id",
+            )
+            .map_err(sql("read attempt log"))?;
+        stmt.query_map([video_id], |r| {
+            Ok(LogEntry {
+                at: r.get(0)?,
+                attempt: r.get(1)?,
+                outcome: r.get(2)?,
+                http_status: r.get(3)?,
+                bytes: r.get(4)?,
+                elapsed_ms: r.get(5)?,
+                detail: r.get(6)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(sql("read attempt log"))
+    }
+
+    /// Puts failed rows back to pending with a fresh give-up deadline and backoff; returns the
+    /// IDs that were changed. `None` means every failed row.
+    pub fn retry_failed(&mut self, ids: Option<&[String]>) -> Result<Vec<String>, QueueError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin retry"))?;
+        let mut changed = Vec::new();
+        {
+            let filter = if ids.is_some() {
+                "AND video_id = ?1"
+            } else {
+                "AND ?1 IS NULL"
+            };
+            let mut stmt = tx
+                .prepare(&format!(
+                    "UPDATE queue SET state = 'pending', next_attempt_at = {NOW}, attempts = 0, \
+                     first_attempt_at = NULL, finished_at = NULL \
+                     WHERE state = 'failed' {filter} RETURNING video_id"
+                ))
+                .map_err(sql("retry failed rows"))?;
+            let mut run = |id: Option<&str>| -> Result<(), QueueError> {
+                let rows = stmt
+                    .query_map([id], |r| Ok(id_text(r.get_ref(0)?)))
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(sql("retry failed rows"))?;
+                changed.extend(rows);
+                Ok(())
+            };
+            match ids {
+                None => run(None)?,
+                Some(ids) => {
+                    for id in ids {
+                        run(Some(id))?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(sql("commit retry"))?;
+        Ok(changed)
+    }
+
+    /// Claims one specific video for `hingnetd fetch`, as the daemon would claim it: a pending
+    /// or failed row (inserted if missing). A row another process is downloading, or one that is
+    /// done, is not claimed; its current state is returned instead.
+    pub fn claim_one(&mut self, video_id: &str) -> Result<Result<Claimed, String>, QueueError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin claim"))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO queue(video_id) VALUES (?1)",
+            [video_id],
+        )
+        .map_err(sql(format!("enqueue {video_id}")))?;
+        let claimed = tx
+            .query_row(
+                &format!(
+                    "UPDATE queue SET state = 'downloading', attempts = attempts + 1, \
+                     first_attempt_at = coalesce(first_attempt_at, {NOW}) \
+                     WHERE video_id = ?1 AND state IN ('pending', 'failed') \
+                     RETURNING video_id, attempts, \
+                     (julianday('now') - julianday(first_attempt_at)) * 86400000.0"
+                ),
+                [video_id],
+                |r| {
+                    Ok(Claimed {
+                        key: r.get(0)?,
+                        video_id: id_text(r.get_ref(0)?),
+                        attempts: r.get(1)?,
+                        since_first_attempt: Duration::from_millis(
+                            r.get::<_, Option<f64>>(2)?.unwrap_or(0.0).max(0.0) as u64,
+                        ),
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql(format!("claim {video_id}")))?;
+        let out = match claimed {
+            Some(c) => Ok(c),
+            None => Err(tx
+                .query_row(
+                    "SELECT state FROM queue WHERE video_id = ?1",
+                    [video_id],
+                    |r| r.get(0),
+                )
+                .map_err(sql(format!("read {video_id}")))?),
+        };
+        tx.commit().map_err(sql("commit claim"))?;
+        Ok(out)
+    }
+
+    /// Done rows after `after_rowid`, in rowid order, for `verify` to page through without
+    /// holding a read snapshot (which would stop WAL checkpoints) for the whole run.
+    pub fn done_page(&self, after_rowid: i64, n: usize) -> Result<Vec<(i64, RowView)>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT rowid, {ROW_COLUMNS} FROM queue WHERE state = 'done' AND rowid > ?1 \
+                 ORDER BY rowid LIMIT ?2"
+            ))
+            .map_err(sql("list done rows"))?;
+        stmt.query_map(params![after_rowid, n as i64], |r| {
+            Ok((r.get(0)?, RowView::from_row_at(r, 1)?))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(sql("list done rows"))
+    }
+
+    /// How long ago a timestamp was (`None` if it is in the future).
+    pub fn age_of(&self, at: &str) -> Result<Option<Duration>, QueueError> {
+        let ms: Option<f64> = self
+            .conn
+            .query_row(
+                "SELECT (julianday('now') - julianday(?1)) * 86400000.0",
+                [at],
+                |r| r.get(0),
+            )
+            .map_err(sql("compute an age"))?;
+        Ok(ms
+            .filter(|ms| *ms >= 0.0)
+            .map(|ms| Duration::from_millis(ms as u64)))
+    }
+
+    /// Bytes recorded for done rows: the archive's size as the queue knows it.
+    pub fn archived_bytes(&self) -> Result<u64, QueueError> {
+        self.conn
+            .query_row(
+                "SELECT coalesce(sum(bytes), 0) FROM queue WHERE state = 'done'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(sql("sum archived bytes"))
     }
 
     /// One row's columns as (name, value) text pairs, for tests and `show`.
@@ -663,15 +1006,15 @@ mod tests {
             bytes: 3,
             http_status: 200,
         };
-        assert!(q.finish(a, &done).unwrap());
+        assert!(q.finish(a, &done, Duration::ZERO).unwrap());
         // Not ours any more: a second outcome is refused.
-        assert!(!q.finish(a, &done).unwrap());
+        assert!(!q.finish(a, &done, Duration::ZERO).unwrap());
         let retry = Finish::Retry {
             delay: Duration::from_secs(3600),
             error: "not ready".into(),
             http_status: Some(400),
         };
-        assert!(q.finish(b, &retry).unwrap());
+        assert!(q.finish(b, &retry, Duration::ZERO).unwrap());
         assert!(q.claim(10).unwrap().is_empty(), "b is not due for an hour");
         let due = q.next_due_in().unwrap().unwrap();
         assert!(due > Duration::from_secs(3500) && due <= Duration::from_secs(3600));
@@ -706,7 +1049,7 @@ mod tests {
             delay: Duration::ZERO,
             error: Some("paused".into()),
         };
-        assert!(q.finish(&c, &release).unwrap());
+        assert!(q.finish(&c, &release, Duration::ZERO).unwrap());
         let row = q.row("a").unwrap().unwrap();
         let get = |k: &str| row.iter().find(|(n, _)| n == k).unwrap().1.clone();
         assert_eq!(get("attempts"), "0");
@@ -725,7 +1068,7 @@ mod tests {
             error: "invalid video id".into(),
             http_status: None,
         };
-        assert!(q.finish(&c, &failed).unwrap());
+        assert!(q.finish(&c, &failed, Duration::ZERO).unwrap());
         assert_eq!(q.status(5).unwrap().failed, 1);
     }
 

@@ -1,0 +1,236 @@
+//! `hingnetd verify`: re-hashing archived files against the SHA-256 and size their rows
+//! recorded, and finding files in the archive that no row names.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+use sha2::{Digest, Sha256};
+
+use crate::archive::{VideoId, hex};
+use crate::queue::{Queue, QueueError, RowView};
+
+/// Rows read from the database at a time (no read snapshot is held across the whole run).
+const PAGE: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0}")]
+    Queue(#[from] QueueError),
+    #[error("cannot list archive directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Problem {
+    Missing {
+        id: String,
+        path: String,
+    },
+    Changed {
+        id: String,
+        path: String,
+        detail: String,
+    },
+    Orphan {
+        path: PathBuf,
+    },
+    NotDone {
+        id: String,
+        state: String,
+    },
+    NotQueued {
+        id: String,
+    },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Missing { id, path } => write!(f, "MISSING {id} {path}"),
+            Problem::Changed { id, path, detail } => write!(f, "CHANGED {id} {path}: {detail}"),
+            Problem::Orphan { path } => {
+                write!(f, "ORPHAN  {} (no done row names it)", path.display())
+            }
+            Problem::NotDone { id, state } => {
+                write!(f, "NOTDONE {id} is {state}, nothing to verify")
+            }
+            Problem::NotQueued { id } => write!(f, "UNKNOWN {id} is not in the queue"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub checked: u64,
+    pub ok: u64,
+    pub bytes: u64,
+    pub problems: Vec<Problem>,
+    pub scanned_for_orphans: bool,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let count = |f: fn(&Problem) -> bool| self.problems.iter().filter(|p| f(p)).count();
+        let mut s = format!(
+            "verified {} file(s), {} bytes: {} ok, {} missing, {} changed",
+            self.checked,
+            self.bytes,
+            self.ok,
+            count(|p| matches!(p, Problem::Missing { .. })),
+            count(|p| matches!(p, Problem::Changed { .. })),
+        );
+        if self.scanned_for_orphans {
+            s.push_str(&format!(
+                ", {} orphan(s)",
+                count(|p| matches!(p, Problem::Orphan { .. }))
+            ));
+        }
+        s
+    }
+}
+
+/// Checks every done row (`all`, which also looks for orphans) or the given IDs.
+pub fn run(
+    q: &Queue,
+    dir: &Path,
+    all: bool,
+    ids: &[String],
+    make_bar: impl FnOnce(u64) -> Option<ProgressBar>,
+) -> Result<Report, VerifyError> {
+    let mut report = Report::default();
+    if all {
+        let bar = make_bar(q.archived_bytes()?);
+        let mut after = 0;
+        loop {
+            let page = q.done_page(after, PAGE)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (_, row) in &page {
+                check(row, &mut report, bar.as_ref());
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        report.scanned_for_orphans = true;
+        find_orphans(q, dir, &mut report)?;
+    } else {
+        let mut rows = Vec::new();
+        for id in ids {
+            match q.get(id)? {
+                None => report.problems.push(Problem::NotQueued { id: id.clone() }),
+                Some(r) if r.state != "done" => report.problems.push(Problem::NotDone {
+                    id: id.clone(),
+                    state: r.state,
+                }),
+                Some(r) => rows.push(r),
+            }
+        }
+        let bar = make_bar(rows.iter().map(|r| r.bytes.unwrap_or(0) as u64).sum());
+        for row in &rows {
+            check(row, &mut report, bar.as_ref());
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+    }
+    Ok(report)
+}
+
+fn check(row: &RowView, report: &mut Report, bar: Option<&ProgressBar>) {
+    report.checked += 1;
+    let path = row.path.clone().unwrap_or_default();
+    let changed = |detail: String| Problem::Changed {
+        id: row.video_id.clone(),
+        path: path.clone(),
+        detail,
+    };
+    let meta = match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            report.problems.push(Problem::Missing {
+                id: row.video_id.clone(),
+                path: path.clone(),
+            });
+            return;
+        }
+        Err(e) => return report.problems.push(changed(format!("cannot read: {e}"))),
+        Ok(m) => m,
+    };
+    if !meta.file_type().is_file() {
+        return report.problems.push(changed("not a regular file".into()));
+    }
+    let expected = row.bytes.unwrap_or(-1);
+    if meta.len() as i64 != expected {
+        return report.problems.push(changed(format!(
+            "size {} bytes, recorded {expected}",
+            meta.len()
+        )));
+    }
+    match hash_file(Path::new(&path), bar) {
+        Err(e) => report.problems.push(changed(format!("cannot read: {e}"))),
+        Ok(sha) if Some(&sha) != row.sha256.as_ref() => report.problems.push(changed(format!(
+            "sha256 {sha}, recorded {}",
+            row.sha256.as_deref().unwrap_or("none")
+        ))),
+        Ok(_) => {
+            report.ok += 1;
+            report.bytes += meta.len();
+        }
+    }
+}
+
+fn hash_file(path: &Path, bar: Option<&ProgressBar>) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+        if let Some(b) = bar {
+            b.inc(n as u64);
+        }
+    }
+}
+
+/// Files in the archive directory that no done row names. Hidden files (downloads in
+/// progress) are not orphans.
+fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), VerifyError> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(VerifyError::Dir {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+        Ok(rd) => rd,
+    };
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    for entry in entries {
+        let entry = entry.map_err(|source| VerifyError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = canonical.join(&name);
+        let named = match name.strip_suffix(".mp4").map(VideoId::parse) {
+            Some(Ok(id)) => q
+                .get(id.as_str())?
+                .is_some_and(|r| r.state == "done" && r.path.as_deref() == path.to_str()),
+            _ => false,
+        };
+        if !named {
+            report.problems.push(Problem::Orphan { path });
+        }
+    }
+    Ok(())
+}
