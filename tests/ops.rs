@@ -1,0 +1,376 @@
+//! The daemon as a systemd service and the operator's commands, against a real database while
+//! a real daemon runs: sd_notify messages on a test socket, the watchdog, SIGHUP reloads,
+//! status/list/show/retry/verify/fetch/check-config.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use support::harness::{DEADLINE, Env, Settings, stderr, stdout};
+use support::standin::{StandIn, Step};
+
+const TOKEN: &str = "oh-ops-canary-5e0d";
+
+fn setup() -> (StandIn, Env) {
+    let api = StandIn::start(TOKEN);
+    let env = Env::new(Settings::new(&api.base_url()), TOKEN);
+    (api, env)
+}
+
+/// Received messages with their arrival times, and a condvar notified on each.
+type Received = Arc<(Mutex<Vec<(Instant, String)>>, Condvar)>;
+
+/// Messages a daemon sends to `NOTIFY_SOCKET`, collected by a thread as they arrive.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    log: Received,
+}
+
+impl NotifySocket {
+    fn bind(env: &Env) -> NotifySocket {
+        let path = env.dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let log: Received = Arc::default();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let (m, cv) = &*l;
+                m.lock().unwrap().push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).trim_end().to_owned(),
+                ));
+                cv.notify_all();
+            }
+        });
+        NotifySocket { path, log }
+    }
+
+    fn env(&self) -> (&'static str, String) {
+        ("NOTIFY_SOCKET", self.path.to_str().unwrap().to_owned())
+    }
+
+    fn messages(&self) -> Vec<(Instant, String)> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    /// Waits until some message satisfies `pred`; returns when it arrived.
+    fn wait(&self, what: &str, pred: impl Fn(&str) -> bool) -> Instant {
+        self.wait_n(what, 1, pred)
+    }
+
+    /// Waits until `n` messages satisfy `pred`; returns when the n-th arrived.
+    fn wait_n(&self, what: &str, n: usize, pred: impl Fn(&str) -> bool) -> Instant {
+        let (m, cv) = &*self.log;
+        let deadline = Instant::now() + DEADLINE;
+        let mut g = m.lock().unwrap();
+        loop {
+            if let Some((t, _)) = g.iter().filter(|(_, msg)| pred(msg)).nth(n - 1) {
+                return *t;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no sd_notify message {what}; the last ones: {:?}",
+                &g[g.len().saturating_sub(10)..]
+            );
+            g = cv.wait_timeout(g, left).unwrap().0;
+        }
+    }
+}
+
+#[test]
+fn tells_systemd_ready_status_watchdog_and_stopping() {
+    let (api, env) = setup();
+    let sock = NotifySocket::bind(&env);
+    let (k, v) = sock.env();
+    let mut d = env.start_with_env("daemon.log", &[(k, &v), ("WATCHDOG_USEC", "200000")]);
+    sock.wait("READY=1", |m| m.lines().any(|l| l == "READY=1"));
+    api.add_video("video_notify", 1000);
+    env.insert_sqlite3(&["video_notify"]);
+    env.wait_state("video_notify", "done");
+    sock.wait("a status line counting the done video", |m| {
+        m.starts_with("STATUS=") && m.contains("0 downloading, 0 pending, 1 done, 0 failed")
+    });
+    // The watchdog is pinged while the loop runs, busy or idle.
+    sock.wait_n("two watchdog pings", 2, |m| m == "WATCHDOG=1");
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit().code(), Some(0));
+    sock.wait("STOPPING=1", |m| m.lines().any(|l| l == "STOPPING=1"));
+}
+
+#[test]
+fn the_watchdog_stops_while_the_loop_is_stuck_and_resumes_after() {
+    let (_api, env) = setup();
+    let sock = NotifySocket::bind(&env);
+    let (k, v) = sock.env();
+    let d = env.start_with_env("daemon.log", &[(k, &v), ("WATCHDOG_USEC", "200000")]);
+    sock.wait("WATCHDOG=1", |m| m == "WATCHDOG=1");
+    // A producer inserts a row due in a second, then holds the write lock. When the row falls
+    // due the loop must claim it, and cannot: it is stuck until the lock goes.
+    let mut producer = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
+             c.execute(\"INSERT INTO queue(video_id, next_attempt_at) VALUES ('video_stuck', \
+             strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 seconds'))\")\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('locked', flush=True)\n\
+             sys.stdin.readline()\n\
+             c.execute('COMMIT')\n",
+        )
+        .arg(&env.db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(producer.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    // The daemon says it has waited on the lock for a busy timeout (5 s): its loop is stuck.
+    d.wait_log("locked by another writer");
+    let seen_stuck = Instant::now();
+    let last_ping = sock
+        .messages()
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap();
+    assert!(
+        seen_stuck - last_ping > Duration::from_secs(2),
+        "pings went on while the loop was stuck (last {:?} ago)",
+        seen_stuck - last_ping
+    );
+    std::io::Write::write_all(producer.stdin.as_mut().unwrap(), b"commit\n").unwrap();
+    assert!(producer.wait().unwrap().success());
+    let pings = sock
+        .messages()
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .count();
+    sock.wait_n("a ping after the lock went", pings + 1, |m| {
+        m == "WATCHDOG=1"
+    });
+}
+
+#[test]
+fn sighup_reloads_config_and_token_without_dropping_downloads() {
+    let (api, env) = setup();
+    let v = api.add_video("video_inflight", 400_000);
+    api.script("video_inflight", vec![Step::Hold(100_000), Step::Serve]);
+    let d = env.start();
+    env.insert_sqlite3(&["video_inflight"]);
+    api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
+
+    // A second API with another token; the new config points there.
+    let api2 = StandIn::start("oh-second-token");
+    let w = api2.add_video("video_after_reload", 1000);
+    let text = env.render().replace(&api.base_url(), &api2.base_url());
+    std::fs::write(&env.config, text).unwrap();
+    env.set_token("oh-second-token");
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded");
+    // The download in flight finishes on the old client.
+    api.release("video_inflight");
+    let row = env.wait_state("video_inflight", "done");
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+    // New work goes to the new API with the new token.
+    env.insert_sqlite3(&["video_after_reload"]);
+    let row = env.wait_state("video_after_reload", "done");
+    assert_eq!(row.sha256.as_deref(), Some(w.sha256.as_str()));
+    assert!(api2.requests().iter().all(|r| r.status != 401));
+
+    // A bad config is refused and the running one stays.
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{good}\n[api]\nbase_url = \"x\"\n")).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload rejected");
+    let x = api2.add_video("video_after_bad_reload", 1000);
+    env.insert_sqlite3(&["video_after_bad_reload"]);
+    let row = env.wait_state("video_after_bad_reload", "done");
+    assert_eq!(row.sha256.as_deref(), Some(x.sha256.as_str()));
+
+    // What cannot change live says so.
+    let moved = good.replace(env.db.to_str().unwrap(), "/elsewhere/queue.db");
+    std::fs::write(&env.config, moved).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("cannot change while running");
+    assert!(!d.log().contains(TOKEN) && !d.log().contains("oh-second-token"));
+}
+
+#[test]
+fn operator_commands_work_while_the_daemon_runs() {
+    let (api, env) = setup();
+    api.add_video("video_ok", 100_000);
+    api.add_video("video_gone", 1000);
+    api.script("video_gone", vec![Step::NotFound]);
+    api.set_status("video_gone", None);
+    let d = env.start();
+    env.insert_sqlite3(&["video_ok", "video_gone"]);
+    env.wait_state("video_ok", "done");
+    env.wait_state("video_gone", "failed");
+
+    let out = env.cmd(&["status"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("0 pending, 0 downloading, 1 done, 1 failed"),
+        "{text}"
+    );
+    assert!(text.contains("daemon: running"), "{text}");
+    assert!(text.contains("archive: 97.7 KiB in 1 files"), "{text}");
+    assert!(text.contains("video_gone"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&env.cmd(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(
+        (v["done"].as_u64(), v["daemon_running"].as_bool()),
+        (Some(1), Some(true))
+    );
+    assert_eq!(v["archive_bytes"].as_u64(), Some(100_000));
+
+    let out = env.cmd(&["list", "--state", "failed"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("video_gone") && !text.contains("video_ok"),
+        "{text}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_slice(&env.cmd(&["list", "--json"]).stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+
+    let out = env.cmd(&["show", "video_gone"]);
+    let text = stdout(&out);
+    assert!(text.contains("never (failed"), "{text}");
+    assert!(text.contains("attempt 1 failed (http 404"), "{text}");
+
+    // retry: the failed video goes back, the daemon notices, and this time it is there.
+    api.script("video_gone", vec![Step::Serve]);
+    let out = env.cmd(&["retry", "video_gone"]);
+    assert!(
+        stdout(&out).contains("1 failed video(s) back to pending"),
+        "{}",
+        stdout(&out)
+    );
+    env.wait_state("video_gone", "done");
+    let out = env.cmd(&["retry", "video_ok"]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        stderr(&out).contains("video_ok: not a failed video"),
+        "{}",
+        stderr(&out)
+    );
+
+    // verify: all good, then a changed file, a missing one and an orphan.
+    let out = env.cmd(&["verify"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("verified 2 file(s)"),
+        "{}",
+        stdout(&out)
+    );
+    let mut bytes = std::fs::read(env.final_path("video_ok")).unwrap();
+    bytes[5000] ^= 1;
+    std::fs::write(env.final_path("video_ok"), &bytes).unwrap();
+    std::fs::remove_file(env.final_path("video_gone")).unwrap();
+    std::fs::write(env.archive.join("stray.mp4"), b"?").unwrap();
+    let out = env.cmd(&["verify", "--all"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("CHANGED video_ok"), "{text}");
+    assert!(text.contains("MISSING video_gone"), "{text}");
+    assert!(
+        text.contains("ORPHAN") && text.contains("stray.mp4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("0 ok, 1 missing, 1 changed, 1 orphan(s)"),
+        "{text}"
+    );
+    let out = env.cmd(&["verify", "video_gone"]);
+    assert_eq!(out.status.code(), Some(1));
+    drop(d);
+}
+
+#[test]
+fn fetch_downloads_one_video_in_the_foreground() {
+    let (api, env) = setup();
+    let v = api.add_video("video_fg", 300_000);
+    api.script("video_fg", vec![Step::Redirect]);
+    let out = env.cmd(&["fetch", "video_fg"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&v.sha256), "{}", stdout(&out));
+    let row = env.row("video_fg").unwrap();
+    assert_eq!(
+        (row.state.as_str(), row.sha256.as_deref()),
+        ("done", Some(v.sha256.as_str()))
+    );
+    let out = env.cmd(&["fetch", "video_fg"]);
+    assert!(
+        stdout(&out).contains("already archived"),
+        "{}",
+        stdout(&out)
+    );
+    // Not ready: the row is updated as the daemon would, and the command says so.
+    api.add_video("video_later", 1000);
+    api.script("video_later", vec![Step::NotReady]);
+    let out = env.cmd(&["fetch", "video_later"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("video not ready"), "{}", stderr(&out));
+    assert_eq!(env.row("video_later").unwrap().state, "pending");
+    // A video the daemon is downloading is left to it.
+    api.add_video("video_busy", 300_000);
+    api.script("video_busy", vec![Step::Hold(1000), Step::Serve]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_busy"]);
+    api.wait_for("held", DEADLINE, |l| l.iter().any(|r| r.paused));
+    let out = env.cmd(&["fetch", "video_busy"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    api.release("video_busy");
+    env.wait_state("video_busy", "done");
+}
+
+#[test]
+fn check_config_completions_and_man_page() {
+    let (_api, env) = setup();
+    let out = env.cmd(&["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("token: read from token file") && !text.contains(TOKEN),
+        "{text}"
+    );
+    assert!(text.contains("initial_delay = \"50ms\""), "{text}");
+    std::fs::write(&env.token_file, "").unwrap();
+    let out = env.cmd(&["check-config"]);
+    assert_eq!(out.status.code(), Some(78));
+    let out = env.cmd(&["completions", "bash"]);
+    assert!(out.status.success() && stdout(&out).contains("hingnetd"));
+    let out = env.cmd(&["man"]);
+    assert!(out.status.success() && stdout(&out).contains(".TH"));
+    for sub in [
+        "run",
+        "enqueue",
+        "status",
+        "list",
+        "show",
+        "retry",
+        "verify",
+        "fetch",
+        "check-config",
+        "migrate",
+    ] {
+        let out = env.cmd(&[sub, "--help"]);
+        assert!(
+            stdout(&out).contains("Example"),
+            "{sub} --help has no example"
+        );
+    }
+}
