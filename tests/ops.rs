@@ -374,3 +374,27 @@ fn check_config_completions_and_man_page() {
         );
     }
 }
+
+#[test]
+fn json_logs_carry_the_decision_fields() {
+    let (api, env) = setup();
+    let text = format!("{}\n[log]\nformat = \"json\"\n", env.render());
+    std::fs::write(&env.config, text).unwrap();
+    api.add_video("video_json", 1000);
+    let d = env.start();
+    env.insert_sqlite3(&["video_json"]);
+    env.wait_state("video_json", "done");
+    d.wait_log("archived");
+    let line = d
+        .log()
+        .lines()
+        .find(|l| l.contains("archived"))
+        .map(str::to_owned)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(v["video_id"], "video_json");
+    assert_eq!(v["http_status"], 200);
+    assert_eq!(v["attempt"], 1);
+    assert_eq!(v["bytes"], 1000);
+    assert!(v["elapsed_ms"].is_u64(), "{line}");
+}
