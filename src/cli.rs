@@ -528,10 +528,18 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
             let _ = writeln!(out(), "{id}: already archived at {path}");
             return Ok(());
         }
-        Err(state) => {
+        Err(state) if InstanceLock::is_held(&cfg.queue.database) => {
             return Err(Failure::new(
                 exit::ALREADY_RUNNING,
                 format!("{id} is {state}: the daemon is downloading it now"),
+            ));
+        }
+        Err(state) => {
+            return Err(Failure::new(
+                exit::ALREADY_RUNNING,
+                format!(
+                    "{id} is {state}, left so by a daemon that is not running; `hingnetd run` recovers it"
+                ),
             ));
         }
     };
