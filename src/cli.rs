@@ -601,6 +601,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// `hingnetd run`: every check that can fail on bad configuration happens before any work, and
 /// systemd hears READY=1 only once the database is open and migrated and the token read.
 fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
+    // A core dump would hold the token and signed URLs in the clear.
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit with a valid pointer to an initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot turn core dumps off");
+    }
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = Archive::open(&cfg.archive.dir)

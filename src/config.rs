@@ -336,12 +336,33 @@ pub fn load_token(api: &ApiConfig) -> Result<(Token, TokenSource), ConfigError> 
 }
 
 fn read_token_file(path: &Path) -> Result<Token, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let cannot = |e: std::io::Error| {
         ConfigError::Token(format!(
             "cannot read token file {} (api.token_file): {e}",
             path.display()
         ))
-    })?;
+    };
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    // Checked on the opened file, so what is checked is what is read.
+    let mode = file.metadata().map_err(cannot)?.permissions().mode();
+    if mode & 0o002 != 0 {
+        return Err(ConfigError::Token(format!(
+            "token file {} is world-writable (mode {:o}); refusing a token anyone could replace",
+            path.display(),
+            mode & 0o7777
+        )));
+    }
+    if mode & 0o044 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", mode & 0o7777),
+            "token file is readable by group or others; chmod 600 it"
+        );
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(cannot)?;
     check_token(text.trim(), &TokenSource::File(path.to_owned()))
 }
 

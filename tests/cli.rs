@@ -56,9 +56,29 @@ fn bad_configs_are_refused_before_any_work() {
     // The token: missing, empty.
     std::fs::remove_file(&env.token_file).unwrap();
     assert_config_error(&env, &good, "token file");
-    std::fs::write(&env.token_file, "\n").unwrap();
+    env.set_token("");
     assert_config_error(&env, &good, "is empty");
-    std::fs::write(&env.token_file, format!("{TOKEN}\n")).unwrap();
+    env.set_token(TOKEN);
+    // A token file anyone could have written is refused; one others can read is warned about.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |m| std::fs::set_permissions(&env.token_file, std::fs::Permissions::from_mode(m));
+    mode(0o666).unwrap();
+    assert_config_error(&env, &good, "world-writable");
+    mode(0o644).unwrap();
+    let out = env.cmd(&["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("readable by group or others"),
+        "{}",
+        stderr(&out)
+    );
+    mode(0o600).unwrap();
+    let out = env.cmd(&["check-config"]);
+    assert!(
+        !stderr(&out).contains("readable by group or others"),
+        "{}",
+        stderr(&out)
+    );
     // An archive directory that cannot be created (a file is in the way; root ignores modes).
     let blocker = env.dir.path().join("blocker");
     std::fs::write(&blocker, "").unwrap();

@@ -102,8 +102,11 @@ impl Env {
         fs::write(&self.config, self.render()).expect("write config");
     }
 
+    /// Writes the token file the way an operator should: mode 0600.
     pub fn set_token(&self, token: &str) {
+        use std::os::unix::fs::PermissionsExt;
         fs::write(&self.token_file, format!("{token}\n")).expect("write token");
+        fs::set_permissions(&self.token_file, fs::Permissions::from_mode(0o600)).expect("chmod");
     }
 
     /// A `hingnetd` command with this env's config and a clean environment (no proxies, no
