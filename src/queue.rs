@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,6 +63,11 @@ pub enum QueueError {
     Sql {
         what: String,
         source: rusqlite::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("cannot use lock file {path}: {source}")]
     LockIo {
@@ -271,10 +277,25 @@ impl Queue {
             source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| QueueError::LockIo {
+            std::fs::create_dir_all(dir).map_err(|e| QueueError::Create {
                 path: dir.to_owned(),
                 source: e,
             })?;
+        }
+        // SQLite would create a new database 0644 & ~umask (0640 under the unit's UMask=0007),
+        // which producers in the group could not write. An empty file is a valid new database,
+        // so create it first as 0660 & ~umask; SQLite gives -wal/-shm the database file's mode.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o660)
+            .open(path)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            return Err(QueueError::Create {
+                path: path.to_owned(),
+                source: e,
+            });
         }
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
@@ -1095,6 +1116,24 @@ mod tests {
             assert!(plan.contains("queue_state_due"), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
         }
+    }
+
+    #[test]
+    fn a_new_database_is_group_writable_within_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _q) = temp_queue();
+        // Read without changing it (umask(2) would race with other tests' files).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+            .unwrap();
+        let mode = std::fs::metadata(dir.path().join("q.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660 & !umask);
     }
 
     #[test]
