@@ -26,6 +26,8 @@ pub enum ArchiveError {
     File { path: PathBuf, source: io::Error },
     #[error("{path} is not a video (no MP4 ftyp box at the start)")]
     NotMp4 { path: PathBuf },
+    #[error("{path} is being written by another process (a `hingnetd fetch`?)")]
+    Busy { path: PathBuf },
 }
 
 /// A video ID that passed the check: 1-128 characters of `[A-Za-z0-9_-]`, not starting with
@@ -145,6 +147,14 @@ impl Archive {
         }))
     }
 
+    /// Whether a live process is writing this video's partial file (it holds the file's lock).
+    pub fn partial_in_use(&self, id: &VideoId) -> bool {
+        let Ok(file) = open_nofollow(&self.partial_path(id), false) else {
+            return false;
+        };
+        matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+    }
+
     /// Opens the video's partial file, creating it or picking up what an earlier attempt left
     /// (its bytes are re-hashed so the final SHA-256 covers the whole file).
     pub fn begin(&self, id: &VideoId) -> Result<Partial, ArchiveError> {
@@ -154,6 +164,13 @@ impl Archive {
             source,
         };
         let mut file = open_nofollow(&path, true).map_err(ferr)?;
+        // Held for as long as the download runs (the lock goes with the file): it tells other
+        // processes the partial has a live writer, and the kernel drops it if that writer dies.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(ArchiveError::Busy { path }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(ferr(e)),
+        }
         let mut hasher = Sha256::new();
         let mut head = Vec::with_capacity(8);
         let mut len = 0u64;

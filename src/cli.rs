@@ -31,6 +31,9 @@ pub mod exit {
     pub const CONFIG: u8 = 78;
     /// Anything else (database errors at start, I/O).
     pub const FAILURE: u8 = 1;
+    /// `verify` could not do its job (database or archive directory unreadable): not the same
+    /// as finding a problem.
+    pub const IO: u8 = 74;
 }
 
 #[derive(Debug, Parser)]
@@ -400,9 +403,27 @@ fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
     };
     let history = q.history(id).map_err(queue_failure)?;
     let due_in = q.age_of(&row.next_attempt_at).map_err(queue_failure)?;
+    let next = match row.state.as_str() {
+        "pending" => match (due_in, history.last()) {
+            // `age_of` is positive for times past: a due row waits only for a free slot.
+            (Some(_), _) if InstanceLock::is_held(&cfg.queue.database) => {
+                "due now (waiting for a free download slot, or a pause to end)".to_string()
+            }
+            (Some(_), _) => "due now, but no daemon is running".to_string(),
+            (None, Some(last)) => format!(
+                "at {}: {}",
+                row.next_attempt_at,
+                last.detail.as_deref().unwrap_or("")
+            ),
+            (None, None) => format!("at {} (set by the producer)", row.next_attempt_at),
+        },
+        "downloading" => "downloading now".into(),
+        "done" => "never (done)".into(),
+        _ => "never (failed; `hingnetd retry` puts it back)".into(),
+    };
     let mut o = out();
     if json {
-        let v = serde_json::json!({ "row": row, "history": history });
+        let v = serde_json::json!({ "row": row, "next_attempt": next, "history": history });
         let _ = writeln!(o, "{v}");
         return Ok(());
     }
@@ -415,21 +436,6 @@ fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
         };
         let _ = writeln!(o, "{k:<17} {text}");
     }
-    let next = match row.state.as_str() {
-        "pending" => match (due_in, history.last()) {
-            // `age_of` is positive for times past: a due row waits only for a free slot.
-            (Some(_), _) => "due now (waiting for a free download slot)".to_string(),
-            (None, Some(last)) => format!(
-                "at {}: {}",
-                row.next_attempt_at,
-                last.detail.as_deref().unwrap_or("")
-            ),
-            (None, None) => format!("at {} (set by the producer)", row.next_attempt_at),
-        },
-        "downloading" => "downloading now".into(),
-        "done" => "never (done)".into(),
-        _ => "never (failed; `hingnetd retry` puts it back)".into(),
-    };
     let _ = writeln!(o, "next attempt      {next}");
     if !history.is_empty() {
         let _ = writeln!(o, "history:");
@@ -494,7 +500,7 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>) -> Result<(), Failure> {
     let report = crate::verify::run(&q, &cfg.archive.dir, all, &ids, |total| {
         progress_bar(total, "verifying")
     })
-    .map_err(|e| Failure::new(exit::FAILURE, e))?;
+    .map_err(|e| Failure::new(exit::IO, e))?;
     let mut o = out();
     for p in &report.problems {
         let _ = writeln!(o, "{p}");
@@ -557,18 +563,16 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     let runtime = runtime()?;
     let started = Instant::now();
     let outcome = runtime.block_on(async {
+        // Ctrl-C, a closing terminal or a kill park the download and give the row back. (A
+        // SIGKILL leaves it `downloading`: the daemon's orphan check recovers it.)
         let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                c.cancel();
-            }
-        });
-        fetcher.download(id, &cancel).await
+        spawn_signal_handler(cancel.clone(), None)?;
+        Ok::<_, Failure>(fetcher.download(id, &cancel).await)
     });
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let outcome = outcome?;
     let finish = decide(&claimed, &outcome, &cfg.retry, started.elapsed());
     q.finish(&claimed, &finish, started.elapsed())
         .map_err(queue_failure)?;
@@ -616,13 +620,6 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let _lock = InstanceLock::acquire(&cfg.queue.database).map_err(queue_failure)?;
     let queue = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
-    let recovered = queue.recover_interrupted().map_err(queue_failure)?;
-    if recovered > 0 {
-        tracing::warn!(
-            rows = recovered,
-            "rows left downloading by an earlier run are pending again"
-        );
-    }
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
     let runtime = runtime()?;
@@ -632,7 +629,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
             .map_err(|e| Failure::new(exit::FAILURE, e))?;
         let shutdown = CancellationToken::new();
         let reload = Arc::new(Notify::new());
-        spawn_signal_handler(shutdown.clone(), reload.clone())?;
+        spawn_signal_handler(shutdown.clone(), Some(reload.clone()))?;
         let fetcher = Arc::new(Fetcher::new(api, archive));
         tracing::info!(
             database = %cfg.queue.database.display(),
@@ -662,9 +659,13 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
     })
 }
 
-/// SIGTERM/SIGINT start a graceful shutdown; SIGHUP reloads (tokio's handlers sit on
-/// signal-hook's registry).
-fn spawn_signal_handler(shutdown: CancellationToken, reload: Arc<Notify>) -> Result<(), Failure> {
+/// SIGTERM/SIGINT start a graceful shutdown; SIGHUP reloads, or without a reload to do (a
+/// foreground command whose terminal closed) shuts down too. tokio's handlers sit on
+/// signal-hook's registry.
+fn spawn_signal_handler(
+    shutdown: CancellationToken,
+    reload: Option<Arc<Notify>>,
+) -> Result<(), Failure> {
     use tokio::signal::unix::{SignalKind, signal};
     let sig = |k| signal(k).map_err(|e| Failure::new(exit::FAILURE, e));
     let (mut term, mut int, mut hup) = (
@@ -677,11 +678,14 @@ fn spawn_signal_handler(shutdown: CancellationToken, reload: Arc<Notify>) -> Res
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
-                _ = hup.recv() => {
-                    tracing::info!(signal = "SIGHUP", "reloading configuration and token");
-                    reload.notify_one();
-                    continue;
-                }
+                _ = hup.recv() => match &reload {
+                    Some(reload) => {
+                        tracing::info!(signal = "SIGHUP", "reloading configuration and token");
+                        reload.notify_one();
+                        continue;
+                    }
+                    None => "SIGHUP",
+                },
             };
             tracing::info!(signal = name, "shutdown requested");
             shutdown.cancel();

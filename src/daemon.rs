@@ -2,6 +2,7 @@
 //! each attempt's `Outcome` into the row's next state (`decide`), client-wide pauses (429,
 //! rejected token), and shutdown.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use std::path::PathBuf;
 
 use crate::api::ApiClient;
+use crate::archive::VideoId;
 use crate::config::{self, Config, RetryConfig, format_duration};
 use crate::fetch::{Fetcher, Outcome};
 use crate::queue::{Claimed, Finish, SharedQueue};
@@ -134,6 +136,7 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a finished download task reports to the loop.
 struct Report {
+    video_id: String,
     outcome: Outcome,
 }
 
@@ -150,6 +153,11 @@ pub struct Scheduler {
     fetcher: Arc<Fetcher>,
     wake: Arc<Notify>,
     tasks: JoinSet<Report>,
+    /// Videos this daemon is downloading now (the rest of `downloading` rows belong to a
+    /// `hingnetd fetch`, or to a downloader that died).
+    in_flight: HashSet<String>,
+    /// When `downloading` rows were last checked for a dead downloader.
+    orphans_checked: Option<Instant>,
     /// Cancels downloads in flight (after the shutdown grace period).
     downloads: CancellationToken,
     rate_limited_until: Option<Instant>,
@@ -180,6 +188,8 @@ impl Scheduler {
             fetcher,
             wake,
             tasks: JoinSet::new(),
+            in_flight: HashSet::new(),
+            orphans_checked: None,
             downloads: CancellationToken::new(),
             rate_limited_until: None,
             rate_limits_in_a_row: 0,
@@ -198,14 +208,26 @@ impl Scheduler {
         // Whether a due row may be waiting: set by anything that can make one due.
         let mut look = true;
         let mut next_due: Option<Instant> = None;
+        let mut last_look = Instant::now();
         let mut db_backoff = Duration::from_millis(500);
         loop {
             let now = Instant::now();
             if self.rate_limited_until.is_some_and(|t| t <= now) {
                 self.rate_limited_until = None;
+                self.counts_stale = true;
                 look = true;
             }
+            if self
+                .orphans_checked
+                .is_none_or(|t| t.elapsed() >= self.settings.config.queue.poll_interval)
+            {
+                self.orphans_checked = Some(Instant::now());
+                if let Err(e) = self.recover_orphans().await {
+                    tracing::error!(error = %e, "cannot check for interrupted rows");
+                }
+            }
             if look {
+                last_look = Instant::now();
                 match self.fill_slots().await {
                     Ok(due) => {
                         next_due = due;
@@ -221,12 +243,12 @@ impl Scheduler {
             }
             self.service.ping_if_due();
             self.update_status().await;
-            let mut wake_at = Instant::now() + self.settings.config.queue.poll_interval;
-            for t in [
-                self.service.ping_due(),
-                self.counts_at
-                    .filter(|_| self.counts_stale)
-                    .map(|t| t + STATUS_EVERY),
+            let poll = self.settings.config.queue.poll_interval;
+            // When to look for due rows whatever else happens: the safety-net poll, the next
+            // due row, the end of a pause. Kept apart from the other wake-ups (rechecks, pings,
+            // the status line) so that no stream of those can put a look off.
+            let look_at = [
+                Some(last_look + poll),
                 next_due,
                 self.rate_limited_until,
                 // A probe waits for the downloads in flight; their completion wakes us.
@@ -234,18 +256,33 @@ impl Scheduler {
                     .as_ref()
                     .and_then(|a| a.next_probe)
                     .filter(|_| self.tasks.is_empty()),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("the poll deadline is always there");
+            let wake_at = [
+                Some(look_at),
+                self.orphans_checked.map(|t| t + poll),
+                self.service.ping_due(),
+                self.counts_at
+                    .filter(|_| self.counts_stale)
+                    .map(|t| t + STATUS_EVERY),
                 recheck.due_at(),
             ]
             .into_iter()
             .flatten()
-            {
-                wake_at = wake_at.min(t);
-            }
+            .min()
+            .expect("look_at is always there");
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(joined) = self.tasks.join_next() => {
                     match joined {
-                        Ok(report) => self.absorb(report.outcome),
+                        Ok(report) => {
+                            self.in_flight.remove(&report.video_id);
+                            self.absorb(report.outcome);
+                        }
+                        // The row stays `downloading`; the orphan check recovers it.
                         Err(e) => tracing::error!(error = %e, "download task panicked"),
                     }
                     // Paused, and nothing in flight said anything about the token (a 429, a
@@ -265,7 +302,8 @@ impl Scheduler {
                     look = true;
                 }
                 _ = tokio::time::sleep_until(wake_at) => {
-                    if recheck.due_at().is_some_and(|t| t <= Instant::now()) {
+                    let now = Instant::now();
+                    if recheck.due_at().is_some_and(|t| t <= now) {
                         match self.queue.call(|q| q.data_version()).await {
                             Ok(v) if v != data_version => {
                                 data_version = v;
@@ -277,13 +315,16 @@ impl Scheduler {
                             }
                             _ => recheck.advance(),
                         }
-                    } else {
+                    }
+                    if look_at <= now {
                         look = true;
                     }
                 }
             }
         }
-        self.service.stopping();
+        // Ask systemd for the time the drain may take, so TimeoutStopSec= cannot cut it short.
+        self.service
+            .stopping(self.settings.config.download.shutdown_grace + PARK_TIMEOUT);
         self.drain().await;
     }
 
@@ -294,15 +335,16 @@ impl Scheduler {
         if !self.counts_stale || self.counts_at.is_some_and(|t| t.elapsed() < STATUS_EVERY) {
             return;
         }
-        self.counts_stale = false;
         self.counts_at = Some(Instant::now());
         let counts = match self.queue.call(|q| q.counts()).await {
             Ok(c) => c,
+            // Stays stale: tried again after STATUS_EVERY.
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count rows for the status line");
                 return;
             }
         };
+        self.counts_stale = false;
         let mut text = format!(
             "{} downloading, {} pending, {} done, {} failed",
             thousands(counts.downloading),
@@ -324,7 +366,15 @@ impl Scheduler {
         self.service.reloading();
         match self.try_reload() {
             Ok(()) => {
-                tracing::info!(config = %self.settings.config_path.display(), "configuration reloaded")
+                tracing::info!(config = %self.settings.config_path.display(), "configuration reloaded");
+                // The operator may have just fixed the token: probe now, not at the end of
+                // the current backoff.
+                if let Some(a) = &mut self.account {
+                    a.delay = self.settings.config.retry.initial_delay;
+                    if a.next_probe.is_some() {
+                        a.next_probe = Some(Instant::now());
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "reload rejected; the running configuration stays in force")
@@ -363,6 +413,39 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Rows left `downloading` by a downloader that is gone (a crashed daemon, a killed
+    /// `hingnetd fetch`, a panicked task) go back to `pending`. A row is another process's
+    /// while it holds the lock on the video's partial file; the token guard makes the release
+    /// lose any race with a downloader that finishes meanwhile.
+    async fn recover_orphans(&mut self) -> Result<(), crate::queue::QueueError> {
+        let rows = self.queue.call(|q| q.downloading()).await?;
+        for (id, token) in rows {
+            if self.in_flight.contains(&id) {
+                continue;
+            }
+            let fetcher = self.fetcher.clone();
+            let id2 = id.clone();
+            let live = tokio::task::spawn_blocking(move || {
+                VideoId::parse(&id2).is_ok_and(|v| fetcher.archive.partial_in_use(&v))
+            })
+            .await
+            .unwrap_or(false);
+            if live {
+                continue;
+            }
+            let id2 = id.clone();
+            if self
+                .queue
+                .call(move |q| q.release_stale(&id2, token.as_deref()))
+                .await?
+            {
+                tracing::warn!(video_id = %id, "row was left downloading by a downloader that stopped; pending again");
+                self.counts_stale = true;
+            }
+        }
+        Ok(())
+    }
+
     /// Claims as many due rows as there are free slots, starts their downloads, and returns
     /// when the next pending row falls due (if none is due now).
     async fn fill_slots(&mut self) -> Result<Option<Instant>, crate::queue::QueueError> {
@@ -391,7 +474,9 @@ impl Scheduler {
         let claimed = self.queue.call(move |q| q.claim(free)).await?;
         let got = claimed.len();
         for c in claimed {
+            self.in_flight.insert(c.video_id.clone());
             self.spawn(c);
+            self.counts_stale = true;
         }
         if got == free {
             // Every slot was filled; the next completion triggers the next look.
@@ -425,7 +510,10 @@ impl Scheduler {
                 Ok(false) => tracing::warn!(video_id = %claimed.video_id, "row changed or vanished while downloading; outcome not recorded"),
                 Err(e) => tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until restart"),
             }
-            Report { outcome }
+            Report {
+                video_id: claimed.video_id,
+                outcome,
+            }
         });
     }
 
@@ -623,6 +711,7 @@ mod tests {
         let c = |since| Claimed {
             key: rusqlite::types::Value::Text("v".into()),
             video_id: "v".into(),
+            token: "t".into(),
             attempts: 3,
             since_first_attempt: Duration::from_secs(since),
         };
@@ -653,6 +742,7 @@ mod tests {
         let c = Claimed {
             key: rusqlite::types::Value::Text("v".into()),
             video_id: "v".into(),
+            token: "t".into(),
             attempts: 1,
             since_first_attempt: Duration::from_secs(99_999),
         };

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{
+    Connection, ErrorCode, OptionalExtension, TransactionBehavior, named_params, params,
+};
 
 /// The migrations, in order. `PRAGMA user_version` records how many have been applied.
 /// Append only: a shipped migration is never edited.
@@ -24,6 +26,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_attempt_log.sql",
         include_str!("../migrations/0002_attempt_log.sql"),
+    ),
+    (
+        "0003_claimed_by.sql",
+        include_str!("../migrations/0003_claimed_by.sql"),
     ),
 ];
 
@@ -93,6 +99,8 @@ pub struct Claimed {
     pub key: rusqlite::types::Value,
     /// The ID as text, for the ID check, paths and logs.
     pub video_id: String,
+    /// This claim's `claimed_by` token: only its holder records the outcome.
+    pub token: String,
     /// Including this one.
     pub attempts: u32,
     /// Time since the first attempt, at the moment of the claim (the give-up clock).
@@ -132,6 +140,7 @@ pub struct Status {
     pub done: u64,
     pub failed: u64,
     pub oldest_pending: Option<(String, String)>,
+    #[serde(skip)]
     pub next_due_in: Option<Duration>,
     pub recent_failures: Vec<FailureRow>,
 }
@@ -371,34 +380,50 @@ impl Queue {
         }
     }
 
-    /// Rows a crashed daemon left `downloading` go back to `pending`. Only safe while holding
-    /// the instance lock, which is why `run` calls it right after taking it.
-    pub fn recover_interrupted(&self) -> Result<usize, QueueError> {
-        with_busy_retry("recover interrupted rows", || {
+    /// Rows in `downloading` with their claim tokens: candidates for recovery when their
+    /// downloader is gone.
+    pub fn downloading(&self) -> Result<Vec<(String, Option<String>)>, QueueError> {
+        with_busy_retry("list downloading rows", || {
+            self.conn
+                .prepare_cached(
+                    "SELECT video_id, claimed_by FROM queue WHERE state = 'downloading'",
+                )?
+                .query_map([], |r| Ok((id_text(r.get_ref(0)?), r.get(1)?)))?
+                .collect()
+        })
+    }
+
+    /// Puts a `downloading` row whose downloader is gone back to `pending`, if it is still held
+    /// by the same claim. Returns whether it was.
+    pub fn release_stale(&self, video_id: &str, token: Option<&str>) -> Result<bool, QueueError> {
+        with_busy_retry("recover an interrupted row", || {
             self.conn.execute(
                 &format!(
-                    "UPDATE queue SET state = 'pending', next_attempt_at = {NOW}, \
-                     last_error = coalesce(last_error, 'interrupted by a daemon restart') \
-                     WHERE state = 'downloading'"
+                    "UPDATE queue SET state = 'pending', next_attempt_at = {NOW}, claimed_by = NULL, \
+                     last_error = coalesce(last_error, 'interrupted: its downloader stopped') \
+                     WHERE CAST(video_id AS TEXT) = ?1 AND state = 'downloading' \
+                     AND claimed_by IS ?2"
                 ),
-                [],
+                params![video_id, token],
             )
         })
+        .map(|n| n > 0)
     }
 
     /// Claims up to `n` due rows, earliest first, in one statement.
     pub fn claim(&self, n: usize) -> Result<Vec<Claimed>, QueueError> {
+        let token = new_token();
         with_busy_retry("claim due rows", || {
             let mut stmt = self.conn.prepare_cached(&format!(
                 "UPDATE queue SET state = 'downloading', attempts = attempts + 1, \
-                     first_attempt_at = coalesce(first_attempt_at, {NOW}) \
+                     first_attempt_at = coalesce(first_attempt_at, {NOW}), claimed_by = ?2 \
                  WHERE rowid IN (SELECT rowid FROM queue \
                      WHERE state = 'pending' AND next_attempt_at <= {NOW} \
                      ORDER BY next_attempt_at LIMIT ?1) \
                  RETURNING video_id, attempts, \
                      (julianday('now') - julianday(first_attempt_at)) * 86400000.0"
             ))?;
-            let rows = stmt.query_map([n as i64], |r| {
+            let rows = stmt.query_map(params![n as i64, token], |r| {
                 let key: rusqlite::types::Value = r.get(0)?;
                 // An ID a producer stored as a blob fails the ID check later; its row is still
                 // found through `key`.
@@ -407,6 +432,7 @@ impl Queue {
                 Ok(Claimed {
                     key,
                     video_id,
+                    token: token.clone(),
                     attempts: r.get(1)?,
                     since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
                 })
@@ -427,7 +453,7 @@ impl Queue {
         let what = format!("record outcome of {}", claimed.video_id);
         with_busy_retry(&what, || {
             let tx = self.conn.unchecked_transaction()?;
-            let ours = self.update_row(&claimed.key, finish)? == 1;
+            let ours = self.update_row(claimed, finish)? == 1;
             if ours {
                 self.log_attempt(claimed, finish, elapsed)?;
             }
@@ -474,11 +500,10 @@ impl Queue {
         Ok(())
     }
 
-    fn update_row(
-        &self,
-        video_id: &rusqlite::types::Value,
-        finish: &Finish,
-    ) -> rusqlite::Result<usize> {
+    /// Every transition out of `downloading` is guarded by the claim's token and clears it.
+    fn update_row(&self, claimed: &Claimed, finish: &Finish) -> rusqlite::Result<usize> {
+        const OURS: &str = "video_id = :id AND state = 'downloading' AND claimed_by = :token";
+        let (id, token) = (&claimed.key, &claimed.token);
         match finish {
             Finish::Done {
                 path,
@@ -487,38 +512,53 @@ impl Queue {
                 http_status,
             } => self.conn.execute(
                 &format!(
-                    "UPDATE queue SET state = 'done', path = ?2, sha256 = ?3, bytes = ?4, \
-                     http_status = ?5, last_error = NULL, finished_at = {NOW} \
-                     WHERE video_id = ?1 AND state = 'downloading'"
+                    "UPDATE queue SET state = 'done', path = :path, sha256 = :sha, bytes = :bytes, \
+                     http_status = :status, last_error = NULL, finished_at = {NOW}, \
+                     claimed_by = NULL WHERE {OURS}"
                 ),
-                params![video_id, path, sha256, *bytes as i64, http_status],
+                named_params! {
+                    ":id": id, ":token": token, ":path": path, ":sha": sha256,
+                    ":bytes": *bytes as i64, ":status": http_status,
+                },
             ),
             Finish::Retry {
                 delay,
                 error,
                 http_status,
             } => self.conn.execute(
-                "UPDATE queue SET state = 'pending', last_error = ?2, http_status = ?3, \
-                 next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?4) \
-                 WHERE video_id = ?1 AND state = 'downloading'",
-                params![video_id, error, http_status, sqlite_offset(*delay)],
+                &format!(
+                    "UPDATE queue SET state = 'pending', last_error = :error, \
+                     http_status = :status, claimed_by = NULL, \
+                     next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', :delay) \
+                     WHERE {OURS}"
+                ),
+                named_params! {
+                    ":id": id, ":token": token, ":error": error, ":status": http_status,
+                    ":delay": sqlite_offset(*delay),
+                },
             ),
             // The attempt did not count: take it back, and restart the give-up clock if it was
             // the video's first.
             Finish::Release { delay, error } => self.conn.execute(
-                "UPDATE queue SET state = 'pending', last_error = coalesce(?2, last_error), \
-                 next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3), \
-                 attempts = max(attempts - 1, 0), \
-                 first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END \
-                 WHERE video_id = ?1 AND state = 'downloading'",
-                params![video_id, error, sqlite_offset(*delay)],
+                &format!(
+                    "UPDATE queue SET state = 'pending', last_error = coalesce(:error, last_error), \
+                     next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', :delay), \
+                     attempts = max(attempts - 1, 0), claimed_by = NULL, \
+                     first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END \
+                     WHERE {OURS}"
+                ),
+                named_params! {
+                    ":id": id, ":token": token, ":error": error, ":delay": sqlite_offset(*delay),
+                },
             ),
             Finish::Failed { error, http_status } => self.conn.execute(
                 &format!(
-                    "UPDATE queue SET state = 'failed', last_error = ?2, http_status = ?3, \
-                     finished_at = {NOW} WHERE video_id = ?1 AND state = 'downloading'"
+                    "UPDATE queue SET state = 'failed', last_error = :error, \
+                     http_status = :status, finished_at = {NOW}, claimed_by = NULL WHERE {OURS}"
                 ),
-                params![video_id, error, http_status],
+                named_params! {
+                    ":id": id, ":token": token, ":error": error, ":status": http_status,
+                },
             ),
         }
     }
@@ -727,6 +767,7 @@ impl Queue {
     /// or failed row (inserted if missing). A row another process is downloading, or one that is
     /// done, is not claimed; its current state is returned instead.
     pub fn claim_one(&mut self, video_id: &str) -> Result<Result<Claimed, String>, QueueError> {
+        let token = new_token();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -740,16 +781,17 @@ impl Queue {
             .query_row(
                 &format!(
                     "UPDATE queue SET state = 'downloading', attempts = attempts + 1, \
-                     first_attempt_at = coalesce(first_attempt_at, {NOW}) \
+                     first_attempt_at = coalesce(first_attempt_at, {NOW}), claimed_by = ?2 \
                      WHERE video_id = ?1 AND state IN ('pending', 'failed') \
                      RETURNING video_id, attempts, \
                      (julianday('now') - julianday(first_attempt_at)) * 86400000.0"
                 ),
-                [video_id],
+                params![video_id, token],
                 |r| {
                     Ok(Claimed {
                         key: r.get(0)?,
                         video_id: id_text(r.get_ref(0)?),
+                        token: token.clone(),
                         attempts: r.get(1)?,
                         since_first_attempt: Duration::from_millis(
                             r.get::<_, Option<f64>>(2)?.unwrap_or(0.0).max(0.0) as u64,
@@ -847,6 +889,11 @@ impl Queue {
     }
 }
 
+/// A claim token: this process and a random part, so claims never collide.
+fn new_token() -> String {
+    format!("{}-{:016x}", std::process::id(), fastrand::u64(..))
+}
+
 /// A `video_id` as text, whatever type a producer stored it as.
 fn id_text(v: ValueRef<'_>) -> String {
     match v {
@@ -921,7 +968,19 @@ impl InstanceLock {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        match file.try_lock() {
+        // `status` and `fetch` take the lock for an instant to see whether a daemon holds it:
+        // a daemon starting at that moment tries again rather than refusing to run.
+        let mut tries = 0;
+        let held = loop {
+            match file.try_lock() {
+                Err(std::fs::TryLockError::WouldBlock) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        match held {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
@@ -1052,13 +1111,26 @@ mod tests {
     }
 
     #[test]
-    fn recover_puts_downloading_back() {
+    fn a_stale_claim_is_released_and_can_no_longer_record() {
         let (_dir, mut q) = temp_queue();
         q.enqueue(["a"]).unwrap();
-        assert_eq!(q.claim(1).unwrap().len(), 1);
-        assert_eq!(q.recover_interrupted().unwrap(), 1);
-        let c = q.claim(1).unwrap();
-        assert_eq!(c[0].attempts, 2);
+        let old = q.claim(1).unwrap().remove(0);
+        let rows = q.downloading().unwrap();
+        assert_eq!(rows, [("a".to_string(), Some(old.token.clone()))]);
+        // Another token does not release it; the right one does.
+        assert!(!q.release_stale("a", Some("someone-else")).unwrap());
+        assert!(q.release_stale("a", Some(&old.token)).unwrap());
+        let new = q.claim(1).unwrap().remove(0);
+        assert_eq!(new.attempts, 2);
+        // The old downloader finishing late cannot touch the new claim's row.
+        let done = Finish::Done {
+            path: "/x".into(),
+            sha256: "00".into(),
+            bytes: 1,
+            http_status: 200,
+        };
+        assert!(!q.finish(&old, &done, Duration::ZERO).unwrap());
+        assert!(q.finish(&new, &done, Duration::ZERO).unwrap());
     }
 
     #[test]

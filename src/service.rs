@@ -40,8 +40,16 @@ impl Service {
         }
     }
 
-    pub fn stopping(&self) {
-        self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    /// Shutting down, which may take up to `drain` (plus a margin).
+    pub fn stopping(&self, drain: Duration) {
+        let usec = (drain + Duration::from_secs(5))
+            .as_micros()
+            .min(u32::MAX as u128) as u32;
+        self.send(&[
+            NotifyState::Stopping,
+            NotifyState::ExtendTimeoutUsec(usec),
+            NotifyState::Status("stopping"),
+        ]);
     }
 
     /// Sends the status line if it changed.

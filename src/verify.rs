@@ -222,10 +222,13 @@ fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), Verify
             continue;
         }
         let path = canonical.join(&name);
+        // A file whose row is still `downloading` was just published and is being recorded:
+        // not an orphan.
         let named = match name.strip_suffix(".mp4").map(VideoId::parse) {
-            Some(Ok(id)) => q
-                .get(id.as_str())?
-                .is_some_and(|r| r.state == "done" && r.path.as_deref() == path.to_str()),
+            Some(Ok(id)) => q.get(id.as_str())?.is_some_and(|r| {
+                r.state == "downloading"
+                    || (r.state == "done" && r.path.as_deref() == path.to_str())
+            }),
             _ => false,
         };
         if !named {

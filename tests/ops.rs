@@ -398,3 +398,85 @@ fn json_logs_carry_the_decision_fields() {
     assert_eq!(v["bytes"], 1000);
     assert!(v["elapsed_ms"].is_u64(), "{line}");
 }
+
+/// Starts `hingnetd fetch ID` in the background, its output in a log file of the env.
+fn spawn_fetch(env: &Env, id: &str) -> std::process::Child {
+    let log = std::fs::File::create(env.dir.path().join(format!("fetch-{id}.log"))).unwrap();
+    env.command(&["fetch", id])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_killed_fetch_leaves_no_stuck_row_behind() {
+    let api = StandIn::start(TOKEN);
+    let mut settings = Settings::new(&api.base_url());
+    // The orphan check runs on the poll interval.
+    settings.poll_interval = "300ms";
+    let env = Env::new(settings, TOKEN);
+    let v = api.add_video("video_killed_fetch", 400_000);
+    api.script("video_killed_fetch", vec![Step::Hold(100_000), Step::Serve]);
+    let _d = env.start();
+    let mut fetch = spawn_fetch(&env, "video_killed_fetch");
+    api.wait_for("held", DEADLINE, |l| l.iter().any(|r| r.paused));
+    assert_eq!(env.row("video_killed_fetch").unwrap().state, "downloading");
+    fetch.kill().unwrap();
+    fetch.wait().unwrap();
+    // The daemon sees the row's downloader is gone, takes it over and finishes it.
+    let row = env.wait_state("video_killed_fetch", "done");
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+    assert!(
+        env.logs().contains("downloader that stopped"),
+        "{}",
+        env.logs()
+    );
+}
+
+#[test]
+fn a_daemon_starting_during_a_fetch_leaves_the_video_to_it() {
+    let (api, env) = setup();
+    let v = api.add_video("video_fetching", 400_000);
+    api.script("video_fetching", vec![Step::Hold(100_000), Step::Serve]);
+    let mut fetch = spawn_fetch(&env, "video_fetching");
+    api.wait_for("held", DEADLINE, |l| l.iter().any(|r| r.paused));
+    // The daemon starts while the fetch holds the video: its start-up check leaves the row
+    // alone (the fetch holds the partial file's lock). Its ready line comes after that check
+    // began; a second video proves the loop has gone round since.
+    let w = api.add_video("video_meanwhile", 1000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_meanwhile"]);
+    env.wait_state("video_meanwhile", "done");
+    assert_eq!(env.row("video_fetching").unwrap().state, "downloading");
+    api.release("video_fetching");
+    assert!(fetch.wait().unwrap().success(), "{}", env.logs());
+    let row = env.wait_state("video_fetching", "done");
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+    let content = api
+        .requests()
+        .iter()
+        .filter(|r| r.is_content() && r.video_id().as_deref() == Some("video_fetching"))
+        .count();
+    assert_eq!(content, 1, "downloaded twice:\n{}", api.dump());
+    let _ = w;
+}
+
+#[test]
+fn a_reload_ends_the_token_pause_at_once() {
+    let api = StandIn::start(TOKEN);
+    let mut settings = Settings::new(&api.base_url());
+    // Without the reload, the next probe would be an hour away.
+    settings.initial_delay = "1h";
+    settings.max_delay = "1h";
+    let env = Env::new(settings, "oh-wrong-token");
+    let v = api.add_video("video_after_fix", 1000);
+    let d = env.start();
+    env.insert_sqlite3(&["video_after_fix"]);
+    d.wait_log("ALL DOWNLOADS PAUSED");
+    env.set_token(TOKEN);
+    d.signal(libc::SIGHUP);
+    let row = env.wait_state("video_after_fix", "done");
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+}
