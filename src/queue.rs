@@ -256,27 +256,23 @@ impl Queue {
         Ok(q)
     }
 
-    /// Opens an existing, migrated database without changing it (read-mostly CLI commands).
+    /// Opens an existing database for the operator's commands: one that was never migrated is
+    /// refused rather than created.
     pub fn open_existing(path: &Path) -> Result<Queue, QueueError> {
         if !path.exists() {
             return Err(QueueError::NotMigrated {
                 path: path.to_owned(),
             });
         }
-        let q = Queue::open_raw(path)?;
-        let v = q.user_version()?;
-        if v == 0 {
+        let mut q = Queue::open_raw(path)?;
+        if q.checked_version()? == 0 {
             return Err(QueueError::NotMigrated {
                 path: path.to_owned(),
             });
         }
-        if v as usize > MIGRATIONS.len() {
-            return Err(QueueError::TooNew {
-                path: path.to_owned(),
-                found: v,
-                known: MIGRATIONS.len(),
-            });
-        }
+        // An older schema (a newer binary installed, daemon not yet restarted) is upgraded
+        // in place, as the daemon would.
+        q.migrate()?;
         Ok(q)
     }
 
@@ -342,27 +338,9 @@ impl Queue {
     pub fn migrate(&mut self) -> Result<usize, QueueError> {
         let mut applied = 0;
         loop {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|source| QueueError::Open {
-                    path: self.path.clone(),
-                    source,
-                })?;
-            let v: i64 = tx
-                .query_row("PRAGMA user_version", [], |r| r.get(0))
-                .map_err(|source| QueueError::Open {
-                    path: self.path.clone(),
-                    source,
-                })?;
-            let v = usize::try_from(v).unwrap_or(usize::MAX);
-            if v > MIGRATIONS.len() {
-                return Err(QueueError::TooNew {
-                    path: self.path.clone(),
-                    found: v as i64,
-                    known: MIGRATIONS.len(),
-                });
-            }
+            // A read first: an up-to-date database (every start but the first after an
+            // upgrade) needs no write lock, so a producer holding one cannot stop a start.
+            let v = self.checked_version()?;
             let Some(&(name, text)) = MIGRATIONS.get(v) else {
                 return Ok(applied);
             };
@@ -371,13 +349,51 @@ impl Queue {
                 name,
                 source,
             };
-            tx.execute_batch(text).map_err(mig_err)?;
-            tx.pragma_update(None, "user_version", (v + 1) as i64)
-                .map_err(mig_err)?;
-            tx.commit().map_err(mig_err)?;
-            tracing::info!(database = %self.path.display(), migration = name, "applied migration");
-            applied += 1;
+            with_busy_retry("begin a migration", || {
+                self.conn.execute_batch("BEGIN IMMEDIATE")
+            })?;
+            // Another process may have migrated meanwhile: decide again under the lock.
+            let result = match self.checked_version() {
+                Ok(now) if now == v => self
+                    .conn
+                    .execute_batch(text)
+                    .and_then(|_| {
+                        self.conn
+                            .pragma_update(None, "user_version", (v + 1) as i64)
+                    })
+                    .map_err(mig_err)
+                    .map(|_| true),
+                Ok(_) => Ok(false),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(did) => {
+                    self.conn.execute_batch("COMMIT").map_err(mig_err)?;
+                    if did {
+                        tracing::info!(database = %self.path.display(), migration = name, "applied migration");
+                        applied += 1;
+                    }
+                }
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
+            }
         }
+    }
+
+    /// `user_version`, refusing a database newer than this binary.
+    fn checked_version(&self) -> Result<usize, QueueError> {
+        let v = self.user_version()?;
+        let v = usize::try_from(v).unwrap_or(usize::MAX);
+        if v > MIGRATIONS.len() {
+            return Err(QueueError::TooNew {
+                path: self.path.clone(),
+                found: v as i64,
+                known: MIGRATIONS.len(),
+            });
+        }
+        Ok(v)
     }
 
     /// Rows in `downloading` with their claim tokens: candidates for recovery when their
@@ -1058,6 +1074,32 @@ mod tests {
         drop(q);
         let e = Queue::open_and_migrate(&dir.path().join("q.db")).unwrap_err();
         assert!(matches!(e, QueueError::TooNew { found: 99, .. }), "{e}");
+    }
+
+    #[test]
+    fn an_older_database_upgrades_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // A database as the first release left it, with a producer's row in it.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0].1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute("INSERT OR IGNORE INTO queue(video_id) VALUES ('kept')", [])
+                .unwrap();
+        }
+        let q = Queue::open_existing(&path).unwrap();
+        assert_eq!(q.user_version().unwrap(), MIGRATIONS.len() as i64);
+        let c = q.claim(1).unwrap().remove(0);
+        assert_eq!(c.video_id, "kept");
+        let done = Finish::Done {
+            path: "/x".into(),
+            sha256: "00".into(),
+            bytes: 1,
+            http_status: 200,
+        };
+        assert!(q.finish(&c, &done, Duration::ZERO).unwrap());
+        assert_eq!(q.history("kept").unwrap().len(), 1);
     }
 
     #[test]
