@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::harness::{DEADLINE, Env, Settings, file_sha256};
@@ -633,29 +633,10 @@ fn a_producer_holding_the_write_lock_only_delays_the_daemon() {
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     // A Python producer takes the write lock, inserts, and holds the transaction open until
     // told to commit (a line on its stdin).
-    let mut producer = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sqlite3, sys\n\
-             c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
-             c.execute('BEGIN IMMEDIATE')\n\
-             c.execute('INSERT OR IGNORE INTO queue(video_id) VALUES (?)', ('video_in_tx',))\n\
-             print('locked', flush=True)\n\
-             sys.stdin.readline()\n\
-             c.execute('COMMIT')\n",
-        )
-        .arg(&env.db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(producer.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let lock = env.hold_write_lock(
+        "",
+        "INSERT OR IGNORE INTO queue(video_id) VALUES ('video_in_tx')",
+    );
     api.release("video_locked");
     api.wait_for("body sent", DEADLINE, |l| {
         l.iter()
@@ -667,8 +648,7 @@ fn a_producer_holding_the_write_lock_only_delays_the_daemon() {
     });
     _d.wait_log("locked by another writer");
     assert_eq!(env.row("video_locked").unwrap().state, "downloading");
-    std::io::Write::write_all(producer.stdin.as_mut().unwrap(), b"commit\n").unwrap();
-    assert!(producer.wait().unwrap().success());
+    lock.commit();
     assert_archived(&env, &v);
     assert_archived(&env, &w);
 }

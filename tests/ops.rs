@@ -5,7 +5,7 @@
 mod support;
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,30 +111,11 @@ fn the_watchdog_stops_while_the_loop_is_stuck_and_resumes_after() {
     sock.wait("WATCHDOG=1", |m| m == "WATCHDOG=1");
     // A producer inserts a row due in a second, then holds the write lock. When the row falls
     // due the loop must claim it, and cannot: it is stuck until the lock goes.
-    let mut producer = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sqlite3, sys\n\
-             c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
-             c.execute(\"INSERT INTO queue(video_id, next_attempt_at) VALUES ('video_stuck', \
-             strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 seconds'))\")\n\
-             c.execute('BEGIN IMMEDIATE')\n\
-             print('locked', flush=True)\n\
-             sys.stdin.readline()\n\
-             c.execute('COMMIT')\n",
-        )
-        .arg(&env.db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(producer.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let lock = env.hold_write_lock(
+        "INSERT INTO queue(video_id, next_attempt_at) VALUES ('video_stuck', \
+         strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 seconds'))",
+        "",
+    );
     // The daemon says it has waited on the lock for a busy timeout (5 s): its loop is stuck.
     d.wait_log("locked by another writer");
     let seen_stuck = Instant::now();
@@ -150,8 +131,7 @@ fn the_watchdog_stops_while_the_loop_is_stuck_and_resumes_after() {
         "pings went on while the loop was stuck (last {:?} ago)",
         seen_stuck - last_ping
     );
-    std::io::Write::write_all(producer.stdin.as_mut().unwrap(), b"commit\n").unwrap();
-    assert!(producer.wait().unwrap().success());
+    lock.commit();
     let pings = sock
         .messages()
         .iter()

@@ -280,6 +280,69 @@ impl Env {
     }
 }
 
+/// A Python producer holding the database's write lock: it runs `before` (committed), then
+/// `BEGIN IMMEDIATE` and `during`, and keeps the transaction open until `commit`.
+pub struct WriteLock {
+    child: Child,
+}
+
+impl Env {
+    pub fn hold_write_lock(&self, before: &str, during: &str) -> WriteLock {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sqlite3, sys\n\
+                 c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
+                 if sys.argv[2]: c.execute(sys.argv[2])\n\
+                 c.execute('BEGIN IMMEDIATE')\n\
+                 if sys.argv[3]: c.execute(sys.argv[3])\n\
+                 print('locked', flush=True)\n\
+                 sys.stdin.readline()\n\
+                 c.execute('COMMIT')\n",
+            )
+            .arg(&self.db)
+            .args([before, during])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 is needed");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(
+            line.trim(),
+            "locked",
+            "the producer could not take the lock"
+        );
+        WriteLock { child }
+    }
+}
+
+impl WriteLock {
+    pub fn commit(mut self) {
+        self.child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"commit\n")
+            .unwrap();
+        assert!(
+            self.child.wait().unwrap().success(),
+            "the producer's commit failed"
+        );
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Row {
     pub state: String,
