@@ -205,7 +205,12 @@ impl ApiClient {
     /// GET with redirects followed by hand. The token is attached only when the request goes to
     /// the API host; `Range: bytes=N-` goes to every hop. A redirect from https to anything but
     /// https, or to a scheme other than http(s), is refused.
-    pub async fn get(&self, url: Url, range_from: Option<u64>) -> Result<Answer, ApiError> {
+    pub async fn get(
+        &self,
+        url: Url,
+        range_from: Option<u64>,
+        if_range: Option<&str>,
+    ) -> Result<Answer, ApiError> {
         let mut url = url;
         for hop in 0..=MAX_REDIRECTS {
             let host = self.host_of(&url);
@@ -218,6 +223,10 @@ impl ApiClient {
                     header::RANGE,
                     HeaderValue::from_str(&format!("bytes={n}-")).expect("ascii"),
                 );
+                // The server sends the whole file instead if its version changed.
+                if let Some(v) = if_range.and_then(|v| HeaderValue::from_str(v).ok()) {
+                    headers.insert(header::IF_RANGE, v);
+                }
             }
             let send = self.http.get(url.clone()).headers(headers).send();
             let response = match tokio::time::timeout(self.header_timeout, send).await {
@@ -389,6 +398,21 @@ pub fn content_range(headers: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
 pub fn unsatisfied_range_total(headers: &HeaderMap) -> Option<u64> {
     let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
     v.trim().strip_prefix("bytes */")?.parse().ok()
+}
+
+/// What identifies this version of the file for `If-Range`: a strong ETag, else Last-Modified
+/// (a weak ETag cannot be used there).
+pub fn validator(headers: &HeaderMap) -> Option<String> {
+    let etag = headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.starts_with("W/"));
+    etag.or_else(|| {
+        headers
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+    })
+    .map(str::to_owned)
 }
 
 /// A 200 body with one of these types is an error page, not a video.

@@ -119,6 +119,11 @@ impl Archive {
         self.dir.join(format!(".{id}.mp4.part"))
     }
 
+    /// Beside the partial: the server's validator (ETag or Last-Modified) for the bytes in it.
+    fn validator_path(&self, id: &VideoId) -> PathBuf {
+        self.dir.join(format!(".{id}.mp4.part.validator"))
+    }
+
     /// A final file already there means an earlier run published it but died before the row
     /// said so: hash it and take it, instead of downloading again.
     pub fn existing(&self, id: &VideoId) -> Result<Option<Published>, ArchiveError> {
@@ -192,7 +197,17 @@ impl Archive {
             head.clear();
             len = 0;
         }
+        let validator_path = self.validator_path(id);
+        let validator = match len {
+            0 => None,
+            _ => std::fs::read_to_string(&validator_path)
+                .ok()
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty()),
+        };
         Ok(Partial {
+            validator,
+            validator_path,
             out: BufWriter::with_capacity(WRITE_BUFFER, file),
             hasher,
             head,
@@ -257,6 +272,9 @@ fn hash_reader(mut r: impl Read) -> io::Result<(String, u64, Vec<u8>)> {
 
 /// A download in progress: the hidden partial file, hashed as it is written.
 pub struct Partial {
+    /// What identifies the server's version of the bytes already in the file, for `If-Range`.
+    validator: Option<String>,
+    validator_path: PathBuf,
     out: BufWriter<File>,
     hasher: Sha256,
     head: Vec<u8>,
@@ -287,6 +305,28 @@ impl Partial {
         }
     }
 
+    pub fn validator(&self) -> Option<&str> {
+        self.validator.as_deref()
+    }
+
+    /// Records the validator of the version being written from byte zero. Written before the
+    /// body, so it survives a kill as well as a park.
+    pub fn set_validator(&mut self, v: Option<&str>) -> Result<(), ArchiveError> {
+        if self.validator.as_deref() == v {
+            return Ok(());
+        }
+        let r = match v {
+            Some(v) => std::fs::write(&self.validator_path, v),
+            None => remove_if_exists(&self.validator_path),
+        };
+        r.map_err(|source| ArchiveError::File {
+            path: self.validator_path.clone(),
+            source,
+        })?;
+        self.validator = v.map(str::to_owned);
+        Ok(())
+    }
+
     /// Starts over from byte zero (the server would not resume).
     pub fn restart(&mut self) -> Result<(), ArchiveError> {
         self.out.flush().map_err(|e| self.err(e))?;
@@ -298,7 +338,7 @@ impl Partial {
         self.hasher = Sha256::new();
         self.head.clear();
         self.len = 0;
-        Ok(())
+        self.set_validator(None)
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), ArchiveError> {
@@ -321,13 +361,15 @@ impl Partial {
         self.out.flush().map_err(|e| self.err(e))?;
         if self.len == 0 {
             remove_if_exists(&self.path).map_err(|e| self.err(e))?;
+            self.set_validator(None)?;
         }
         Ok(self.len)
     }
 
     /// Removes the partial file: what it holds will never be needed.
-    pub fn discard(self) -> Result<(), ArchiveError> {
-        remove_if_exists(&self.path).map_err(|e| self.err(e))
+    pub fn discard(mut self) -> Result<(), ArchiveError> {
+        remove_if_exists(&self.path).map_err(|e| self.err(e))?;
+        self.set_validator(None)
     }
 
     /// The publish sequence. Any error here means the file is not trusted: the caller
@@ -339,6 +381,8 @@ impl Partial {
         self.out.flush().map_err(|e| self.err(e))?;
         self.out.get_ref().sync_all().map_err(|e| self.err(e))?;
         std::fs::rename(&self.path, &self.final_path).map_err(|e| self.err(e))?;
+        // Only a leftover now; a failure to remove it costs nothing.
+        let _ = remove_if_exists(&self.validator_path);
         sync_dir(&self.dir)?;
         let sha256 = hex(&self.hasher.clone().finalize());
         Ok(Published {

@@ -163,8 +163,9 @@ impl Attempt<'_> {
         loop {
             let offset = self.partial().len();
             let url = self.api.content_url(&self.id);
+            let validator = self.partial().validator().map(str::to_owned);
             let answer = tokio::select! {
-                r = self.api.get(url, Some(offset)) => r,
+                r = self.api.get(url, Some(offset), validator.as_deref()) => r,
                 _ = self.cancel.cancelled() => return self.park().await,
             };
             let answer = match answer {
@@ -265,7 +266,7 @@ impl Attempt<'_> {
     async fn confirm_missing(&mut self, reason404: String) -> Outcome {
         let url = self.api.status_url(&self.id);
         let answer = tokio::select! {
-            r = self.api.get(url, None) => r,
+            r = self.api.get(url, None, None) => r,
             _ = self.cancel.cancelled() => return Outcome::Interrupted { parked_bytes: 0 },
         };
         let answer = match answer {
@@ -353,6 +354,7 @@ impl Attempt<'_> {
             });
         }
         // Where this body starts in the file, and the file's expected total size.
+        let validator = api::validator(response.headers());
         let (start, total) = if status == StatusCode::PARTIAL_CONTENT {
             match api::content_range(response.headers()) {
                 Some((s, e, Some(t))) if s == offset && e < t && offset > 0 => (s, Some(t)),
@@ -365,9 +367,27 @@ impl Attempt<'_> {
         } else {
             (0, response.content_length())
         };
+        // A 206 of another version of the file (the server ignored If-Range) would splice two
+        // versions together: start over instead.
+        if start > 0
+            && let (Some(had), Some(now)) = (self.partial().validator(), validator.as_deref())
+            && had != now
+        {
+            return StreamEnd::Restart(format!(
+                "the file changed on the server since byte {offset} was written"
+            ));
+        }
         if start == 0 && offset > 0 {
             tracing::info!(video_id = %self.id, had = offset, "server sent the whole file; discarding partial");
             if let Err(e) = self.restart_partial().await {
+                return StreamEnd::Outcome(Outcome::Storage {
+                    reason: e.to_string(),
+                });
+            }
+        }
+        if start == 0 {
+            let p = self.partial.as_mut().expect("partial is home");
+            if let Err(e) = p.set_validator(validator.as_deref()) {
                 return StreamEnd::Outcome(Outcome::Storage {
                     reason: e.to_string(),
                 });

@@ -301,6 +301,36 @@ fn servers_that_get_ranges_wrong_still_give_the_right_file() {
     assert_eq!(env.row("video_bad_range").unwrap().attempts, 2);
 }
 
+/// A resume must never splice two versions of a file: the partial's validator (ETag) goes out
+/// as `If-Range`, and a changed file comes back whole.
+#[test]
+fn a_file_that_changed_on_the_server_is_not_spliced_on_resume() {
+    let (api, env) = setup();
+    let old = api.add_video("video_changed", 600_000);
+    api.script("video_changed", vec![Step::Truncate(250_000), Step::Serve]);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_changed"]);
+    api.wait_for("the cut first attempt", DEADLINE, |l| {
+        l.iter().any(|r| r.status == 200 && r.finished)
+    });
+    // Before the retry, the server's file becomes another one.
+    let new = api.add_video("video_changed", 600_001);
+    let row = env.wait_state("video_changed", "done");
+    assert_eq!(
+        row.sha256.as_deref(),
+        Some(new.sha256.as_str()),
+        "spliced file"
+    );
+    assert_ne!(old.sha256, new.sha256);
+    let reqs = content_requests(&api, "video_changed");
+    assert_eq!(reqs.last().unwrap().status, 200, "{}", api.dump());
+    assert!(
+        reqs.last().unwrap().range.is_some(),
+        "the retry asked for a resume"
+    );
+    assert_eq!(env.archive_files(), ["video_changed.mp4"]);
+}
+
 #[test]
 fn a_complete_partial_left_by_a_crash_is_verified_not_fetched_again() {
     let (api, env) = setup();

@@ -649,6 +649,7 @@ struct Head {
     query: Option<String>,
     authorization: Option<String>,
     range: Option<String>,
+    if_range: Option<String>,
 }
 
 fn parse_head(raw: &[u8]) -> Option<Head> {
@@ -674,12 +675,14 @@ fn parse_head(raw: &[u8]) -> Option<Head> {
         query,
         authorization: None,
         range: None,
+        if_range: None,
     };
     for line in lines {
         let (name, value) = line.split_once(':')?;
         let slot = match name.trim().to_ascii_lowercase().as_str() {
             "authorization" => &mut head.authorization,
             "range" => &mut head.range,
+            "if-range" => &mut head.if_range,
             _ => continue,
         };
         // A repeated header keeps its first value.
@@ -713,7 +716,7 @@ fn route(state: &mut State, host: &Host, head: &Head) -> Reply {
     match classify(&head.path) {
         // Signed URLs carry their own credential (the query), so they are served on either
         // host without looking at Authorization.
-        Route::Signed(id) => signed_file(state, &id, head.query.as_deref(), range),
+        Route::Signed(id) => signed_file(state, &id, head, range),
         _ if *host == Host::Cdn => {
             Reply::xml_error(404, "NoSuchKey", "The specified key does not exist.")
         }
@@ -728,7 +731,7 @@ fn route(state: &mut State, host: &Host, head: &Head) -> Reply {
                 );
             }
             match route {
-                Route::Content(id) => content(state, &id, range),
+                Route::Content(id) => content(state, &id, head, range),
                 Route::Status(id) => status(state, &id),
                 _ => Reply::api_error(404, "not found", "invalid_request_error", None),
             }
@@ -745,16 +748,41 @@ fn not_found() -> Reply {
     )
 }
 
-fn content(state: &mut State, id: &str, range: Option<usize>) -> Reply {
+/// A video's entity tag: changes whenever its content does.
+fn etag(video: &Video) -> String {
+    format!("\"{}\"", &video.sha256[..16])
+}
+
+/// Serves the video the way `step` says, with its ETag, honouring `If-Range`: a validator that
+/// no longer matches turns a Range request into a full 200 (RFC 9110 §13.1.5).
+fn video_reply(
+    state: &mut State,
+    step: Step,
+    video: &Video,
+    head: &Head,
+    range: Option<usize>,
+) -> Reply {
+    let tag = etag(video);
+    let range = range.filter(|_| head.if_range.as_deref().is_none_or(|v| v == tag));
+    let reply = apply(state, step, video, range);
+    if matches!(reply.status, 200 | 206) {
+        reply.header("ETag", tag)
+    } else {
+        reply
+    }
+}
+
+fn content(state: &mut State, id: &str, head: &Head, range: Option<usize>) -> Reply {
     state.ensure_demo_video(id);
     let Some(video) = state.videos.get(id).cloned() else {
         return not_found();
     };
     let step = next_step(state.scripts.entry(id.to_owned()).or_default());
-    apply(state, step, &video, range)
+    video_reply(state, step, &video, head, range)
 }
 
-fn signed_file(state: &mut State, id: &str, query: Option<&str>, range: Option<usize>) -> Reply {
+fn signed_file(state: &mut State, id: &str, head: &Head, range: Option<usize>) -> Reply {
+    let query = head.query.as_deref();
     let valid = query_param(query, "sig").and_then(|sig| state.signatures.get(sig));
     if valid.map(String::as_str) != Some(id) {
         return Reply::xml_error(403, "AccessDenied", "Request has expired");
@@ -763,7 +791,7 @@ fn signed_file(state: &mut State, id: &str, query: Option<&str>, range: Option<u
         return Reply::xml_error(404, "NoSuchKey", "The specified key does not exist.");
     };
     let step = next_step(state.cdn_scripts.entry(id.to_owned()).or_default());
-    apply(state, step, &video, range)
+    video_reply(state, step, &video, head, range)
 }
 
 fn status(state: &mut State, id: &str) -> Reply {
