@@ -550,7 +550,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         }
     };
     let bar = progress_bar(0, id);
-    let mut fetcher = Fetcher::new(api, archive);
+    let mut fetcher = Fetcher::new(api, archive, cfg.download.max_bytes);
     if let Some(bar) = bar.clone() {
         fetcher = fetcher.with_progress(Arc::new(move |have, total| {
             if let Some(t) = total {
@@ -630,7 +630,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         let shutdown = CancellationToken::new();
         let reload = Arc::new(Notify::new());
         spawn_signal_handler(shutdown.clone(), Some(reload.clone()))?;
-        let fetcher = Arc::new(Fetcher::new(api, archive));
+        let fetcher = Arc::new(Fetcher::new(api, archive, cfg.download.max_bytes));
         tracing::info!(
             database = %cfg.queue.database.display(),
             archive = %fetcher.archive.dir().display(),

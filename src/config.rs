@@ -81,6 +81,9 @@ pub struct DownloadConfig {
     /// On SIGTERM, how long in-flight downloads may run on before they are parked as partials.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
+    /// A body larger than this is refused (a broken or hostile server must not fill the disk).
+    #[serde(deserialize_with = "size", serialize_with = "ser_size")]
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -154,6 +157,7 @@ impl Default for DownloadConfig {
         DownloadConfig {
             concurrency: 4,
             shutdown_grace: Duration::from_secs(10),
+            max_bytes: 16 << 30,
         }
     }
 }
@@ -233,6 +237,12 @@ impl Config {
             if d > MAX_DURATION {
                 return Err(bad(key, "must be at most 30 days".into()));
             }
+        }
+        if self.download.max_bytes == 0 {
+            return Err(bad(
+                "download.max_bytes",
+                "must be greater than zero".into(),
+            ));
         }
         if self.retry.max_delay < self.retry.initial_delay {
             return Err(bad(
@@ -434,6 +444,67 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+const SIZE_UNITS: [(&str, u64); 9] = [
+    ("TiB", 1 << 40),
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("TB", 1_000_000_000_000),
+    ("GB", 1_000_000_000),
+    ("MB", 1_000_000),
+    ("KB", 1_000),
+    ("B", 1),
+];
+
+/// Parses `16GiB`, `500MiB`, `1GB`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"16GiB\", \"500MiB\" or \"4096\""))?;
+    let mult = match unit.trim() {
+        "" => 1,
+        u => SIZE_UNITS
+            .iter()
+            .find(|(name, _)| *name == u)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| {
+                format!("{s:?} has unknown unit {u:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+            })?,
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// The largest binary unit that divides `n` exactly.
+pub fn format_size(n: u64) -> String {
+    for (name, m) in &SIZE_UNITS[..4] {
+        if n != 0 && n.is_multiple_of(*m) {
+            return format!("{}{name}", n / m);
+        }
+    }
+    format!("{n}B")
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_size(*n))
+}
+
 fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_duration(*d))
 }
@@ -464,6 +535,21 @@ mod tests {
     }
 
     #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999TiB").is_err());
+        for s in ["16GiB", "100KiB", "12B"] {
+            assert_eq!(format_size(parse_size(s).unwrap()), s);
+        }
+        let c = Config::parse("[download]\nmax_bytes = 1000\n", Path::new("x")).unwrap();
+        assert_eq!(c.download.max_bytes, 1000);
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = Config::parse("", Path::new("x.toml")).unwrap();
         assert_eq!(c.download.concurrency, 4);
@@ -487,7 +573,7 @@ mod tests {
             .values()
             .map(|v| v.as_table().map_or(0, |t| t.len()))
             .sum();
-        assert_eq!(keys, 14, "hingnetd.toml.example should document every key");
+        assert_eq!(keys, 15, "hingnetd.toml.example should document every key");
     }
 
     #[test]

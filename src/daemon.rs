@@ -408,6 +408,7 @@ impl Scheduler {
         }
         // Downloads in flight keep the client they started with.
         self.fetcher.replace_api(api);
+        self.fetcher.set_max_bytes(new.download.max_bytes);
         tracing::info!(token_from = %source, concurrency = new.download.concurrency, "token and settings re-read");
         self.settings.config = new;
         Ok(())

@@ -2,6 +2,7 @@
 //! the `Outcome` it ends in. Decisions about the row (when to retry, when to give up) are the
 //! daemon's; this module only says what happened.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -58,15 +59,22 @@ pub struct Fetcher {
     api: RwLock<Arc<ApiClient>>,
     pub archive: Archive,
     progress: Option<Progress>,
+    /// `download.max_bytes`; changes on reload.
+    max_bytes: AtomicU64,
 }
 
 impl Fetcher {
-    pub fn new(api: ApiClient, archive: Archive) -> Fetcher {
+    pub fn new(api: ApiClient, archive: Archive, max_bytes: u64) -> Fetcher {
         Fetcher {
             api: RwLock::new(Arc::new(api)),
             archive,
             progress: None,
+            max_bytes: AtomicU64::new(max_bytes),
         }
+    }
+
+    pub fn set_max_bytes(&self, n: u64) {
+        self.max_bytes.store(n, Ordering::Relaxed);
     }
 
     pub fn with_progress(mut self, progress: Progress) -> Fetcher {
@@ -393,11 +401,18 @@ impl Attempt<'_> {
                 });
             }
         }
+        let max = self.fetcher.max_bytes.load(Ordering::Relaxed);
+        if let Some(t) = total.filter(|t| *t > max) {
+            return transient(
+                status,
+                format!("the file is {t} bytes, over download.max_bytes ({max})"),
+            );
+        }
         self.resumed_from = start;
         let (tx, writer) = self.spawn_writer();
         let read_timeout = self.api.read_timeout();
         let mut sniff = Vec::with_capacity(8);
-        let mut not_video = false;
+        let mut worthless = false;
         let mut received = 0u64;
         let mut end = StreamEnd::Complete;
         loop {
@@ -425,7 +440,7 @@ impl Attempt<'_> {
             if start == 0 && sniff.len() < 8 {
                 sniff.extend_from_slice(&chunk[..chunk.len().min(8 - sniff.len())]);
                 if sniff.len() == 8 && !crate::archive::looks_like_mp4(&sniff) {
-                    not_video = true;
+                    worthless = true;
                     end = StreamEnd::Outcome(Outcome::Transient {
                         http_status: Some(status.as_u16()),
                         reason: format!(
@@ -437,6 +452,15 @@ impl Attempt<'_> {
                 }
             }
             received += chunk.len() as u64;
+            // A body without a length (chunked) is held to the limit as it arrives.
+            if start + received > max {
+                worthless = true;
+                end = transient(
+                    status,
+                    format!("the body went past download.max_bytes ({max}); refused"),
+                );
+                break;
+            }
             if tx.send(chunk).await.is_err() {
                 break; // the writer failed; its error is collected below
             }
@@ -453,7 +477,7 @@ impl Attempt<'_> {
                 });
             }
         }
-        if not_video {
+        if worthless {
             // Nothing of that body is worth resuming from.
             if let Err(e) = self.restart_partial().await {
                 return StreamEnd::Outcome(Outcome::Storage {

@@ -362,6 +362,27 @@ fn an_expired_signed_url_starts_over_from_the_api() {
 }
 
 #[test]
+fn bodies_over_max_bytes_are_refused() {
+    let (api, env) = setup_with(|s| {
+        s.max_bytes = "100KiB";
+        s.give_up_after = "500ms";
+    });
+    api.add_video("video_big", 200_000);
+    api.add_video("video_big_chunked", 200_000);
+    api.script("video_big_chunked", vec![Step::Chunked]);
+    let small = api.add_video("video_small", 100_000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_big", "video_big_chunked", "video_small"]);
+    assert_archived(&env, &small);
+    let row = env.wait_state("video_big", "failed");
+    assert!(row.last_error.unwrap().contains("over download.max_bytes"));
+    let row = env.wait_state("video_big_chunked", "failed");
+    assert!(row.last_error.unwrap().contains("past download.max_bytes"));
+    // Nothing of either is kept.
+    assert_eq!(env.archive_files(), ["video_small.mp4"]);
+}
+
+#[test]
 fn server_errors_are_retried() {
     let (api, env) = setup();
     let v = api.add_video("video_5xx", 10_000);

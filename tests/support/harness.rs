@@ -29,6 +29,7 @@ pub struct Settings {
     pub max_delay: &'static str,
     pub give_up_after: &'static str,
     pub shutdown_grace: &'static str,
+    pub max_bytes: &'static str,
     /// Kept at an hour so every test proves that new rows are noticed without polling.
     pub poll_interval: &'static str,
 }
@@ -43,6 +44,7 @@ impl Settings {
             max_delay: "200ms",
             give_up_after: "1h",
             shutdown_grace: "200ms",
+            max_bytes: "16GiB",
             poll_interval: "1h",
         }
     }
@@ -82,7 +84,7 @@ impl Env {
             "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n\
              [queue]\ndatabase = {:?}\npoll_interval = {:?}\n\
              [archive]\ndir = {:?}\n\
-             [download]\nconcurrency = {}\nshutdown_grace = {:?}\n\
+             [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n\
              [retry]\ninitial_delay = {:?}\nmax_delay = {:?}\ngive_up_after = {:?}\n",
             s.base_url,
             self.token_file,
@@ -92,6 +94,7 @@ impl Env {
             self.archive,
             s.concurrency,
             s.shutdown_grace,
+            s.max_bytes,
             s.initial_delay,
             s.max_delay,
             s.give_up_after,
