@@ -397,6 +397,27 @@ impl Partial {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// No string, hostile or not, that passes the ID check can name a file outside the
+        /// archive directory, or anything but a plain file directly in it.
+        #[test]
+        fn no_id_can_leave_the_archive(
+            s in proptest::prop_oneof![
+                proptest::arbitrary::any::<String>(),
+                "(\\.\\.|/|\\\\|\\x00|%2[eEfF]|[\\x00-\\x1f]|\\.|[A-Za-z0-9_-]|\\p{Cyrillic}){0,140}",
+            ]
+        ) {
+            if let Ok(id) = VideoId::parse(&s) {
+                let a = Archive { dir: PathBuf::from("/srv/archive") };
+                for p in [a.final_path(&id), a.partial_path(&id), a.validator_path(&id)] {
+                    proptest::prop_assert_eq!(p.parent(), Some(Path::new("/srv/archive")));
+                    let name = p.file_name().unwrap().to_str().unwrap();
+                    proptest::prop_assert!(!name.contains('/') && name != "." && name != "..");
+                }
+            }
+        }
+    }
+
     #[test]
     fn ids() {
         for ok in ["video_abc123", "a", "A-b_9", &"x".repeat(128)] {
