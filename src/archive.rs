@@ -171,10 +171,19 @@ impl Archive {
         let mut file = open_nofollow(&path, true).map_err(ferr)?;
         // Held for as long as the download runs (the lock goes with the file): it tells other
         // processes the partial has a live writer, and the kernel drops it if that writer dies.
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(ArchiveError::Busy { path }),
-            Err(std::fs::TryLockError::Error(e)) => return Err(ferr(e)),
+        // `partial_in_use` takes the lock for an instant to test it: try a little longer
+        // before calling the file busy.
+        let mut tries = 0;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(ArchiveError::Busy { path }),
+                Err(std::fs::TryLockError::Error(e)) => return Err(ferr(e)),
+            }
         }
         let mut hasher = Sha256::new();
         let mut head = Vec::with_capacity(8);
@@ -199,7 +208,14 @@ impl Archive {
         }
         let validator_path = self.validator_path(id);
         let validator = match len {
-            0 => None,
+            // Whatever validator an earlier partial left is not this one's.
+            0 => {
+                remove_if_exists(&validator_path).map_err(|source| ArchiveError::File {
+                    path: validator_path.clone(),
+                    source,
+                })?;
+                None
+            }
             _ => std::fs::read_to_string(&validator_path)
                 .ok()
                 .map(|v| v.trim().to_owned())
@@ -312,9 +328,6 @@ impl Partial {
     /// Records the validator of the version being written from byte zero. Written before the
     /// body, so it survives a kill as well as a park.
     pub fn set_validator(&mut self, v: Option<&str>) -> Result<(), ArchiveError> {
-        if self.validator.as_deref() == v {
-            return Ok(());
-        }
         let r = match v {
             Some(v) => std::fs::write(&self.validator_path, v),
             None => remove_if_exists(&self.validator_path),
@@ -376,7 +389,10 @@ impl Partial {
     /// downloads again rather than marking anything done.
     pub fn publish(mut self) -> Result<Published, ArchiveError> {
         if !looks_like_mp4(&self.head) {
-            return Err(ArchiveError::NotMp4 { path: self.path });
+            // Worthless: nothing of it is kept.
+            let path = self.path.clone();
+            let _ = self.discard();
+            return Err(ArchiveError::NotMp4 { path });
         }
         self.out.flush().map_err(|e| self.err(e))?;
         self.out.get_ref().sync_all().map_err(|e| self.err(e))?;

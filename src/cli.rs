@@ -517,36 +517,34 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>) -> Result<(), Failure> {
 }
 
 fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
-    if VideoId::parse(id).is_err() {
+    let Ok(vid) = VideoId::parse(id) else {
         return Err(Failure::new(exit::DATA, format!("invalid video id {id:?}")));
-    }
+    };
     let (token, _) = config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = Archive::open(&cfg.archive.dir)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
     let mut q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
-    let claimed = match q.claim_one(id).map_err(queue_failure)? {
-        Ok(c) => c,
-        Err(state) if state == "done" => {
-            let row = q.get(id).map_err(queue_failure)?;
-            let path = row.and_then(|r| r.path).unwrap_or_default();
-            let _ = writeln!(out(), "{id}: already archived at {path}");
-            return Ok(());
+    // The partial file's lock first, then the claim: a daemon never sees this claim without a
+    // live lock behind it, so it never takes the row over.
+    let partial = match archive.begin(&vid) {
+        Ok(p) => p,
+        Err(e @ crate::archive::ArchiveError::Busy { .. }) => {
+            return Err(Failure::new(exit::ALREADY_RUNNING, format!("{id}: {e}")));
         }
-        Err(state) if InstanceLock::is_held(&cfg.queue.database) => {
-            return Err(Failure::new(
-                exit::ALREADY_RUNNING,
-                format!("{id} is {state}: the daemon is downloading it now"),
-            ));
+        Err(e) => return Err(Failure::new(exit::FAILURE, e)),
+    };
+    // Not ours to download: leave no empty partial behind.
+    let claimed = match q.claim_one(id) {
+        Ok(Ok(c)) => c,
+        Ok(Err(state)) => {
+            let _ = partial.park();
+            return not_claimed(&cfg, &mut q, id, &state);
         }
-        Err(state) => {
-            return Err(Failure::new(
-                exit::ALREADY_RUNNING,
-                format!(
-                    "{id} is {state}, left so by a daemon that is not running; `hingnetd run` recovers it"
-                ),
-            ));
+        Err(e) => {
+            let _ = partial.park();
+            return Err(queue_failure(e));
         }
     };
     let bar = progress_bar(0, id);
@@ -567,15 +565,21 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         // SIGKILL leaves it `downloading`: the daemon's orphan check recovers it.)
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone(), None)?;
-        Ok::<_, Failure>(fetcher.download(id, &cancel).await)
+        Ok::<_, Failure>(fetcher.download_into(vid, partial, &cancel).await)
     });
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     let outcome = outcome?;
     let finish = decide(&claimed, &outcome, &cfg.retry, started.elapsed());
-    q.finish(&claimed, &finish, started.elapsed())
+    let recorded = q
+        .finish(&claimed, &finish, started.elapsed())
         .map_err(queue_failure)?;
+    if !recorded {
+        eprintln!(
+            "hingnetd: {id}: the row changed while downloading (an operator's edit?); its outcome was not recorded"
+        );
+    }
     let mut o = out();
     match (&outcome, &finish) {
         (Outcome::Archived { published, .. }, _) => {
@@ -593,6 +597,24 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
             format!("{id}: {}", f.describe()),
         )),
     }
+}
+
+/// Why `fetch` did not claim the row, in an operator's words.
+fn not_claimed(cfg: &Config, q: &mut Queue, id: &str, state: &str) -> Result<(), Failure> {
+    if state == "done" {
+        let row = q.get(id).map_err(queue_failure)?;
+        let path = row.and_then(|r| r.path).unwrap_or_default();
+        let _ = writeln!(out(), "{id}: already archived at {path}");
+        return Ok(());
+    }
+    let why = if InstanceLock::is_held(&cfg.queue.database) {
+        format!("{id} is {state}: the daemon is downloading it now")
+    } else {
+        format!(
+            "{id} is {state}, left so by a daemon that is not running; `hingnetd run` recovers it"
+        )
+    };
+    Err(Failure::new(exit::ALREADY_RUNNING, why))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

@@ -2,7 +2,7 @@
 //! each attempt's `Outcome` into the row's next state (`decide`), client-wide pauses (429,
 //! rejected token), and shutdown.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,7 +136,6 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a finished download task reports to the loop.
 struct Report {
-    video_id: String,
     outcome: Outcome,
 }
 
@@ -153,9 +152,9 @@ pub struct Scheduler {
     fetcher: Arc<Fetcher>,
     wake: Arc<Notify>,
     tasks: JoinSet<Report>,
-    /// Videos this daemon is downloading now (the rest of `downloading` rows belong to a
-    /// `hingnetd fetch`, or to a downloader that died).
-    in_flight: HashSet<String>,
+    /// Videos this daemon is downloading now, by task (the rest of `downloading` rows belong to
+    /// a `hingnetd fetch`, or to a downloader that died). A panicked task is removed by its id.
+    in_flight: HashMap<tokio::task::Id, String>,
     /// When `downloading` rows were last checked for a dead downloader.
     orphans_checked: Option<Instant>,
     /// Cancels downloads in flight (after the shutdown grace period).
@@ -188,7 +187,7 @@ impl Scheduler {
             fetcher,
             wake,
             tasks: JoinSet::new(),
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
             orphans_checked: None,
             downloads: CancellationToken::new(),
             rate_limited_until: None,
@@ -219,7 +218,7 @@ impl Scheduler {
             }
             if self
                 .orphans_checked
-                .is_none_or(|t| t.elapsed() >= self.settings.config.queue.poll_interval)
+                .is_none_or(|t| t.elapsed() >= self.orphan_interval())
             {
                 self.orphans_checked = Some(Instant::now());
                 if let Err(e) = self.recover_orphans().await {
@@ -236,6 +235,8 @@ impl Scheduler {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, retry_in = ?db_backoff, "queue database error");
+                        // Looked again at next_due, not at the next wake-up of any kind.
+                        look = false;
                         next_due = Some(Instant::now() + db_backoff);
                         db_backoff = (db_backoff * 2).min(Duration::from_secs(60));
                     }
@@ -252,10 +253,11 @@ impl Scheduler {
                 next_due,
                 self.rate_limited_until,
                 // A probe waits for the downloads in flight; their completion wakes us.
+                // (and for a rate-limit pause to end, which is its own deadline).
                 self.account
                     .as_ref()
                     .and_then(|a| a.next_probe)
-                    .filter(|_| self.tasks.is_empty()),
+                    .filter(|_| self.tasks.is_empty() && self.rate_limited_until.is_none()),
             ]
             .into_iter()
             .flatten()
@@ -263,7 +265,7 @@ impl Scheduler {
             .expect("the poll deadline is always there");
             let wake_at = [
                 Some(look_at),
-                self.orphans_checked.map(|t| t + poll),
+                self.orphans_checked.map(|t| t + self.orphan_interval()),
                 self.service.ping_due(),
                 self.counts_at
                     .filter(|_| self.counts_stale)
@@ -276,14 +278,18 @@ impl Scheduler {
             .expect("look_at is always there");
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(joined) = self.tasks.join_next() => {
+                Some(joined) = self.tasks.join_next_with_id() => {
                     match joined {
-                        Ok(report) => {
-                            self.in_flight.remove(&report.video_id);
+                        Ok((task, report)) => {
+                            self.in_flight.remove(&task);
                             self.absorb(report.outcome);
                         }
-                        // The row stays `downloading`; the orphan check recovers it.
-                        Err(e) => tracing::error!(error = %e, "download task panicked"),
+                        // The row stays `downloading`, no longer ours: the orphan check
+                        // recovers it.
+                        Err(e) => {
+                            let video = self.in_flight.remove(&e.id()).unwrap_or_default();
+                            tracing::error!(video_id = %video, error = %e, "download task panicked");
+                        }
                     }
                     // Paused, and nothing in flight said anything about the token (a 429, a
                     // shutdown, a panic): the next probe may go as soon as the loop allows.
@@ -414,32 +420,38 @@ impl Scheduler {
         Ok(())
     }
 
+    /// How often `downloading` rows are checked for a dead downloader: the poll interval, but
+    /// neither so often that it loads the database nor so rarely that a row waits for hours.
+    fn orphan_interval(&self) -> Duration {
+        self.settings
+            .config
+            .queue
+            .poll_interval
+            .clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
     /// Rows left `downloading` by a downloader that is gone (a crashed daemon, a killed
     /// `hingnetd fetch`, a panicked task) go back to `pending`. A row is another process's
     /// while it holds the lock on the video's partial file; the token guard makes the release
     /// lose any race with a downloader that finishes meanwhile.
     async fn recover_orphans(&mut self) -> Result<(), crate::queue::QueueError> {
         let rows = self.queue.call(|q| q.downloading()).await?;
-        for (id, token) in rows {
-            if self.in_flight.contains(&id) {
+        for held in rows {
+            if self.in_flight.values().any(|v| *v == held.video_id) {
                 continue;
             }
             let fetcher = self.fetcher.clone();
-            let id2 = id.clone();
+            let id = held.video_id.clone();
             let live = tokio::task::spawn_blocking(move || {
-                VideoId::parse(&id2).is_ok_and(|v| fetcher.archive.partial_in_use(&v))
+                VideoId::parse(&id).is_ok_and(|v| fetcher.archive.partial_in_use(&v))
             })
             .await
             .unwrap_or(false);
             if live {
                 continue;
             }
-            let id2 = id.clone();
-            if self
-                .queue
-                .call(move |q| q.release_stale(&id2, token.as_deref()))
-                .await?
-            {
+            let id = held.video_id.clone();
+            if self.queue.call(move |q| q.release_stale(&held)).await? {
                 tracing::warn!(video_id = %id, "row was left downloading by a downloader that stopped; pending again");
                 self.counts_stale = true;
             }
@@ -475,7 +487,6 @@ impl Scheduler {
         let claimed = self.queue.call(move |q| q.claim(free)).await?;
         let got = claimed.len();
         for c in claimed {
-            self.in_flight.insert(c.video_id.clone());
             self.spawn(c);
             self.counts_stale = true;
         }
@@ -499,7 +510,8 @@ impl Scheduler {
         let queue = self.queue.clone();
         let retry = self.settings.config.retry.clone();
         let cancel = self.downloads.clone();
-        self.tasks.spawn(async move {
+        let video_id = claimed.video_id.clone();
+        let task = self.tasks.spawn(async move {
             let started = Instant::now();
             let outcome = fetcher.download(&claimed.video_id, &cancel).await;
             let finish = decide(&claimed, &outcome, &retry, started.elapsed());
@@ -511,11 +523,9 @@ impl Scheduler {
                 Ok(false) => tracing::warn!(video_id = %claimed.video_id, "row changed or vanished while downloading; outcome not recorded"),
                 Err(e) => tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until restart"),
             }
-            Report {
-                video_id: claimed.video_id,
-                outcome,
-            }
+            Report { outcome }
         });
+        self.in_flight.insert(task.id(), video_id);
     }
 
     /// Client-wide consequences of one attempt.

@@ -92,9 +92,36 @@ impl Fetcher {
 
     /// Downloads one video. `cancel` parks the download as a resumable partial.
     pub async fn download(self: &Arc<Self>, raw_id: &str, cancel: &CancellationToken) -> Outcome {
-        let Ok(id) = crate::archive::VideoId::parse(raw_id) else {
+        let Ok(id) = VideoId::parse(raw_id) else {
             return Outcome::InvalidId;
         };
+        match self.begin(&id).await {
+            Ok(partial) => self.download_into(id, partial, cancel).await,
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Opens the video's partial file and takes its lock, which tells every other process the
+    /// video has a live downloader. `hingnetd fetch` does this before it claims the row, so the
+    /// daemon never sees that claim without the lock.
+    pub async fn begin(self: &Arc<Self>, id: &VideoId) -> Result<Partial, Outcome> {
+        let me = self.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || me.archive.begin(&id))
+            .await
+            .expect("archive task panicked")
+            .map_err(|e| Outcome::Storage {
+                reason: e.to_string(),
+            })
+    }
+
+    /// Downloads into a partial from `begin`.
+    pub async fn download_into(
+        self: &Arc<Self>,
+        id: VideoId,
+        partial: Partial,
+        cancel: &CancellationToken,
+    ) -> Outcome {
         let me = self.clone();
         let id2 = id.clone();
         let existing = tokio::task::spawn_blocking(move || me.archive.existing(&id2))
@@ -103,6 +130,7 @@ impl Fetcher {
         match existing {
             Ok(Some(published)) => {
                 tracing::info!(video_id = %id, path = %published.path.display(), "found already archived file; not downloading again");
+                let _ = tokio::task::spawn_blocking(move || partial.discard()).await;
                 return Outcome::Archived {
                     published,
                     http_status: 200,
@@ -117,19 +145,6 @@ impl Fetcher {
                 };
             }
         }
-        let me = self.clone();
-        let id2 = id.clone();
-        let partial = match tokio::task::spawn_blocking(move || me.archive.begin(&id2))
-            .await
-            .expect("archive task panicked")
-        {
-            Ok(p) => p,
-            Err(e) => {
-                return Outcome::Storage {
-                    reason: e.to_string(),
-                };
-            }
-        };
         let mut attempt = Attempt {
             api: self.api(),
             fetcher: self.clone(),
@@ -540,17 +555,11 @@ impl Attempt<'_> {
                 received,
                 resumed_from,
             },
-            // `publish` checks the head before touching anything, so the partial is still
-            // there, and worthless.
-            Err(ArchiveError::NotMp4 { path }) => {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(video_id = %self.id, error = %e, "cannot remove partial file");
-                }
-                Outcome::Transient {
-                    http_status: Some(status.as_u16()),
-                    reason: "downloaded file is not an MP4 (no ftyp box); discarded".into(),
-                }
-            }
+            // `publish` has already discarded the worthless partial.
+            Err(ArchiveError::NotMp4 { .. }) => Outcome::Transient {
+                http_status: Some(status.as_u16()),
+                reason: "downloaded file is not an MP4 (no ftyp box); discarded".into(),
+            },
             Err(e) => Outcome::Storage {
                 reason: e.to_string(),
             },

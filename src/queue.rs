@@ -107,6 +107,15 @@ pub struct Claimed {
     pub since_first_attempt: Duration,
 }
 
+/// A `downloading` row as the orphan check sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    /// The key exactly as stored (see `Claimed::key`).
+    pub key: rusqlite::types::Value,
+    pub video_id: String,
+    pub token: Option<String>,
+}
+
 /// What happened to a claimed video, as the row will record it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
@@ -398,29 +407,34 @@ impl Queue {
 
     /// Rows in `downloading` with their claim tokens: candidates for recovery when their
     /// downloader is gone.
-    pub fn downloading(&self) -> Result<Vec<(String, Option<String>)>, QueueError> {
+    pub fn downloading(&self) -> Result<Vec<Held>, QueueError> {
         with_busy_retry("list downloading rows", || {
             self.conn
                 .prepare_cached(
                     "SELECT video_id, claimed_by FROM queue WHERE state = 'downloading'",
                 )?
-                .query_map([], |r| Ok((id_text(r.get_ref(0)?), r.get(1)?)))?
+                .query_map([], |r| {
+                    Ok(Held {
+                        key: r.get(0)?,
+                        video_id: id_text(r.get_ref(0)?),
+                        token: r.get(1)?,
+                    })
+                })?
                 .collect()
         })
     }
 
     /// Puts a `downloading` row whose downloader is gone back to `pending`, if it is still held
     /// by the same claim. Returns whether it was.
-    pub fn release_stale(&self, video_id: &str, token: Option<&str>) -> Result<bool, QueueError> {
+    pub fn release_stale(&self, held: &Held) -> Result<bool, QueueError> {
         with_busy_retry("recover an interrupted row", || {
             self.conn.execute(
                 &format!(
                     "UPDATE queue SET state = 'pending', next_attempt_at = {NOW}, claimed_by = NULL, \
                      last_error = coalesce(last_error, 'interrupted: its downloader stopped') \
-                     WHERE CAST(video_id AS TEXT) = ?1 AND state = 'downloading' \
-                     AND claimed_by IS ?2"
+                     WHERE video_id = ?1 AND state = 'downloading' AND claimed_by IS ?2"
                 ),
-                params![video_id, token],
+                params![held.key, held.token],
             )
         })
         .map(|n| n > 0)
@@ -1157,11 +1171,18 @@ mod tests {
         let (_dir, mut q) = temp_queue();
         q.enqueue(["a"]).unwrap();
         let old = q.claim(1).unwrap().remove(0);
-        let rows = q.downloading().unwrap();
-        assert_eq!(rows, [("a".to_string(), Some(old.token.clone()))]);
+        let held = q.downloading().unwrap().remove(0);
+        assert_eq!(
+            (held.video_id.as_str(), held.token.as_deref()),
+            ("a", Some(&*old.token))
+        );
         // Another token does not release it; the right one does.
-        assert!(!q.release_stale("a", Some("someone-else")).unwrap());
-        assert!(q.release_stale("a", Some(&old.token)).unwrap());
+        let other = Held {
+            token: Some("someone-else".into()),
+            ..held.clone()
+        };
+        assert!(!q.release_stale(&other).unwrap());
+        assert!(q.release_stale(&held).unwrap());
         let new = q.claim(1).unwrap().remove(0);
         assert_eq!(new.attempts, 2);
         // The old downloader finishing late cannot touch the new claim's row.
@@ -1198,6 +1219,10 @@ mod tests {
         q.conn
             .execute("INSERT INTO queue(video_id) VALUES (x'00ff')", [])
             .unwrap();
+        // Recovered when its downloader dies...
+        q.claim(1).unwrap();
+        assert!(q.release_stale(&q.downloading().unwrap()[0]).unwrap());
+        // ...and failed by the next attempt.
         let c = q.claim(1).unwrap().remove(0);
         let failed = Finish::Failed {
             error: "invalid video id".into(),
