@@ -455,15 +455,21 @@ fn a_429_answering_the_token_probe_does_not_stall_the_queue() {
     // A 401 does not consume a step: the first answer to the right token is the 429.
     api.script(
         "video_probe",
-        vec![Step::RateLimited("1".into()), Step::Serve],
+        vec![Step::RateLimited("2".into()), Step::Serve],
     );
-    let _d = env.start();
+    let d = env.start();
     env.insert_sqlite3(&["video_probe"]);
     api.wait_for("two 401s", DEADLINE, |l| {
         l.iter().filter(|r| r.status == 401).count() >= 2
     });
     env.set_token(TOKEN);
     api.wait_for("the 429", DEADLINE, |l| l.iter().any(|r| r.status == 429));
+    // Rate-limited while the token pause waits for its probe's verdict: nothing to do but wait
+    // (a window of CPU time inside the 2 s pause, as in `no_busy_loop_while_paused_…`).
+    let before = cpu_ticks(d.child.id());
+    std::thread::sleep(Duration::from_millis(800));
+    let used = cpu_ticks(d.child.id()) - before;
+    assert!(used < 25, "daemon used {used} ticks in 0.8 s while rate-limited");
     let w = api.add_video("video_probe_later", 10_000);
     env.insert_sqlite3(&["video_probe_later"]);
     assert_archived(&env, &v);
