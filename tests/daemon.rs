@@ -469,7 +469,10 @@ fn a_429_answering_the_token_probe_does_not_stall_the_queue() {
     let before = cpu_ticks(d.child.id());
     std::thread::sleep(Duration::from_millis(800));
     let used = cpu_ticks(d.child.id()) - before;
-    assert!(used < 25, "daemon used {used} ticks in 0.8 s while rate-limited");
+    assert!(
+        used < 25,
+        "daemon used {used} ticks in 0.8 s while rate-limited"
+    );
     let w = api.add_video("video_probe_later", 10_000);
     env.insert_sqlite3(&["video_probe_later"]);
     assert_archived(&env, &v);
