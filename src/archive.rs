@@ -310,10 +310,6 @@ impl Partial {
         self.len == 0
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn err(&self, source: io::Error) -> ArchiveError {
         ArchiveError::File {
             path: self.path.clone(),

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::StatusCode;
@@ -620,9 +620,4 @@ fn transient(status: StatusCode, reason: String) -> StreamEnd {
         http_status: Some(status.as_u16()),
         reason,
     })
-}
-
-/// Milliseconds since `t`, for log fields.
-pub fn elapsed_ms(t: Instant) -> u64 {
-    t.elapsed().as_millis() as u64
 }

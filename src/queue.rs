@@ -888,35 +888,6 @@ impl Queue {
             .map(|n| n as u64)
             .map_err(sql("sum archived bytes"))
     }
-
-    /// One row's columns as (name, value) text pairs, for tests and `show`.
-    pub fn row(&self, video_id: &str) -> Result<Option<Vec<(String, String)>>, QueueError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT * FROM queue WHERE video_id = ?1")
-            .map_err(sql("read row"))?;
-        let names: Vec<String> = stmt.column_names().map(|s| s.to_string()).collect();
-        stmt.query_row([video_id], |r| {
-            names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let v = match r.get_ref(i)? {
-                        rusqlite::types::ValueRef::Null => "NULL".to_string(),
-                        rusqlite::types::ValueRef::Integer(i) => i.to_string(),
-                        rusqlite::types::ValueRef::Real(f) => f.to_string(),
-                        rusqlite::types::ValueRef::Text(t) => {
-                            String::from_utf8_lossy(t).into_owned()
-                        }
-                        rusqlite::types::ValueRef::Blob(b) => format!("<{} bytes>", b.len()),
-                    };
-                    Ok((n.clone(), v))
-                })
-                .collect()
-        })
-        .optional()
-        .map_err(sql("read row"))
-    }
 }
 
 /// A claim token: this process and a random part, so claims never collide.
@@ -1206,11 +1177,10 @@ mod tests {
             error: Some("paused".into()),
         };
         assert!(q.finish(&c, &release, Duration::ZERO).unwrap());
-        let row = q.row("a").unwrap().unwrap();
-        let get = |k: &str| row.iter().find(|(n, _)| n == k).unwrap().1.clone();
-        assert_eq!(get("attempts"), "0");
-        assert_eq!(get("first_attempt_at"), "NULL");
-        assert_eq!(get("last_error"), "paused");
+        let row = q.get("a").unwrap().unwrap();
+        assert_eq!(row.attempts, 0);
+        assert_eq!(row.first_attempt_at, None);
+        assert_eq!(row.last_error.as_deref(), Some("paused"));
     }
 
     #[test]
