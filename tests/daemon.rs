@@ -519,6 +519,34 @@ fn no_busy_loop_while_paused_with_a_download_in_flight() {
     assert_archived(&env, &b);
 }
 
+/// Every slot busy and another row due: the loop waits for a slot, it does not spin on the
+/// due row (a window of CPU time, as in `no_busy_loop_while_paused_…`).
+#[test]
+fn no_busy_loop_while_due_rows_wait_for_a_slot() {
+    let (api, env) = setup_with(|s| s.concurrency = 1);
+    let a = api.add_video("video_slot", 300_000);
+    api.script("video_slot", vec![Step::Hold(100_000), Step::Serve]);
+    let b = api.add_video("video_waiting", 1000);
+    let d = env.start();
+    env.insert_sqlite3(&["video_slot"]);
+    api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
+    env.insert_sqlite3(&["video_waiting"]);
+    // Seen (a status line or a look happens after the commit) before the window opens.
+    env.wait_row("video_waiting", "inserted", |r| r.state == "pending");
+    let before = cpu_ticks(d.child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(d.child.id()) - before;
+    // An idle loop uses 0-2 ticks here; the spin this guards against used about 30.
+    assert!(
+        used < 10,
+        "daemon used {used} ticks in 1 s waiting for a slot"
+    );
+    assert_eq!(env.row("video_waiting").unwrap().state, "pending");
+    api.release("video_slot");
+    assert_archived(&env, &a);
+    assert_archived(&env, &b);
+}
+
 #[test]
 fn html_or_json_on_200_is_never_archived() {
     let (api, env) = setup();
