@@ -189,7 +189,9 @@ impl Attempt<'_> {
             let validator = self.partial().validator().map(str::to_owned);
             let answer = tokio::select! {
                 r = self.api.get(url, Some(offset), validator.as_deref()) => r,
-                _ = self.cancel.cancelled() => return self.park().await,
+                _ = self.cancel.cancelled() => {
+                    return self.keep(Outcome::Interrupted { parked_bytes: 0 }).await;
+                }
             };
             let answer = match answer {
                 Ok(a) => a,
@@ -566,44 +568,28 @@ impl Attempt<'_> {
         }
     }
 
-    /// Ends the attempt keeping the partial file for a later resume.
+    /// Ends the attempt: the partial file is parked for a later resume (flushed, or removed if
+    /// empty), or discarded when the video is gone for good.
     async fn keep(&mut self, outcome: Outcome) -> Outcome {
-        if matches!(outcome, Outcome::Interrupted { .. }) {
-            return self.park().await;
-        }
-        if let Some(p) = self.partial.take() {
-            // A video that is gone for good will never resume.
-            let gone = matches!(outcome, Outcome::Gone { .. });
-            let r = tokio::task::spawn_blocking(move || {
-                if gone {
-                    p.discard()
-                } else {
-                    p.park().map(drop)
-                }
-            })
-            .await
-            .expect("archive task panicked");
-            if let Err(e) = r {
-                return Outcome::Storage {
-                    reason: e.to_string(),
-                };
-            }
-        }
-        outcome
-    }
-
-    async fn park(&mut self) -> Outcome {
         let Some(p) = self.partial.take() else {
-            return Outcome::Interrupted { parked_bytes: 0 };
+            return outcome;
         };
-        match tokio::task::spawn_blocking(move || p.park())
-            .await
-            .expect("archive task panicked")
-        {
-            Ok(n) => Outcome::Interrupted { parked_bytes: n },
-            Err(e) => Outcome::Storage {
+        let gone = matches!(outcome, Outcome::Gone { .. });
+        let kept = tokio::task::spawn_blocking(move || {
+            if gone {
+                p.discard().map(|()| 0)
+            } else {
+                p.park()
+            }
+        })
+        .await
+        .expect("archive task panicked");
+        match (kept, outcome) {
+            (Err(e), _) => Outcome::Storage {
                 reason: e.to_string(),
             },
+            (Ok(n), Outcome::Interrupted { .. }) => Outcome::Interrupted { parked_bytes: n },
+            (Ok(_), outcome) => outcome,
         }
     }
 }

@@ -107,6 +107,25 @@ pub struct Claimed {
     pub since_first_attempt: Duration,
 }
 
+/// What a claim returns, in the order `Claimed::from_row` reads it.
+const CLAIMED_COLUMNS: &str =
+    "video_id, attempts, (julianday('now') - julianday(first_attempt_at)) * 86400000.0";
+
+impl Claimed {
+    fn from_row(r: &rusqlite::Row<'_>, token: &str) -> rusqlite::Result<Claimed> {
+        let ms: f64 = r.get::<_, Option<f64>>(2)?.unwrap_or(0.0);
+        Ok(Claimed {
+            // An ID a producer stored as a blob fails the ID check later; its row is still
+            // found through `key`.
+            key: r.get(0)?,
+            video_id: id_text(r.get_ref(0)?),
+            token: token.to_owned(),
+            attempts: r.get(1)?,
+            since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
+        })
+    }
+}
+
 /// A `downloading` row as the orphan check sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Held {
@@ -450,23 +469,10 @@ impl Queue {
                  WHERE rowid IN (SELECT rowid FROM queue \
                      WHERE state = 'pending' AND next_attempt_at <= {NOW} \
                      ORDER BY next_attempt_at LIMIT ?1) \
-                 RETURNING video_id, attempts, \
-                     (julianday('now') - julianday(first_attempt_at)) * 86400000.0"
+                 RETURNING {CLAIMED_COLUMNS}"
             ))?;
-            let rows = stmt.query_map(params![n as i64, token], |r| {
-                let key: rusqlite::types::Value = r.get(0)?;
-                // An ID a producer stored as a blob fails the ID check later; its row is still
-                // found through `key`.
-                let video_id = id_text(r.get_ref(0)?);
-                let ms: f64 = r.get::<_, Option<f64>>(2)?.unwrap_or(0.0);
-                Ok(Claimed {
-                    key,
-                    video_id,
-                    token: token.clone(),
-                    attempts: r.get(1)?,
-                    since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
-                })
-            })?;
+            let rows =
+                stmt.query_map(params![n as i64, token], |r| Claimed::from_row(r, &token))?;
             rows.collect()
         })
     }
@@ -813,21 +819,10 @@ impl Queue {
                     "UPDATE queue SET state = 'downloading', attempts = attempts + 1, \
                      first_attempt_at = coalesce(first_attempt_at, {NOW}), claimed_by = ?2 \
                      WHERE video_id = ?1 AND state IN ('pending', 'failed') \
-                     RETURNING video_id, attempts, \
-                     (julianday('now') - julianday(first_attempt_at)) * 86400000.0"
+                     RETURNING {CLAIMED_COLUMNS}"
                 ),
                 params![video_id, token],
-                |r| {
-                    Ok(Claimed {
-                        key: r.get(0)?,
-                        video_id: id_text(r.get_ref(0)?),
-                        token: token.clone(),
-                        attempts: r.get(1)?,
-                        since_first_attempt: Duration::from_millis(
-                            r.get::<_, Option<f64>>(2)?.unwrap_or(0.0).max(0.0) as u64,
-                        ),
-                    })
-                },
+                |r| Claimed::from_row(r, &token),
             )
             .optional()
             .map_err(sql(format!("claim {video_id}")))?;
