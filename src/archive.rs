@@ -8,9 +8,11 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -28,6 +30,15 @@ pub enum ArchiveError {
     NotMp4 { path: PathBuf },
     #[error("{path} is being written by another process (a `hingnetd fetch`?)")]
     Busy { path: PathBuf },
+    #[error(
+        "not enough disk space in {dir}: {need} more bytes needed, {free} free, {min_free} kept free (archive.min_free)"
+    )]
+    NoSpace {
+        dir: PathBuf,
+        need: u64,
+        free: u64,
+        min_free: u64,
+    },
 }
 
 /// A video ID that passed the check: 1-128 characters of `[A-Za-z0-9_-]`, not starting with
@@ -89,6 +100,8 @@ pub struct Published {
 #[derive(Debug, Clone)]
 pub struct Archive {
     dir: PathBuf,
+    /// Disk space promised to downloads in flight and not yet written.
+    reservations: Arc<AtomicU64>,
 }
 
 impl Archive {
@@ -104,11 +117,43 @@ impl Archive {
         let probe = dir.join(format!(".hingnetd-probe-{}", std::process::id()));
         File::create(&probe).map_err(err)?;
         std::fs::remove_file(&probe).map_err(err)?;
-        Ok(Archive { dir })
+        Ok(Archive {
+            dir,
+            reservations: Arc::default(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Why new downloads should wait, if they should: the directory is gone, or the free space
+    /// is below `min_free` (`archive.min_free`).
+    pub fn storage_problem(&self, min_free: u64) -> Option<String> {
+        match std::fs::metadata(&self.dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Some(format!(
+                    "archive directory {} is not a directory",
+                    self.dir.display()
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Some(format!(
+                    "archive directory {} is missing (recreate it, or restart hingnetd to create it)",
+                    self.dir.display()
+                ));
+            }
+            Err(e) => return Some(format!("archive directory {}: {e}", self.dir.display())),
+        }
+        match available_bytes(&self.dir) {
+            Ok(free) if free < min_free => Some(format!(
+                "disk short: {free} bytes free in {}, below archive.min_free ({min_free})",
+                self.dir.display()
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!("archive directory {}: {e}", self.dir.display())),
+        }
     }
 
     pub fn final_path(&self, id: &VideoId) -> PathBuf {
@@ -119,7 +164,7 @@ impl Archive {
         self.dir.join(format!(".{id}.mp4.part"))
     }
 
-    /// Beside the partial: the server's validator (ETag or Last-Modified) for the bytes in it.
+    /// Beside the partial: its resume record (see `ResumeRecord`).
     fn validator_path(&self, id: &VideoId) -> PathBuf {
         self.dir.join(format!(".{id}.mp4.part.validator"))
     }
@@ -128,6 +173,11 @@ impl Archive {
     /// said so: hash it and take it, instead of downloading again.
     pub fn existing(&self, id: &VideoId) -> Result<Option<Published>, ArchiveError> {
         let path = self.final_path(id);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            // Not ours, and not followed: publishing renames over the link itself.
+            tracing::warn!(path = %path.display(), "a symlink sits at the archive path; it will be replaced, not followed");
+            return Ok(None);
+        }
         let file = match open_nofollow(&path, false) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -137,14 +187,24 @@ impl Archive {
             path: path.clone(),
             source,
         };
+        if !file.metadata().map_err(ferr)?.is_file() {
+            return Err(ferr(io::Error::other("not a regular file")));
+        }
         let (sha256, bytes, head) = hash_reader(&file).map_err(ferr)?;
         if !looks_like_mp4(&head) {
             return Err(ArchiveError::NotMp4 { path });
         }
         // The run that renamed it may have died before (or failed at) the fsyncs: make the
-        // file and its name durable before a row says done.
-        file.sync_all().map_err(ferr)?;
-        sync_dir(&self.dir)?;
+        // file and its name durable before a row says done. If that fails, the file is not
+        // trusted (a second fsync could report success over lost pages): it goes.
+        if let Err(e) = file
+            .sync_all()
+            .map_err(ferr)
+            .and_then(|()| sync_dir(&self.dir))
+        {
+            let _ = remove_if_exists(&path);
+            return Err(e);
+        }
         Ok(Some(Published {
             path,
             sha256,
@@ -160,15 +220,17 @@ impl Archive {
         matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
     }
 
-    /// Opens the video's partial file, creating it or picking up what an earlier attempt left
-    /// (its bytes are re-hashed so the final SHA-256 covers the whole file).
+    /// Opens the video's partial file, creating it or picking up what an earlier attempt left.
+    /// Only the bytes covered by the resume record's checkpoint are kept, and only if they
+    /// still hash to what was recorded; they are re-hashed so the final SHA-256 covers the
+    /// whole file.
     pub fn begin(&self, id: &VideoId) -> Result<Partial, ArchiveError> {
         let path = self.partial_path(id);
         let ferr = |source| ArchiveError::File {
             path: path.clone(),
             source,
         };
-        let mut file = open_nofollow(&path, true).map_err(ferr)?;
+        let mut file = open_own(&path).map_err(ferr)?;
         // Held for as long as the download runs (the lock goes with the file): it tells other
         // processes the partial has a live writer, and the kernel drops it if that writer dies.
         // `partial_in_use` takes the lock for an instant to test it: try a little longer
@@ -185,54 +247,81 @@ impl Archive {
                 Err(std::fs::TryLockError::Error(e)) => return Err(ferr(e)),
             }
         }
-        let mut hasher = Sha256::new();
-        let mut head = Vec::with_capacity(8);
-        let mut len = 0u64;
-        let mut buf = vec![0u8; WRITE_BUFFER];
-        loop {
-            let n = file.read(&mut buf).map_err(ferr)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            fill_head(&mut head, &buf[..n]);
-            len += n as u64;
-        }
-        // A resumed file that does not start like a video is not worth resuming.
-        if len >= 8 && !looks_like_mp4(&head) {
-            file.set_len(0).map_err(ferr)?;
-            file.seek(SeekFrom::Start(0)).map_err(ferr)?;
-            hasher = Sha256::new();
-            head.clear();
-            len = 0;
-        }
-        let validator_path = self.validator_path(id);
-        let validator = match len {
-            // Whatever validator an earlier partial left is not this one's.
-            0 => {
-                remove_if_exists(&validator_path).map_err(|source| ArchiveError::File {
-                    path: validator_path.clone(),
-                    source,
-                })?;
-                None
-            }
-            _ => std::fs::read_to_string(&validator_path)
-                .ok()
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty()),
+        let record_path = self.validator_path(id);
+        let rerr = |source| ArchiveError::File {
+            path: record_path.clone(),
+            source,
         };
-        Ok(Partial {
+        let mut record = open_own(&record_path).map_err(rerr)?;
+        let mut text = String::new();
+        // Unreadable as text is the same as absent: nothing is resumed.
+        let _ = record.read_to_string(&mut text);
+        let record_len = text.len() as u64;
+        let on_disk = file.metadata().map_err(ferr)?.len();
+        let mut resumed = None;
+        if on_disk > 0 {
+            match ResumeRecord::parse(&text) {
+                Some(r) if r.len > 0 && r.len <= on_disk => {
+                    match hash_prefix(&mut file, r.len).map_err(ferr)? {
+                        Some((hasher, head))
+                            if hex(&hasher.clone().finalize()) == r.sha256
+                                && (head.len() < 8 || looks_like_mp4(&head)) =>
+                        {
+                            if r.len < on_disk {
+                                tracing::info!(path = %path.display(), kept = r.len, dropped = on_disk - r.len, "dropping partial bytes written after the last checkpoint");
+                            }
+                            resumed = Some((r, hasher, head));
+                        }
+                        _ => {
+                            tracing::warn!(path = %path.display(), "partial file changed since it was written; starting over")
+                        }
+                    }
+                }
+                _ => {
+                    tracing::warn!(path = %path.display(), bytes = on_disk, "partial file has no usable checkpoint; starting over")
+                }
+            }
+        }
+        let (validator, written, hasher, head) = match resumed {
+            Some((r, hasher, head)) => (r.validator, r.len, hasher, head),
+            None => (None, 0, Sha256::new(), Vec::with_capacity(8)),
+        };
+        file.set_len(written).map_err(ferr)?;
+        file.seek(SeekFrom::Start(written)).map_err(ferr)?;
+        let mut partial = Partial {
             validator,
-            validator_path,
-            out: BufWriter::with_capacity(WRITE_BUFFER, file),
+            record,
+            record_path,
+            record_len,
+            file,
+            buf: Vec::with_capacity(WRITE_BUFFER),
             hasher,
+            written,
             head,
-            len,
             path,
             final_path: self.final_path(id),
             dir: self.dir.clone(),
-        })
+            reserved: 0,
+            reservations: self.reservations.clone(),
+        };
+        if written == 0 {
+            partial.checkpoint()?;
+        }
+        Ok(partial)
     }
+}
+
+/// Free space the filesystem gives an unprivileged writer, in bytes.
+fn available_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs(3) fills the zeroed struct and reads only the NUL-terminated path.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
@@ -263,6 +352,16 @@ fn open_nofollow(path: &Path, write: bool) -> io::Result<File> {
     o.open(path)
 }
 
+/// Opens (creating) one of our own hidden files. Those names are ours: a symlink found there
+/// was planted, and is removed rather than followed.
+fn open_own(path: &Path) -> io::Result<File> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        tracing::warn!(path = %path.display(), "removed a symlink planted at a partial-file path (not followed)");
+        std::fs::remove_file(path)?;
+    }
+    open_nofollow(path, true)
+}
+
 fn fill_head(head: &mut Vec<u8>, data: &[u8]) {
     if head.len() < 8 {
         let take = (8 - head.len()).min(data.len());
@@ -286,28 +385,96 @@ fn hash_reader(mut r: impl Read) -> io::Result<(String, u64, Vec<u8>)> {
     }
 }
 
+/// The resume record beside a partial file: the server's validator for its bytes, and a
+/// checkpoint (a length and the SHA-256 of that many leading bytes) rewritten after every
+/// write to the file. A resume trusts exactly the checkpointed bytes, after re-hashing them:
+/// bytes changed on disk, or written after the last checkpoint by a process that died, are
+/// never spliced into a published file.
+#[derive(Debug, Default, PartialEq)]
+struct ResumeRecord {
+    validator: Option<String>,
+    len: u64,
+    sha256: String,
+}
+
+const RECORD_MAGIC: &str = "hingnetd-partial 1";
+
+impl ResumeRecord {
+    fn render(&self) -> String {
+        format!(
+            "{RECORD_MAGIC}\nvalidator {}\ncheckpoint {} {}\n",
+            self.validator.as_deref().unwrap_or(""),
+            self.len,
+            self.sha256
+        )
+    }
+
+    fn parse(text: &str) -> Option<ResumeRecord> {
+        let mut lines = text.lines();
+        (lines.next()? == RECORD_MAGIC).then_some(())?;
+        let validator = lines.next()?.strip_prefix("validator ")?;
+        let (len, sha256) = lines.next()?.strip_prefix("checkpoint ")?.split_once(' ')?;
+        let sha256 = (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| sha256.to_owned())?;
+        Some(ResumeRecord {
+            validator: Some(validator.to_owned()).filter(|v| !v.is_empty()),
+            len: len.parse().ok()?,
+            sha256,
+        })
+    }
+}
+
+/// Reads the first `n` bytes of `file`: their hash and head, or `None` if the file is shorter.
+fn hash_prefix(file: &mut File, n: u64) -> io::Result<Option<(Sha256, Vec<u8>)>> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut head = Vec::with_capacity(8);
+    let mut left = n;
+    let mut buf = vec![0u8; WRITE_BUFFER];
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let got = file.read(&mut buf[..want])?;
+        if got == 0 {
+            return Ok(None);
+        }
+        hasher.update(&buf[..got]);
+        fill_head(&mut head, &buf[..got]);
+        left -= got as u64;
+    }
+    Ok(Some((hasher, head)))
+}
+
 /// A download in progress: the hidden partial file, hashed as it is written.
 pub struct Partial {
     /// What identifies the server's version of the bytes already in the file, for `If-Range`.
     validator: Option<String>,
-    validator_path: PathBuf,
-    out: BufWriter<File>,
+    record: File,
+    record_path: PathBuf,
+    /// Length of the record file's current contents (rewritten in place).
+    record_len: u64,
+    file: File,
+    /// Received bytes not yet written: large writes cost fewer syscalls and checkpoints.
+    buf: Vec<u8>,
+    /// Covers exactly the bytes written to the file (`written`).
     hasher: Sha256,
+    written: u64,
     head: Vec<u8>,
-    len: u64,
     path: PathBuf,
     final_path: PathBuf,
     dir: PathBuf,
+    /// Disk space promised to this download and not yet written (see `reserve`).
+    reserved: u64,
+    reservations: Arc<AtomicU64>,
 }
 
 impl Partial {
-    /// Bytes already in the file: where a resumed request starts.
+    /// Bytes received so far: where a resumed request starts.
     pub fn len(&self) -> u64 {
-        self.len
+        self.written + self.buf.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     fn err(&self, source: io::Error) -> ArchiveError {
@@ -321,40 +488,101 @@ impl Partial {
         self.validator.as_deref()
     }
 
+    /// Rewrites the resume record in place: one small `pwrite`, cheap enough for every flush.
+    fn checkpoint(&mut self) -> Result<(), ArchiveError> {
+        use std::os::unix::fs::FileExt;
+        let text = ResumeRecord {
+            validator: self.validator.clone(),
+            len: self.written,
+            sha256: hex(&self.hasher.clone().finalize()),
+        }
+        .render();
+        let r = self.record.write_all_at(text.as_bytes(), 0).and_then(|()| {
+            if (text.len() as u64) < self.record_len {
+                self.record.set_len(text.len() as u64)?;
+            }
+            Ok(())
+        });
+        r.map_err(|source| ArchiveError::File {
+            path: self.record_path.clone(),
+            source,
+        })?;
+        self.record_len = text.len() as u64;
+        Ok(())
+    }
+
     /// Records the validator of the version being written from byte zero. Written before the
     /// body, so it survives a kill as well as a park.
     pub fn set_validator(&mut self, v: Option<&str>) -> Result<(), ArchiveError> {
-        let r = match v {
-            Some(v) => std::fs::write(&self.validator_path, v),
-            None => remove_if_exists(&self.validator_path),
-        };
-        r.map_err(|source| ArchiveError::File {
-            path: self.validator_path.clone(),
-            source,
-        })?;
-        self.validator = v.map(str::to_owned);
-        Ok(())
+        // A header value cannot hold a line break; one here would corrupt the record.
+        self.validator = v.filter(|v| !v.contains(['\n', '\r'])).map(str::to_owned);
+        self.checkpoint()
     }
 
     /// Starts over from byte zero (the server would not resume).
     pub fn restart(&mut self) -> Result<(), ArchiveError> {
-        self.out.flush().map_err(|e| self.err(e))?;
-        let f = self.out.get_mut();
+        self.buf.clear();
+        let f = &mut self.file;
         let r = f
             .set_len(0)
             .and_then(|_| f.seek(SeekFrom::Start(0)).map(drop));
         r.map_err(|e| self.err(e))?;
         self.hasher = Sha256::new();
         self.head.clear();
-        self.len = 0;
+        self.written = 0;
         self.set_validator(None)
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), ArchiveError> {
-        self.out.write_all(data).map_err(|e| self.err(e))?;
-        self.hasher.update(data);
         fill_head(&mut self.head, data);
-        self.len += data.len() as u64;
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= WRITE_BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes out the buffer, then checkpoints the resume record to cover it.
+    fn flush(&mut self) -> Result<(), ArchiveError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = self.file.write_all(&self.buf);
+        r.map_err(|e| self.err(e))?;
+        self.hasher.update(&self.buf);
+        let n = self.buf.len() as u64;
+        self.written += n;
+        let done = n.min(self.reserved);
+        self.reserved -= done;
+        self.reservations.fetch_sub(done, Ordering::Relaxed);
+        self.buf.clear();
+        self.checkpoint()
+    }
+
+    /// Checks that the rest of a `total`-byte file fits on the disk while keeping `min_free`
+    /// bytes free, counting the space other downloads in flight have been promised, and
+    /// promises it to this one.
+    pub fn reserve(&mut self, total: u64, min_free: u64) -> Result<(), ArchiveError> {
+        self.reservations
+            .fetch_sub(self.reserved, Ordering::Relaxed);
+        self.reserved = 0;
+        let need = total.saturating_sub(self.len());
+        let available = available_bytes(&self.dir).map_err(|source| ArchiveError::Dir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let promised = self.reservations.fetch_add(need, Ordering::Relaxed);
+        let free = available.saturating_sub(promised);
+        if free < need.saturating_add(min_free) {
+            self.reservations.fetch_sub(need, Ordering::Relaxed);
+            return Err(ArchiveError::NoSpace {
+                dir: self.dir.clone(),
+                need,
+                free,
+                min_free,
+            });
+        }
+        self.reserved = need;
         Ok(())
     }
 
@@ -365,43 +593,77 @@ impl Partial {
     }
 
     /// Writes out the buffer so a later attempt can resume from every byte received. An empty
-    /// file is removed instead: a video that is not ready yet leaves nothing behind.
+    /// file is removed instead: a video that is not ready yet leaves nothing behind. A write
+    /// error discards the file: bytes that may not have reached it are not resumed from.
     pub fn park(mut self) -> Result<u64, ArchiveError> {
-        self.out.flush().map_err(|e| self.err(e))?;
-        if self.len == 0 {
-            remove_if_exists(&self.path).map_err(|e| self.err(e))?;
-            self.set_validator(None)?;
+        if let Err(e) = self.flush() {
+            self.remove_files();
+            return Err(e);
         }
-        Ok(self.len)
+        let written = self.written;
+        if written == 0 {
+            self.discard()?;
+        }
+        Ok(written)
+    }
+
+    fn remove_files(&self) {
+        let _ = remove_if_exists(&self.path);
+        let _ = remove_if_exists(&self.record_path);
     }
 
     /// Removes the partial file: what it holds will never be needed.
-    pub fn discard(mut self) -> Result<(), ArchiveError> {
+    pub fn discard(self) -> Result<(), ArchiveError> {
         remove_if_exists(&self.path).map_err(|e| self.err(e))?;
-        self.set_validator(None)
+        remove_if_exists(&self.record_path).map_err(|source| ArchiveError::File {
+            path: self.record_path.clone(),
+            source,
+        })
     }
 
-    /// The publish sequence. Any error here means the file is not trusted: the caller
-    /// downloads again rather than marking anything done.
+    /// The publish sequence: flush → fsync file → rename → fsync directory. Any error here
+    /// means the file is not trusted: it is removed (after a failed fsync the kernel may have
+    /// dropped the very pages a retry would read back), and the caller downloads again rather
+    /// than marking anything done.
     pub fn publish(mut self) -> Result<Published, ArchiveError> {
+        if let Err(e) = self.flush() {
+            self.remove_files();
+            return Err(e);
+        }
         if !looks_like_mp4(&self.head) {
             // Worthless: nothing of it is kept.
-            let path = self.path.clone();
-            let _ = self.discard();
-            return Err(ArchiveError::NotMp4 { path });
+            self.remove_files();
+            return Err(ArchiveError::NotMp4 {
+                path: self.path.clone(),
+            });
         }
-        self.out.flush().map_err(|e| self.err(e))?;
-        self.out.get_ref().sync_all().map_err(|e| self.err(e))?;
-        std::fs::rename(&self.path, &self.final_path).map_err(|e| self.err(e))?;
+        if let Err(e) = self.file.sync_all() {
+            self.remove_files();
+            return Err(self.err(e));
+        }
+        if let Err(e) = std::fs::rename(&self.path, &self.final_path) {
+            self.remove_files();
+            return Err(self.err(e));
+        }
         // Only a leftover now; a failure to remove it costs nothing.
-        let _ = remove_if_exists(&self.validator_path);
-        sync_dir(&self.dir)?;
-        let sha256 = hex(&self.hasher.clone().finalize());
+        let _ = remove_if_exists(&self.record_path);
+        if let Err(e) = sync_dir(&self.dir) {
+            // The name may not be durable: take it back so that no row says done over it.
+            let _ = remove_if_exists(&self.final_path);
+            return Err(e);
+        }
         Ok(Published {
             path: self.final_path.clone(),
-            sha256,
-            bytes: self.len,
+            sha256: hex(&self.hasher.clone().finalize()),
+            bytes: self.written,
         })
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        self.reservations
+            .fetch_sub(self.reserved, Ordering::Relaxed);
     }
 }
 
@@ -420,7 +682,10 @@ mod tests {
             ]
         ) {
             if let Ok(id) = VideoId::parse(&s) {
-                let a = Archive { dir: PathBuf::from("/srv/archive") };
+                let a = Archive {
+                    dir: PathBuf::from("/srv/archive"),
+                    reservations: Arc::default(),
+                };
                 for p in [a.final_path(&id), a.partial_path(&id), a.validator_path(&id)] {
                     proptest::prop_assert_eq!(p.parent(), Some(Path::new("/srv/archive")));
                     let name = p.file_name().unwrap().to_str().unwrap();
@@ -492,7 +757,90 @@ mod tests {
         std::fs::write(&outside, b"keep").unwrap();
         let id2 = VideoId::parse("w").unwrap();
         std::os::unix::fs::symlink(&outside, a.partial_path(&id2)).unwrap();
-        assert!(a.begin(&id2).is_err());
+        std::os::unix::fs::symlink(&outside, a.validator_path(&id2)).unwrap();
+        std::os::unix::fs::symlink(&outside, a.final_path(&id2)).unwrap();
+        // Planted links are removed or replaced, never written through.
+        assert_eq!(a.existing(&id2).unwrap(), None);
+        let mut p = a.begin(&id2).unwrap();
+        p.write(&mp4(1000)).unwrap();
+        p.publish().unwrap();
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert!(
+            std::fs::symlink_metadata(a.final_path(&id2))
+                .unwrap()
+                .is_file()
+        );
+    }
+
+    /// Parks `n` bytes of `data` as a partial, as a shutdown would.
+    fn parked(a: &Archive, id: &VideoId, data: &[u8], n: usize) {
+        let mut p = a.begin(id).unwrap();
+        p.set_validator(Some("\"etag-1\"")).unwrap();
+        p.write(&data[..n]).unwrap();
+        assert_eq!(p.park().unwrap(), n as u64);
+    }
+
+    #[test]
+    fn a_partial_whose_bytes_changed_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let id = VideoId::parse("v").unwrap();
+        let data = mp4(700_000);
+        parked(&a, &id, &data, 500_000);
+        let p = a.begin(&id).unwrap();
+        assert_eq!((p.len(), p.validator()), (500_000, Some("\"etag-1\"")));
+        drop(p);
+        // One byte flipped in the middle: nothing of the file is trusted.
+        let path = a.partial_path(&id);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[123_456] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let p = a.begin(&id).unwrap();
+        assert_eq!((p.len(), p.validator()), (0, None));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // No record at all (left by an older version, or planted): the same.
+        drop(p);
+        parked(&a, &id, &data, 500_000);
+        std::fs::remove_file(a.validator_path(&id)).unwrap();
+        assert_eq!(a.begin(&id).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn bytes_after_the_last_checkpoint_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let id = VideoId::parse("v").unwrap();
+        let data = mp4(700_000);
+        parked(&a, &id, &data, 300_000);
+        // Bytes that reached the file after the checkpoint (a writer killed in between).
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(a.partial_path(&id))
+            .unwrap();
+        f.write_all(&data[300_000..400_000]).unwrap();
+        let mut p = a.begin(&id).unwrap();
+        assert_eq!(p.len(), 300_000);
+        p.write(&data[300_000..]).unwrap();
+        let pubd = p.publish().unwrap();
+        assert_eq!(pubd.sha256, hex(&Sha256::digest(&data)));
+    }
+
+    #[test]
+    fn a_file_that_does_not_fit_above_min_free_is_not_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let free = available_bytes(dir.path()).unwrap();
+        let mut p = a.begin(&VideoId::parse("v").unwrap()).unwrap();
+        let e = p.reserve(free + 1, 0).unwrap_err();
+        assert!(e.to_string().contains("not enough disk space"), "{e}");
+        p.reserve(1000, 0).unwrap();
+        // A second download sees the first one's promise.
+        let mut q = a.begin(&VideoId::parse("w").unwrap()).unwrap();
+        assert!(q.reserve(free - 500, 0).is_err());
+        drop(p);
+        assert_eq!(a.reservations.load(Ordering::Relaxed), 0);
+        assert!(a.storage_problem(0).is_none());
+        assert!(a.storage_problem(u64::MAX).unwrap().contains("disk short"));
+        drop(q);
     }
 }

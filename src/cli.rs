@@ -548,7 +548,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         }
     };
     let bar = progress_bar(0, id);
-    let mut fetcher = Fetcher::new(api, archive, cfg.download.max_bytes);
+    let mut fetcher = Fetcher::new(api, archive, cfg.download.max_bytes, cfg.archive.min_free);
     if let Some(bar) = bar.clone() {
         fetcher = fetcher.with_progress(Arc::new(move |have, total| {
             if let Some(t) = total {
@@ -652,7 +652,12 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         let shutdown = CancellationToken::new();
         let reload = Arc::new(Notify::new());
         spawn_signal_handler(shutdown.clone(), Some(reload.clone()))?;
-        let fetcher = Arc::new(Fetcher::new(api, archive, cfg.download.max_bytes));
+        let fetcher = Arc::new(Fetcher::new(
+            api,
+            archive,
+            cfg.download.max_bytes,
+            cfg.archive.min_free,
+        ));
         tracing::info!(
             database = %cfg.queue.database.display(),
             archive = %fetcher.archive.dir().display(),

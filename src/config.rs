@@ -72,6 +72,10 @@ pub struct QueueConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
     pub dir: PathBuf,
+    /// New downloads wait while the archive's filesystem has less free space than this, and
+    /// a file is started only if it fits above it.
+    #[serde(deserialize_with = "size", serialize_with = "ser_size")]
+    pub min_free: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -148,6 +152,7 @@ impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
             dir: "/var/lib/hingnetd/videos".into(),
+            min_free: 1 << 30,
         }
     }
 }
@@ -573,7 +578,7 @@ mod tests {
             .values()
             .map(|v| v.as_table().map_or(0, |t| t.len()))
             .sum();
-        assert_eq!(keys, 15, "hingnetd.toml.example should document every key");
+        assert_eq!(keys, 16, "hingnetd.toml.example should document every key");
     }
 
     #[test]

@@ -134,6 +134,16 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How long parked downloads get to record themselves after the grace period.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// While new downloads wait for the archive's disk, how often it is looked at again.
+const STORAGE_RECHECK: Duration = Duration::from_secs(2);
+
+/// New downloads wait: the archive's disk is short of `archive.min_free`, or its directory is
+/// gone. Downloads in flight go on; the condition is checked again every `STORAGE_RECHECK`.
+struct StoragePause {
+    reason: String,
+    next_check: Instant,
+}
+
 /// What a finished download task reports to the loop.
 struct Report {
     outcome: Outcome,
@@ -164,6 +174,7 @@ pub struct Scheduler {
     /// server gives no `Retry-After`.
     rate_limits_in_a_row: u32,
     account: Option<AccountPause>,
+    storage: Option<StoragePause>,
     /// Fired by SIGHUP.
     reload: Arc<Notify>,
     service: Service,
@@ -193,6 +204,7 @@ impl Scheduler {
             rate_limited_until: None,
             rate_limits_in_a_row: 0,
             account: None,
+            storage: None,
             reload,
             service,
             counts_stale: true,
@@ -252,6 +264,7 @@ impl Scheduler {
                 Some(last_look + poll),
                 next_due,
                 self.rate_limited_until,
+                self.storage.as_ref().map(|s| s.next_check),
                 // A probe waits for the downloads in flight; their completion wakes us.
                 // (and for a rate-limit pause to end, which is its own deadline).
                 self.account
@@ -358,7 +371,10 @@ impl Scheduler {
             thousands(counts.done),
             thousands(counts.failed)
         );
-        if self.account.is_some() {
+        if let Some(s) = &self.storage {
+            text.push_str("; paused: ");
+            text.push_str(&s.reason);
+        } else if self.account.is_some() {
             text.push_str("; paused: API rejected the token");
         } else if self.rate_limited_until.is_some() {
             text.push_str("; paused: rate limited (429)");
@@ -414,7 +430,8 @@ impl Scheduler {
         }
         // Downloads in flight keep the client they started with.
         self.fetcher.replace_api(api);
-        self.fetcher.set_max_bytes(new.download.max_bytes);
+        self.fetcher
+            .set_limits(new.download.max_bytes, new.archive.min_free);
         tracing::info!(token_from = %source, concurrency = new.download.concurrency, "token and settings re-read");
         self.settings.config = new;
         Ok(())
@@ -479,6 +496,28 @@ impl Scheduler {
             // Nothing to claim with: a finished download, or the end of a pause, looks again.
             // (Asking for the next due row here would spin while due rows wait for a slot.)
             return Ok(None);
+        }
+        if self.storage.as_ref().is_some_and(|s| s.next_check > now) {
+            return Ok(None);
+        }
+        match self.fetcher.storage_problem().await {
+            Some(reason) => {
+                if self.storage.is_none() {
+                    tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive has room again");
+                    self.counts_stale = true;
+                }
+                self.storage = Some(StoragePause {
+                    reason,
+                    next_check: now + STORAGE_RECHECK,
+                });
+                return Ok(None);
+            }
+            None => {
+                if self.storage.take().is_some() {
+                    tracing::info!("archive storage is usable again: downloads resumed");
+                    self.counts_stale = true;
+                }
+            }
         }
         if let Some(a) = &mut self.account {
             a.next_probe = None;

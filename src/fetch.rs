@@ -61,20 +61,34 @@ pub struct Fetcher {
     progress: Option<Progress>,
     /// `download.max_bytes`; changes on reload.
     max_bytes: AtomicU64,
+    /// `archive.min_free`; changes on reload.
+    min_free: AtomicU64,
 }
 
 impl Fetcher {
-    pub fn new(api: ApiClient, archive: Archive, max_bytes: u64) -> Fetcher {
+    pub fn new(api: ApiClient, archive: Archive, max_bytes: u64, min_free: u64) -> Fetcher {
         Fetcher {
             api: RwLock::new(Arc::new(api)),
             archive,
             progress: None,
             max_bytes: AtomicU64::new(max_bytes),
+            min_free: AtomicU64::new(min_free),
         }
     }
 
-    pub fn set_max_bytes(&self, n: u64) {
-        self.max_bytes.store(n, Ordering::Relaxed);
+    /// `download.max_bytes` and `archive.min_free`, after a reload.
+    pub fn set_limits(&self, max_bytes: u64, min_free: u64) {
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
+        self.min_free.store(min_free, Ordering::Relaxed);
+    }
+
+    /// Why new downloads should wait for the archive's disk, if they should.
+    pub async fn storage_problem(self: &Arc<Self>) -> Option<String> {
+        let me = self.clone();
+        let min_free = self.min_free.load(Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || me.archive.storage_problem(min_free))
+            .await
+            .expect("archive task panicked")
     }
 
     pub fn with_progress(mut self, progress: Progress) -> Fetcher {
@@ -425,6 +439,14 @@ impl Attempt<'_> {
                 format!("the file is {t} bytes, over download.max_bytes ({max})"),
             );
         }
+        if let Some(t) = total {
+            let min_free = self.fetcher.min_free.load(Ordering::Relaxed);
+            if let Err(e) = self.on_partial(move |p| p.reserve(t, min_free)).await {
+                return StreamEnd::Outcome(Outcome::Storage {
+                    reason: e.to_string(),
+                });
+            }
+        }
         self.resumed_from = start;
         let (tx, writer) = self.spawn_writer();
         let read_timeout = self.api.read_timeout();
@@ -524,7 +546,11 @@ impl Attempt<'_> {
         let mut partial = self.partial.take().expect("partial is home");
         let writer = tokio::task::spawn_blocking(move || {
             while let Some(chunk) = rx.blocking_recv() {
-                partial.write(&chunk)?;
+                if let Err(e) = partial.write(&chunk) {
+                    // A failed write (a full disk) may have left anything in the file.
+                    let _ = partial.discard();
+                    return Err(e);
+                }
             }
             Ok(partial)
         });
@@ -532,9 +558,17 @@ impl Attempt<'_> {
     }
 
     async fn restart_partial(&mut self) -> Result<(), ArchiveError> {
+        self.on_partial(Partial::restart).await
+    }
+
+    /// Runs a file operation on the partial on a blocking thread.
+    async fn on_partial(
+        &mut self,
+        f: impl FnOnce(&mut Partial) -> Result<(), ArchiveError> + Send + 'static,
+    ) -> Result<(), ArchiveError> {
         let mut p = self.partial.take().expect("partial is home");
         let (p, r) = tokio::task::spawn_blocking(move || {
-            let r = p.restart();
+            let r = f(&mut p);
             (p, r)
         })
         .await
