@@ -30,6 +30,8 @@ pub struct Settings {
     pub give_up_after: &'static str,
     pub shutdown_grace: &'static str,
     pub max_bytes: &'static str,
+    /// `archive.min_free`: 0 here, so that a full disk on the test machine fails no test.
+    pub min_free: &'static str,
     /// Kept at an hour so every test proves that new rows are noticed without polling.
     pub poll_interval: &'static str,
 }
@@ -45,6 +47,7 @@ impl Settings {
             give_up_after: "1h",
             shutdown_grace: "200ms",
             max_bytes: "16GiB",
+            min_free: "0",
             poll_interval: "1h",
         }
     }
@@ -83,7 +86,7 @@ impl Env {
         format!(
             "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n\
              [queue]\ndatabase = {:?}\npoll_interval = {:?}\n\
-             [archive]\ndir = {:?}\n\
+             [archive]\ndir = {:?}\nmin_free = {:?}\n\
              [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n\
              [retry]\ninitial_delay = {:?}\nmax_delay = {:?}\ngive_up_after = {:?}\n",
             s.base_url,
@@ -92,6 +95,7 @@ impl Env {
             self.db,
             s.poll_interval,
             self.archive,
+            s.min_free,
             s.concurrency,
             s.shutdown_grace,
             s.max_bytes,

@@ -1,0 +1,1484 @@
+#!/usr/bin/env python3
+"""The hingnetd benchmark (issue 5). Started by bench/run, which installs the peers and builds
+the binary. Python standard library only.
+
+Every number is measured from outside the daemon:
+- wall time of a hingnetd batch: from spawning `hingnetd run` on a queue that already holds the
+  rows to the latest `finished_at` the daemon wrote (SQLite's clock is the system clock);
+- wall time of a peer: from spawning its shell to its exit;
+- CPU seconds: the rusage that wait4() returns for the process (for a peer, its shell under
+  GNU time, which includes every descendant it waited for);
+- peak RSS: hingnetd's VmHWM read just before SIGTERM; a peer's ru_maxrss as GNU time reports
+  it, which is the largest single process of the tree, not a sum;
+- pickup latency: from the moment the `sqlite3` shell acknowledged the INSERT (it prints a
+  marker after the statement has committed) to the first request for that ID in nginx's
+  access log ($msec - $request_time, millisecond resolution);
+- start-up: from spawn to the READY=1 datagram on a NOTIFY_SOCKET we listen on, and to the
+  first request in the access log;
+- idle CPU: utime+stime of the daemon from /proc/PID/stat over the window.
+Targets are reported (met / missed), never asserted: the exit code is 0 whenever the harness
+itself worked and every download was correct.
+"""
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import select
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PROFILES = {
+    "full": dict(
+        rounds=3,
+        large=2 * GiB,
+        small=(2000, 1 * MiB),
+        medium=(200, 32 * MiB),
+        conc16=(32, 32 * MiB),
+        pickup=1000,
+        idle_seconds=60,
+        idle_rows=10_000,
+        scale_rows=1_000_000,
+        scale_pending=1000,
+        scale_rounds=3,
+        scale_probes=20,
+        status_reps=5,
+        scale_idle_seconds=20,
+    ),
+    "smoke": dict(
+        rounds=1,
+        large=8 * MiB,
+        small=(40, 64 * KiB),
+        medium=(8, 1 * MiB),
+        conc16=(16, 1 * MiB),
+        pickup=20,
+        idle_seconds=2,
+        idle_rows=200,
+        scale_rows=10_000,
+        scale_pending=20,
+        scale_rounds=1,
+        scale_probes=3,
+        status_reps=2,
+        scale_idle_seconds=1,
+    ),
+}
+WORKLOADS = ["large", "small", "medium", "conc16", "pickup", "idle", "scale"]
+TINY = 4 * KiB  # the files behind pickup and scale IDs
+
+# The peers, as an operator would script them. They follow the API's redirect with the token
+# (curl -L does not forward a custom Authorization header to another host; aria2c sends its
+# --header to every request). The header comes from a file, never the command line.
+CURL = "curl -sSfL --no-progress-meter -H @{hdr}"
+PEERS = {
+    "large": {
+        "curl+sha256sum+sync": (
+            "{curl} -o {out}/{id}.mp4 {api}/v1/videos/{id}/content"
+            " && sha256sum {out}/{id}.mp4 > {sums} && sync {out}/{id}.mp4"
+        ),
+        "curl+sync": "{curl} -o {out}/{id}.mp4 {api}/v1/videos/{id}/content && sync {out}/{id}.mp4",
+    },
+    "many": {
+        "xargs -P8 curl+sha256sum+sync": (
+            "cd {out} && xargs -P 8 -n 1 -a {ids} sh -c '"
+            '{curl} -o "$1.mp4" "{api}/v1/videos/$1/content"'
+            ' && sha256sum "$1.mp4" >> {sums} && sync "$1.mp4"'
+            "' _"
+        ),
+        "aria2c -j8": (
+            "aria2c --conf-path={aria_conf} -j 8 -i {urls} -d {out} --file-allocation=none"
+            " --allow-overwrite=true --auto-file-renaming=false --quiet=true"
+        ),
+    },
+}
+PEER_OF = {"large": "large", "small": "many", "medium": "many", "conc16": None}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def pct(xs, p):
+    """Nearest-rank percentile."""
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = max(0, min(len(xs) - 1, -(-len(xs) * p // 100) - 1))
+    return xs[int(k)]
+
+
+def parse_ts(s):
+    """SQLite's 'YYYY-MM-DDTHH:MM:SS.SSSZ' to epoch seconds."""
+    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def free_port(host):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def cmd_out(args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:  # noqa: BLE001 - best-effort environment description
+        return f"? ({e})"
+
+
+def proc_cpu(pid):
+    """utime+stime of a process (all its threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_ctxsw(pid):
+    """Context switches summed over the process's threads: a proxy for wake-ups."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def proc_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def proc_hwm_kib(pid):
+    """Peak RSS of a running process (VmHWM). ru_maxrss from wait4 cannot be used for a process
+    started from Python: exec() carries the forking process's peak RSS into it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def alive(pid):
+    """Whether a child has not exited, without reaping it."""
+    try:
+        r = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return r is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Test files
+
+
+FTYP = struct.pack(">I4s4sI4s4s4s", 28, b"ftyp", b"isom", 0x200, b"isom", b"iso2", b"mp41")
+CHUNK, SLACK = 16 * MiB, 1 * MiB
+
+
+class Files:
+    """Deterministic pseudo-random MP4-looking files: an ftyp box, a `free` box naming the file,
+    then slices of a seeded random pool at per-file offsets. Their SHA-256 is computed while they
+    are written, so every download can be checked."""
+
+    def __init__(self, root, seed):
+        self.root = root
+        self.seed = seed
+        os.makedirs(root, exist_ok=True)
+        self.manifest_path = os.path.join(root, "manifest.json")
+        self.meta = {}
+        try:
+            with open(self.manifest_path) as f:
+                m = json.load(f)
+            if m.get("seed") == seed:
+                self.meta = m["files"]
+        except (OSError, ValueError, KeyError):
+            pass
+        self._pool = None
+
+    def pool(self):
+        if self._pool is None:
+            self._pool = memoryview(random.Random(self.seed).randbytes(CHUNK + SLACK))
+        return self._pool
+
+    def path(self, name):
+        return os.path.join(self.root, name + ".mp4")
+
+    def ensure(self, names, size):
+        made = 0
+        for name in names:
+            m = self.meta.get(name)
+            p = self.path(name)
+            if m and m[0] == size and os.path.exists(p) and os.path.getsize(p) == size:
+                continue
+            self.meta[name] = [size, self._write(p, name, size)]
+            made += size
+        if made:
+            with open(self.manifest_path, "w") as f:
+                json.dump({"seed": self.seed, "files": self.meta}, f)
+        return made
+
+    def _write(self, path, name, size):
+        pool = self.pool()
+        tag = f"hingnetd-bench seed={self.seed} {name}".encode()
+        head = (FTYP + struct.pack(">I4s", 8 + len(tag), b"free") + tag)[:size]
+        h = hashlib.sha256(head)
+        base = zlib.crc32(name.encode())
+        with open(path, "wb", buffering=0) as f:
+            f.write(head)
+            left, k = size - len(head), 0
+            while left:
+                off = (base + k * 40961) % SLACK
+                n = min(left, CHUNK)
+                piece = pool[off : off + n]
+                f.write(piece)
+                h.update(piece)
+                left -= n
+                k += 1
+        return h.hexdigest()
+
+    def size(self, name):
+        return self.meta[name][0]
+
+    def sha(self, name):
+        return self.meta[name][1]
+
+    def prewarm(self, names):
+        """Reads the files so that the server sends them from the page cache."""
+        buf = bytearray(8 * MiB)
+        for name in names:
+            with open(self.path(name), "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The loopback API + CDN
+
+
+NGINX_CONF = r"""
+{user}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    types {{ video/mp4 mp4; }}
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+    server_tokens off;
+    map_hash_bucket_size 256;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    # $msec - $request_time is when the request arrived (millisecond resolution).
+    log_format bench '$msec $request_time $status $request_uri';
+    map $http_authorization $auth_ok {{ "Bearer {token}" 1; default 0; }}
+    map $uri $not_ready {{ "~^/v1/videos/notready_" 1; default 0; }}
+    map $uri $gone {{ "~^/v1/videos/gone_" 1; default 0; }}
+
+    # The API: checks the token, answers "not ready" (400) for IDs starting notready_, "not
+    # found" (404) for gone_, and otherwise redirects to a signed-looking CDN URL.
+    server {{
+        listen 127.0.0.1:{api_port};
+        access_log {prefix}/api.log bench;
+        default_type application/json;
+        location ~ "^/v1/videos/(?<vid>[A-Za-z0-9_-]{{1,128}})/content$" {{
+            if ($auth_ok = 0) {{
+                return 401 '{{"error":{{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}}}';
+            }}
+            if ($not_ready) {{
+                return 400 '{{"error":{{"message":"Video is not ready yet, try again later","type":"invalid_request_error","param":null,"code":"video_not_ready"}}}}';
+            }}
+            if ($gone) {{
+                return 404 '{{"error":{{"message":"Video not found","type":"invalid_request_error","param":null,"code":"not_found"}}}}';
+            }}
+            return 302 "http://127.0.0.2:{cdn_port}/files/$vid.mp4?Expires=4102444800&Signature=bench-signature";
+        }}
+        location ~ "^/v1/videos/(?<vid>[A-Za-z0-9_-]{{1,128}})$" {{
+            if ($auth_ok = 0) {{
+                return 401 '{{"error":{{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}}}';
+            }}
+            if ($not_ready) {{
+                return 200 '{{"id":"$vid","object":"video","status":"processing","progress":50}}';
+            }}
+            if ($gone) {{
+                return 404 '{{"error":{{"message":"Video not found","type":"invalid_request_error","param":null,"code":"not_found"}}}}';
+            }}
+            return 200 '{{"id":"$vid","object":"video","status":"completed","progress":100}}';
+        }}
+        location / {{
+            return 404 '{{"error":{{"message":"Unknown route","type":"invalid_request_error","param":null,"code":"not_found"}}}}';
+        }}
+    }}
+
+    # The CDN: the files, with sendfile.
+    server {{
+        listen 127.0.0.2:{cdn_port};
+        access_log off;
+        location /files/ {{
+            alias {files}/;
+        }}
+    }}
+}}
+"""
+
+
+class Server:
+    def __init__(self, prefix, files_dir, token):
+        self.prefix = prefix
+        self.token = token
+        os.makedirs(os.path.join(prefix, "tmp"), exist_ok=True)
+        self.api_port = free_port("127.0.0.1")
+        self.cdn_port = free_port("127.0.0.2")
+        self.api = f"http://127.0.0.1:{self.api_port}"
+        self.log_path = os.path.join(prefix, "api.log")
+        conf = NGINX_CONF.format(
+            user="user root;" if os.geteuid() == 0 else "",
+            prefix=prefix,
+            token=token,
+            api_port=self.api_port,
+            cdn_port=self.cdn_port,
+            files=files_dir,
+        )
+        self.conf = os.path.join(prefix, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(conf)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.version = cmd_out([nginx, "-v"]) or subprocess.run(
+            [nginx, "-v"], capture_output=True, text=True
+        ).stderr.strip()
+        self.proc = subprocess.Popen(
+            [nginx, "-p", prefix, "-c", self.conf],
+            stdin=subprocess.DEVNULL,
+            stdout=open(os.path.join(prefix, "stdout.log"), "w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 10
+        for host, port in (("127.0.0.1", self.api_port), ("127.0.0.2", self.cdn_port)):
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("nginx exited: " + self.tail())
+                try:
+                    socket.create_connection((host, port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError("nginx did not listen: " + self.tail())
+                    time.sleep(0.02)
+
+    def tail(self):
+        out = []
+        for n in ("error.log", "stdout.log"):
+            p = os.path.join(self.prefix, n)
+            if os.path.exists(p):
+                out.append(open(p, errors="replace").read()[-2000:])
+        return "\n".join(out)
+
+    def log_offset(self):
+        try:
+            return os.path.getsize(self.log_path)
+        except FileNotFoundError:
+            return 0
+
+    def first_requests(self, since, prefix=""):
+        """{video_id: arrival time of its first /content request} from the access log."""
+        first = {}
+        with open(self.log_path) as f:
+            f.seek(since)
+            for line in f:
+                parts = line.split()
+                if len(parts) != 4:
+                    continue
+                msec, rtime, _status, uri = parts
+                if not (uri.startswith("/v1/videos/") and uri.endswith("/content")):
+                    continue
+                vid = uri[len("/v1/videos/") : -len("/content")]
+                if not vid.startswith(prefix):
+                    continue
+                t = float(msec) - float(rtime)
+                if vid not in first or t < first[vid]:
+                    first[vid] = t
+        return first
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# hingnetd
+
+
+class Notify(threading.Thread):
+    """A NOTIFY_SOCKET: records when each sd_notify datagram arrives."""
+
+    def __init__(self, path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.messages = []
+        self.ready = threading.Event()
+        self.ready_at = None
+        self.start()
+
+    def run(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            t = time.time()
+            self.messages.append((t, data))
+            if b"READY=1" in data.split(b"\n") and self.ready_at is None:
+                self.ready_at = t
+                self.ready.set()
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class Daemon:
+    """One `hingnetd run` on a fresh queue database and a fresh archive directory."""
+
+    def __init__(self, bench, name, concurrency=8, poll="5s", initial_delay="30s", db=None):
+        self.bench = bench
+        self.name = name
+        self.dir = bench.fresh_dir(name)
+        self.db = os.path.join(self.dir, "queue.db")
+        self.archive = os.path.join(self.dir, "videos")
+        self.cfg = os.path.join(self.dir, "hingnetd.toml")
+        self.log_path = os.path.join(bench.logs, f"{name}.log")
+        self.proc = None
+        self.notify = None
+        self.hwm_kib = None
+        token_file = os.path.join(self.dir, "token")
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, bench.token.encode() + b"\n")
+        os.close(fd)
+        with open(self.cfg, "w") as f:
+            f.write(
+                f"""[api]
+base_url = "{bench.server.api}"
+token_file = "{token_file}"
+
+[queue]
+database = "{self.db}"
+poll_interval = "{poll}"
+
+[archive]
+dir = "{self.archive}"
+
+[download]
+concurrency = {concurrency}
+
+[retry]
+initial_delay = "{initial_delay}"
+
+[log]
+level = "info"
+format = "text"
+"""
+            )
+        if db:
+            shutil.copyfile(db, self.db)
+        self.hingnetd("migrate")
+
+    def hingnetd(self, *args, capture=False):
+        r = subprocess.run(
+            [self.bench.bin, "--config", self.cfg, *args],
+            env=self.bench.env,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"hingnetd {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}")
+        return r.stdout if capture else None
+
+    def timed(self, *args):
+        t = time.perf_counter()
+        self.hingnetd(*args)
+        return time.perf_counter() - t
+
+    def enqueue(self, ids):
+        """The producers' contract, from Python's sqlite3, in one transaction."""
+        con = sqlite3.connect(self.db, timeout=30)
+        with con:
+            con.executemany("INSERT OR IGNORE INTO queue(video_id) VALUES (?)", [(i,) for i in ids])
+        con.close()
+
+    def start(self):
+        sock = os.path.join(self.dir, "notify.sock")
+        self.notify = Notify(sock)
+        env = dict(self.bench.env, NOTIFY_SOCKET=sock)
+        self.logf = open(self.log_path, "ab")
+        self.t_spawn = time.time()
+        self.proc = subprocess.Popen(
+            [self.bench.bin, "--config", self.cfg, "run"],
+            stdin=subprocess.DEVNULL,
+            stdout=self.logf,
+            stderr=self.logf,
+            env=env,
+        )
+        return self.t_spawn
+
+    def wait_ready(self, timeout=60):
+        deadline = time.time() + timeout
+        while not self.notify.ready.wait(0.05):
+            if not alive(self.proc.pid):
+                raise RuntimeError(f"{self.name}: hingnetd exited before READY: {self.log_tail()}")
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.name}: no READY=1 within {timeout}s: {self.log_tail()}")
+        return self.notify.ready_at
+
+    def ro(self):
+        return sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+
+    def wait_drained(self, timeout, where="1"):
+        """Polls until no matching row is pending or downloading."""
+        con = self.ro()
+        deadline = time.time() + timeout
+        try:
+            while True:
+                n = con.execute(
+                    "SELECT count(*) FROM queue WHERE state IN ('pending', 'downloading') AND " + where
+                ).fetchone()[0]
+                if n == 0:
+                    return
+                if not alive(self.proc.pid):
+                    raise RuntimeError(f"{self.name}: hingnetd exited with {n} rows left: {self.log_tail()}")
+                if time.time() > deadline:
+                    raise RuntimeError(f"{self.name}: {n} rows still unfinished after {timeout}s")
+                time.sleep(0.1)
+        finally:
+            con.close()
+
+    def stop(self):
+        """SIGTERM, then wait4: exit code and rusage of the daemon."""
+        if self.proc is None:
+            return None, None
+        self.hwm_kib = proc_hwm_kib(self.proc.pid)
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + 60
+        while alive(self.proc.pid) and time.time() < deadline:
+            time.sleep(0.02)
+        if alive(self.proc.pid):
+            self.proc.kill()
+        _, status, ru = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.logf.close()
+        self.notify.close()
+        code = self.proc.returncode
+        if code != 0:
+            self.bench.anomaly(self.name, f"hingnetd exited {code} after SIGTERM")
+        return code, ru
+
+    def log_tail(self):
+        try:
+            return open(self.log_path, errors="replace").read()[-3000:]
+        except OSError:
+            return ""
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.profile = dict(PROFILES["smoke" if args.smoke else "full"])
+        if args.rounds:
+            self.profile["rounds"] = args.rounds
+            self.profile["scale_rounds"] = min(args.rounds, self.profile["scale_rounds"])
+        self.bin = os.path.abspath(args.bin)
+        self.seed = args.seed
+        self.rng = random.Random(self.seed)
+        self.token = "oh-bench-" + random.Random(self.seed ^ 0x70CE).randbytes(16).hex()
+        if args.workdir:
+            self.work = os.path.abspath(args.workdir)
+            os.makedirs(self.work, exist_ok=True)
+            self.own_work = False
+        else:
+            self.work = tempfile.mkdtemp(prefix="hingnetd-bench.", dir=args.tmpdir)
+            self.own_work = True
+        os.chmod(self.work, 0o755)
+        self.logs = os.path.join(self.work, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.files = Files(os.path.join(self.work, "files"), self.seed)
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+            and k not in ("HINGNET_TOKEN", "HINGNETD_CONFIG", "RUST_LOG", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")
+        }
+        self.env["NO_PROXY"] = self.env["no_proxy"] = "127.0.0.1,127.0.0.2"
+        self.runs = []  # throughput samples
+        self.results = {}
+        self.anomalies = []
+        self.counter = 0
+        self.server = None
+
+    # -- helpers --
+
+    def fresh_dir(self, name):
+        self.counter += 1
+        d = os.path.join(self.work, "runs", f"{self.counter:03d}-{name}")
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        return d
+
+    def anomaly(self, where, what):
+        self.anomalies.append({"where": where, "what": what})
+        log(f"  ! {where}: {what}")
+
+    def settle(self):
+        """Writes back whatever an earlier run left dirty, so it is not billed to the next one."""
+        os.sync()
+        time.sleep(0.2)
+
+    def check_space(self):
+        p = self.profile
+        need = 2 * p["large"] + sum(n * s for n, s in (p["small"], p["medium"], p["conc16"]))
+        need += max(p["large"], p["small"][0] * p["small"][1], p["medium"][0] * p["medium"][1])
+        need += p["scale_rows"] * 1500 + 512 * MiB
+        st = os.statvfs(self.work)
+        free = st.f_bavail * st.f_frsize
+        log(f"work dir {self.work}: {free / GiB:.1f} GiB free, about {need / GiB:.1f} GiB needed")
+        if free < need:
+            raise SystemExit(f"bench: not enough space in {self.work} (use --workdir or --tmpdir)")
+
+    def environment(self):
+        cpu = "?"
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        mem = "?"
+        try:
+            for line in open("/proc/meminfo"):
+                if line.startswith("MemTotal"):
+                    mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+        except OSError:
+            pass
+        sha_ni = "?"
+        try:
+            sha_ni = "yes" if " sha_ni" in open("/proc/cpuinfo").read() else "no"
+        except OSError:
+            pass
+        repo = self.args.repo
+        head = cmd_out(["git", "-C", repo, "rev-parse", "--short=12", "HEAD"]) if repo else "?"
+        dirty = cmd_out(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"]) if repo else ""
+        return {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "sha_ni": sha_ni,
+            "memory": mem,
+            "kernel": platform.release(),
+            "filesystem": cmd_out(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", self.work]),
+            "work_dir": self.work,
+            "hingnetd": f"{cmd_out([self.bin, '--version'])} ({self.bin}); checkout at git {head}{' with uncommitted changes' if dirty else ''}",
+            "curl": cmd_out(["curl", "--version"]).splitlines()[0] if shutil.which("curl") else "missing",
+            "aria2c": cmd_out(["aria2c", "--version"]).splitlines()[0] if shutil.which("aria2c") else "missing",
+            "sha256sum": cmd_out(["sha256sum", "--version"]).splitlines()[0],
+            "sqlite3": cmd_out(["sqlite3", "--version"]).split(" ")[0],
+            "nginx": self.server.version if self.server else "?",
+            "python": platform.python_version(),
+            "loadavg_start": open("/proc/loadavg").read().split()[:3],
+        }
+
+    def scan_logs(self):
+        """WARN/ERROR lines in the daemons' logs, grouped by message."""
+        seen = {}
+        for name in sorted(os.listdir(self.logs)):
+            with open(os.path.join(self.logs, name), errors="replace") as f:
+                for line in f:
+                    if " WARN " in line or " ERROR " in line or "panicked" in line:
+                        # Strip the timestamp and the IDs so that repeats group together.
+                        text = line.strip()
+                        key = text.split(" ", 1)[1] if text[:4].isdigit() else text
+                        key = " ".join(w for w in key.split() if not w.startswith(("video_id=", "elapsed_ms=", "bytes=")))
+                        entry = seen.setdefault(key[:300], {"count": 0, "logs": set(), "example": text[:400]})
+                        entry["count"] += 1
+                        entry["logs"].add(name)
+        return [
+            {"message": k, "count": v["count"], "runs": sorted(v["logs"])[:5], "example": v["example"]}
+            for k, v in sorted(seen.items(), key=lambda kv: -kv[1]["count"])
+        ]
+
+    # -- throughput workloads --
+
+    def sample(self, workload, tool, rnd, wall, nbytes, nfiles, ru, maxrss_kib, ok, error=None, extra=None):
+        s = {
+            "workload": workload,
+            "tool": tool,
+            "round": rnd,
+            "wall_s": wall,
+            "bytes": nbytes,
+            "files": nfiles,
+            "cpu_s": (ru.ru_utime + ru.ru_stime) if ru else None,
+            "user_s": ru.ru_utime if ru else None,
+            "sys_s": ru.ru_stime if ru else None,
+            "maxrss_kib": maxrss_kib,
+            "ok": ok,
+            "error": error,
+            "loadavg": open("/proc/loadavg").read().split()[0],
+        }
+        if extra:
+            s.update(extra)
+        self.runs.append(s)
+        mib = nbytes / MiB
+        log(
+            f"  {workload:7} r{rnd} {tool:32} {wall:8.3f} s  {mib / wall:8.1f} MiB/s  "
+            f"cpu {s['cpu_s'] or 0:6.2f} s  rss {(s['maxrss_kib'] or 0) / 1024:6.1f} MiB  {'ok' if ok else 'FAILED: ' + str(error)}"
+        )
+
+    def run_hingnetd(self, workload, rnd, ids, concurrency):
+        nbytes = sum(self.files.size(i) for i in ids)
+        d = Daemon(self, f"{workload}-r{rnd}-hingnetd", concurrency=concurrency)
+        d.enqueue(ids)
+        self.settle()
+        err, extra = None, {}
+        try:
+            t0 = d.start()
+            d.wait_drained(timeout=self.args.timeout)
+            extra["ready_s"] = d.notify.ready_at - t0 if d.notify.ready_at else None
+        except RuntimeError as e:
+            err = str(e)
+        code, ru = d.stop()
+        con = d.ro()
+        rows = {r[0]: r[1:] for r in con.execute("SELECT video_id, state, sha256, bytes, last_error, finished_at FROM queue")}
+        con.close()
+        bad = [
+            f"{i}: {rows.get(i)}"
+            for i in ids
+            if i not in rows or rows[i][0] != "done" or rows[i][1] != self.files.sha(i) or rows[i][2] != self.files.size(i)
+        ]
+        if bad and not err:
+            err = f"{len(bad)} rows wrong, e.g. {bad[0]}"
+        wall = None
+        if not err:
+            t_end = max(parse_ts(r[4]) for r in rows.values())
+            wall = t_end - t0
+        if code != 0 and not err:
+            err = f"exit code {code}"
+        self.sample(workload, "hingnetd", rnd, wall or float("nan"), nbytes, len(ids), ru, d.hwm_kib, err is None, err, extra)
+        d.remove()
+
+    def run_peer(self, workload, rnd, tool, template, ids):
+        nbytes = sum(self.files.size(i) for i in ids)
+        d = self.fresh_dir(f"{workload}-r{rnd}-{tool.split()[0].split('+')[0]}")
+        out = os.path.join(d, "out")
+        os.makedirs(out)
+        sums = os.path.join(d, "sums.txt")
+        ids_file = os.path.join(d, "ids.txt")
+        with open(ids_file, "w") as f:
+            f.write("".join(i + "\n" for i in ids))
+        urls = os.path.join(d, "urls.txt")
+        with open(urls, "w") as f:
+            for i in ids:
+                f.write(f"{self.server.api}/v1/videos/{i}/content\n  out={i}.mp4\n")
+        cmd = template.format(
+            curl=CURL.format(hdr=shlex.quote(self.hdr_file)),
+            out=shlex.quote(out),
+            id=ids[0],
+            api=self.server.api,
+            sums=shlex.quote(sums),
+            ids=shlex.quote(ids_file),
+            urls=shlex.quote(urls),
+            aria_conf=shlex.quote(self.aria_conf),
+        )
+        # GNU time forks the shell, so the tree's ru_maxrss is not inflated by Python's own RSS
+        # (exec() carries the peak RSS of the process that forked over).
+        rss_file = os.path.join(d, "rss.txt")
+        self.settle()
+        t0 = time.time()
+        p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_file, "bash", "-c", cmd], env=self.env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(d, "stderr.txt"), "w"))
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.time() - t0
+        p.returncode = code = os.waitstatus_to_exitcode(status)
+        try:
+            maxrss = int(open(rss_file).read().split()[-1])
+        except (OSError, ValueError, IndexError):
+            maxrss = None
+        err = None
+        if code != 0:
+            err = f"exit code {code}: " + open(os.path.join(d, "stderr.txt"), errors="replace").read()[-300:]
+        else:
+            wrong = [i for i in ids if not os.path.exists(os.path.join(out, i + ".mp4"))
+                     or os.path.getsize(os.path.join(out, i + ".mp4")) != self.files.size(i)]
+            if "sha256sum" in template:
+                got = {}
+                for line in open(sums):
+                    h, _, name = line.strip().partition("  ")
+                    got[os.path.basename(name)[:-4]] = h
+                wrong += [i for i in ids if got.get(i) != self.files.sha(i)]
+            if wrong:
+                err = f"{len(wrong)} files wrong, e.g. {wrong[0]}"
+        self.sample(workload, tool, rnd, wall, nbytes, len(ids), ru, maxrss, err is None, err)
+        shutil.rmtree(d, ignore_errors=True)
+
+    def throughput(self, workload, ids, concurrency):
+        peers = PEERS[PEER_OF[workload]] if PEER_OF[workload] else {}
+        tools = ["hingnetd", *peers]
+        rounds = self.profile["rounds"] if peers else 1
+        self.files.prewarm(ids)
+        for rnd in range(1, rounds + 1):
+            k = (rnd - 1) % len(tools)
+            for tool in tools[k:] + tools[:k]:  # alternate which tool goes first
+                if tool == "hingnetd":
+                    self.run_hingnetd(workload, rnd, ids, concurrency)
+                else:
+                    self.run_peer(workload, rnd, tool, peers[tool], ids)
+
+    # -- pickup latency --
+
+    def pickup(self):
+        n = self.profile["pickup"]
+        ids = [f"pick_{i:04d}" for i in range(n)]
+        d = Daemon(self, "pickup", concurrency=8, poll="60s")
+        t0 = d.start()
+        d.wait_ready()
+        ready_s = d.notify.ready_at - t0
+        time.sleep(1)
+        since = self.server.log_offset()
+        rng = random.Random(self.seed + 1)
+        sh = subprocess.Popen(["sqlite3", d.db], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, bufsize=1, env=self.env)
+        sh.stdin.write(".timeout 10000\n.print started\n")
+        sh.stdin.flush()
+        sh.stdout.readline()
+        acks, sends, gaps = {}, {}, []
+        for vid in ids:
+            sends[vid] = time.time()
+            sh.stdin.write(f"INSERT OR IGNORE INTO queue(video_id) VALUES ('{vid}');\n.print ok\n")
+            sh.stdin.flush()
+            line = sh.stdout.readline()
+            acks[vid] = time.time()
+            if line.strip() != "ok":
+                self.anomaly("pickup", f"sqlite3 shell said {line.strip()!r}")
+            gap = rng.uniform(0.020, 0.050)
+            gaps.append(gap)
+            time.sleep(gap)
+        sh.stdin.close()
+        sh.wait()
+        err = None
+        try:
+            d.wait_drained(timeout=self.args.timeout)
+        except RuntimeError as e:
+            err = str(e)
+        code, ru = d.stop()
+        first = self.server.first_requests(since, "pick_")
+        lat = [(first[v] - acks[v]) * 1000 for v in ids if v in first]
+        missing = [v for v in ids if v not in first]
+        if missing:
+            err = err or f"{len(missing)} IDs never requested, e.g. {missing[0]}"
+        ack_ms = [(acks[v] - sends[v]) * 1000 for v in ids]
+        r = {
+            "inserts": n,
+            "p50_ms": pct(lat, 50),
+            "p90_ms": pct(lat, 90),
+            "p99_ms": pct(lat, 99),
+            "max_ms": max(lat) if lat else None,
+            "min_ms": min(lat) if lat else None,
+            "mean_ms": statistics.fmean(lat) if lat else None,
+            "over_250ms": sum(1 for x in lat if x > 250),
+            "insert_ack_p50_ms": pct(ack_ms, 50),
+            "insert_ack_p99_ms": pct(ack_ms, 99),
+            "gap_ms_mean": statistics.fmean(gaps) * 1000,
+            "ready_s": ready_s,
+            "maxrss_kib": d.hwm_kib,
+            "cpu_s": (ru.ru_utime + ru.ru_stime) if ru else None,
+            "ok": err is None,
+            "error": err,
+        }
+        log(f"  pickup: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms over {len(lat)} inserts"
+            if lat else f"  pickup: no latencies ({err})")
+        self.results["pickup"] = r
+        d.remove()
+
+    # -- idle cost --
+
+    def idle_one(self, label, rows):
+        secs = self.profile["idle_seconds"]
+        d = Daemon(self, f"idle-{label}", concurrency=8, poll="5s", initial_delay="10m")
+        if rows:
+            # The state a 400 ("not ready") leaves behind: one attempt, its next one later.
+            # Spread between 10 and 70 minutes from now, so none falls due in the window.
+            con = sqlite3.connect(d.db, timeout=30)
+            rng = random.Random(self.seed + 2)
+            with con:
+                con.executemany(
+                    "INSERT INTO queue(video_id, attempts, http_status, last_error, first_attempt_at, next_attempt_at) "
+                    "VALUES (?, 1, 400, 'not ready (400): Video is not ready yet, try again later', "
+                    "strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?))",
+                    [(f"notready_{i:05d}", f"+{rng.randint(600, 4200)} seconds") for i in range(rows)],
+                )
+            con.close()
+        since = self.server.log_offset()
+        t0 = d.start()
+        d.wait_ready()
+        time.sleep(2)  # start-up work (orphan check, first look, status line) is not idle time
+        pid = d.proc.pid
+        c0, s0, w0 = proc_cpu(pid), proc_ctxsw(pid), time.time()
+        time.sleep(secs)
+        c1, s1, w1 = proc_cpu(pid), proc_ctxsw(pid), time.time()
+        rss = proc_rss_kib(pid)
+        code, ru = d.stop()
+        requests = len(self.server.first_requests(since))
+        cpu = c1 - c0
+        r = {
+            "rows": rows,
+            "window_s": w1 - w0,
+            "cpu_s": cpu,
+            "cpu_pct_of_core": 100 * cpu / (w1 - w0),
+            "wakeups_per_s": (s1 - s0) / (w1 - w0),
+            "rss_kib": rss,
+            "requests_during_run": requests,
+            "ready_s": d.notify.ready_at - t0,
+            "ok": code == 0,
+        }
+        if requests:
+            self.anomaly(f"idle-{label}", f"{requests} API requests while the queue held only not-due rows")
+        log(f"  idle {label}: {cpu:.2f} CPU s over {w1 - w0:.0f} s = {r['cpu_pct_of_core']:.3f}% of a core, "
+            f"{r['wakeups_per_s']:.1f} context switches/s, RSS {rss / 1024:.1f} MiB")
+        d.remove()
+        return r
+
+    def idle(self):
+        self.results["idle"] = {
+            "empty": self.idle_one("empty", 0),
+            "not_ready": self.idle_one("notready", self.profile["idle_rows"]),
+        }
+
+    # -- queue scale --
+
+    def build_scale_db(self):
+        p = self.profile
+        n, pending = p["scale_rows"], p["scale_pending"]
+        old = n - pending
+        d = Daemon(self, "scale-base")
+        path = d.db
+        t = time.time()
+        # Mostly done (one in 110 failed), with the attempt_log row each of them left, then the
+        # pending ones. IDs look like real ones ('video_' + 48 hex digits).
+        sql = f"""
+PRAGMA synchronous = OFF;
+BEGIN;
+WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {old})
+INSERT INTO queue(video_id, state, attempts, next_attempt_at, last_error, http_status, path, sha256,
+                  bytes, enqueued_at, first_attempt_at, finished_at)
+SELECT id, st, 1, ts,
+       CASE st WHEN 'failed' THEN 'not found (404, confirmed by the status endpoint)' END,
+       CASE st WHEN 'done' THEN 200 ELSE 404 END,
+       CASE st WHEN 'done' THEN '{d.archive}/' || id || '.mp4' END,
+       CASE st WHEN 'done' THEN printf('%08x%08x%08x%08x%08x%08x%08x%08x',
+            (i * 2654435761) % 4294967296, (i * 2246822519 + 7) % 4294967296,
+            (i * 3266489917 + 11) % 4294967296, (i * 668265263 + 13) % 4294967296,
+            (i * 374761393 + 17) % 4294967296, (i * 2654435761 + 19) % 4294967296,
+            (i * 2246822519 + 23) % 4294967296, i) END,
+       CASE st WHEN 'done' THEN 5000000 + (i * 7919) % 60000000 END,
+       ts, ts, ts
+FROM (SELECT i,
+             printf('video_%08x%08x%08x%08x%08x%08x', (i * 2654435761 + {self.seed}) % 4294967296,
+                    (i * 2246822519) % 4294967296, (i * 3266489917) % 4294967296,
+                    (i * 668265263) % 4294967296, (i * 374761393) % 4294967296, i) AS id,
+             CASE WHEN i % 110 = 0 THEN 'failed' ELSE 'done' END AS st,
+             strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%d seconds', ({old} - i) * 2 + 3600)) AS ts
+      FROM c);
+INSERT INTO attempt_log(video_id, at, attempt, outcome, http_status, bytes, elapsed_ms, detail)
+SELECT video_id, finished_at, 1, CASE state WHEN 'done' THEN 'done' ELSE 'failed' END, http_status,
+       bytes, 900, CASE state WHEN 'done' THEN 'archived' ELSE last_error END
+FROM queue WHERE state IN ('done', 'failed');
+WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i < {pending - 1})
+INSERT INTO queue(video_id, enqueued_at, next_attempt_at)
+SELECT printf('scale_p_%04d', i), strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-60 seconds'),
+       strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-60 seconds') FROM c;
+COMMIT;
+PRAGMA wal_checkpoint(TRUNCATE);
+"""
+        r = subprocess.run(["sqlite3", path], input=sql, capture_output=True, text=True, env=self.env)
+        if r.returncode != 0:
+            raise RuntimeError(f"building the scale database: {r.stderr}")
+        build_s = time.time() - t
+        base = os.path.join(self.work, "scale-base.db")
+        os.replace(path, base)
+        d.remove()
+        log(f"  scale: built {n:,} rows in {build_s:.1f} s, {os.path.getsize(base) / MiB:.0f} MiB")
+        return base, build_s
+
+    def scale(self):
+        p = self.profile
+        base, build_s = self.build_scale_db()
+        pending = [f"scale_p_{i:04d}" for i in range(p["scale_pending"])]
+        probes = [f"scale_probe_{i:02d}" for i in range(p["scale_probes"])]
+        rounds = []
+        for rnd in range(1, p["scale_rounds"] + 1):
+            self.settle()
+            d = Daemon(self, f"scale-r{rnd}", concurrency=8, poll="5s", db=base)
+            r = {"round": rnd}
+            # `status` with no daemon running, straight after the copy (page cache warm).
+            r["status_cold_s"] = d.timed("status")
+            since = self.server.log_offset()
+            t0 = d.start()
+            d.wait_ready()
+            r["ready_s"] = d.notify.ready_at - t0
+            d.wait_drained(timeout=self.args.timeout, where="video_id >= 'scale_p_' AND video_id < 'scale_q'")
+            first = self.server.first_requests(since, "scale_p_")
+            r["first_request_s"] = min(first.values()) - t0 if first else None
+            r["ready_to_first_request_ms"] = (min(first.values()) - d.notify.ready_at) * 1000 if first else None
+            con = d.ro()
+            last = con.execute(
+                "SELECT max(finished_at) FROM queue WHERE video_id >= 'scale_p_' AND video_id < 'scale_q'"
+            ).fetchone()[0]
+            con.close()
+            r["drain_pending_s"] = parse_ts(last) - min(first.values()) if first and last else None
+            time.sleep(1)
+            # `status` against a running daemon.
+            r["status_s"] = [d.timed("status") for _ in range(p["status_reps"])]
+            r["status_json_s"] = d.timed("status", "--json")
+            r["list_s"] = d.timed("list", "--limit", "20")
+            # Idle cost with a million rows.
+            pid = d.proc.pid
+            c0, w0 = proc_cpu(pid), time.time()
+            time.sleep(p["scale_idle_seconds"])
+            r["idle_cpu_pct"] = 100 * (proc_cpu(pid) - c0) / (time.time() - w0)
+            # Insert → first request, one ID at a time, on the big table.
+            since2 = self.server.log_offset()
+            acks = {}
+            sh = subprocess.Popen(["sqlite3", d.db], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1, env=self.env)
+            sh.stdin.write(".timeout 10000\n.print started\n")
+            sh.stdin.flush()
+            sh.stdout.readline()
+            for vid in probes:
+                sh.stdin.write(f"INSERT OR IGNORE INTO queue(video_id) VALUES ('{vid}');\n.print ok\n")
+                sh.stdin.flush()
+                sh.stdout.readline()
+                acks[vid] = time.time()
+                time.sleep(0.2)
+            sh.stdin.close()
+            sh.wait()
+            d.wait_drained(timeout=60, where="video_id >= 'scale_probe_' AND video_id < 'scale_probf'")
+            f2 = self.server.first_requests(since2, "scale_probe_")
+            lat = [(f2[v] - acks[v]) * 1000 for v in probes if v in f2]
+            r["insert_to_request_ms"] = {"p50": pct(lat, 50), "max": max(lat) if lat else None, "n": len(lat)}
+            code, ru = d.stop()
+            r["maxrss_kib"] = d.hwm_kib
+            r["exit_code"] = code
+            r["db_bytes"] = sum(
+                os.path.getsize(d.db + s) for s in ("", "-wal", "-shm") if os.path.exists(d.db + s)
+            )
+            log(f"  scale r{rnd}: READY {r['ready_s'] * 1000:.0f} ms, first request {r['first_request_s'] * 1000:.0f} ms, "
+                f"status {median(r['status_s']) * 1000:.0f} ms (cold {r['status_cold_s'] * 1000:.0f} ms), "
+                f"insert→request p50 {r['insert_to_request_ms']['p50']:.1f} ms, idle {r['idle_cpu_pct']:.3f}% of a core")
+            rounds.append(r)
+            d.remove()
+        os.remove(base)
+        self.results["scale"] = {
+            "rows": p["scale_rows"],
+            "pending": p["scale_pending"],
+            "build_s": build_s,
+            "rounds": rounds,
+            "ready_s": median([r["ready_s"] for r in rounds]),
+            "first_request_s": median([r["first_request_s"] for r in rounds]),
+            "ready_to_first_request_ms": median([r["ready_to_first_request_ms"] for r in rounds]),
+            "status_s": median([s for r in rounds for s in r["status_s"]]),
+            "status_cold_s": median([r["status_cold_s"] for r in rounds]),
+            "status_json_s": median([r["status_json_s"] for r in rounds]),
+            "list_s": median([r["list_s"] for r in rounds]),
+            "insert_to_request_p50_ms": median([r["insert_to_request_ms"]["p50"] for r in rounds]),
+            "idle_cpu_pct": median([r["idle_cpu_pct"] for r in rounds]),
+            "db_bytes": max(r["db_bytes"] for r in rounds),
+            "maxrss_kib": max(r["maxrss_kib"] or 0 for r in rounds),
+        }
+
+    # -- driver --
+
+    def main(self):
+        p = self.profile
+        t_start = time.time()
+        log(f"hingnetd benchmark ({'smoke' if self.args.smoke else 'full'}): seed {self.seed}, "
+            f"{p['rounds']} round(s), workloads {', '.join(self.args.only)}")
+        self.check_space()
+        self.server = Server(os.path.join(self.work, "nginx"), self.files.root, self.token)
+        self.hdr_file = os.path.join(self.work, "auth-header")
+        self.aria_conf = os.path.join(self.work, "aria2.conf")
+        for path, text in ((self.hdr_file, f"Authorization: Bearer {self.token}\n"),
+                           (self.aria_conf, f"header=Authorization: Bearer {self.token}\n")):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, text.encode())
+            os.close(fd)
+        env = self.environment()
+        log(f"server: API {self.server.api}, CDN http://127.0.0.2:{self.server.cdn_port}; token file {self.hdr_file}")
+
+        sets = {
+            "large": (["large_0"], p["large"], 1),
+            "small": ([f"small_{i:04d}" for i in range(p["small"][0])], p["small"][1], 8),
+            "medium": ([f"medium_{i:03d}" for i in range(p["medium"][0])], p["medium"][1], 8),
+            "conc16": ([f"conc16_{i:02d}" for i in range(p["conc16"][0])], p["conc16"][1], 16),
+        }
+        t = time.time()
+        made = 0
+        for w, (ids, size, _) in sets.items():
+            if w in self.args.only:
+                made += self.files.ensure(ids, size)
+        if "pickup" in self.args.only:
+            made += self.files.ensure([f"pick_{i:04d}" for i in range(p["pickup"])], TINY)
+        if "scale" in self.args.only:
+            made += self.files.ensure([f"scale_p_{i:04d}" for i in range(p["scale_pending"])], TINY)
+            made += self.files.ensure([f"scale_probe_{i:02d}" for i in range(p["scale_probes"])], TINY)
+        os.sync()
+        gen_s = time.time() - t
+        log(f"files: {made / GiB:.2f} GiB written in {gen_s:.1f} s (seed {self.seed})")
+
+        # The server answers as the daemon expects, before anything is timed.
+        probe = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", f"@{self.hdr_file}",
+             f"{self.server.api}/v1/videos/notready_x/content"], capture_output=True, text=True, env=self.env)
+        if not probe.stdout.startswith("400"):
+            raise RuntimeError(f"server self-check (not ready) failed: {probe.stdout} {probe.stderr}")
+
+        for w in WORKLOADS:
+            if w not in self.args.only:
+                continue
+            log(f"== {w}")
+            tw = time.time()
+            if w in sets:
+                ids, _, conc = sets[w]
+                self.throughput(w, ids, conc)
+            else:
+                getattr(self, w)()
+            self.results.setdefault("phase_seconds", {})[w] = time.time() - tw
+        self.server.stop()
+        env["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+        report = self.report(env, gen_s, time.time() - t_start)
+        return report
+
+    # -- report --
+
+    def summary(self):
+        """Medians per (workload, tool) over the rounds that succeeded."""
+        out = {}
+        for s in self.runs:
+            out.setdefault((s["workload"], s["tool"]), []).append(s)
+        rows = {}
+        for (w, tool), ss in out.items():
+            good = [s for s in ss if s["ok"]]
+            wall = median([s["wall_s"] for s in good])
+            nbytes, nfiles = ss[0]["bytes"], ss[0]["files"]
+            cpu = median([s["cpu_s"] for s in good])
+            rows[(w, tool)] = {
+                "workload": w,
+                "tool": tool,
+                "runs": len(ss),
+                "ok_runs": len(good),
+                "wall_s": wall,
+                "wall_s_all": [s["wall_s"] for s in ss],
+                "mib_s": nbytes / MiB / wall if wall else None,
+                "files_s": nfiles / wall if wall else None,
+                "cpu_s": cpu,
+                "cpu_s_per_gib": cpu / (nbytes / GiB) if cpu is not None else None,
+                "maxrss_mib": max((s["maxrss_kib"] or 0) for s in good) / 1024 if good else None,
+                "bytes": nbytes,
+                "files": nfiles,
+            }
+        for (w, tool), r in rows.items():
+            h = rows.get((w, "hingnetd"))
+            if tool != "hingnetd" and h and h["wall_s"] and r["wall_s"]:
+                r["hingnetd_speedup"] = r["wall_s"] / h["wall_s"]
+                r["hingnetd_cpu_ratio"] = h["cpu_s"] / r["cpu_s"] if r["cpu_s"] else None
+        return rows
+
+    def targets(self, rows):
+        t = []
+
+        def add(name, ok, value):
+            t.append({"target": name, "status": "n/a" if ok is None else ("met" if ok else "missed"), "measured": value})
+
+        def speed(w, tool):
+            r = rows.get((w, tool))
+            return r.get("hingnetd_speedup") if r else None
+
+        x = speed("large", "curl+sha256sum+sync")
+        add("large: ≥ 2× curl -o + sha256sum + sync", None if x is None else x >= 2, f"{x:.2f}×" if x else "-")
+        x = speed("large", "curl+sync")
+        add("large: within 10% of curl -o + sync (time ≤ 1.10×)", None if x is None else 1 / x <= 1.10,
+            f"hingnetd takes {1 / x:.2f}× the time" if x else "-")
+        x = speed("small", "xargs -P8 curl+sha256sum+sync")
+        add("small: ≥ 2× xargs -P 8 curl + sha256sum + sync", None if x is None else x >= 2, f"{x:.2f}×" if x else "-")
+        x = speed("small", "aria2c -j8")
+        add("small: faster than aria2c -j 8", None if x is None else x > 1, f"{x:.2f}×" if x else "-")
+        r = rows.get(("conc16", "hingnetd"))
+        m = r["maxrss_mib"] if r else None
+        size = self.profile["conc16"][1]
+        add(f"peak RSS < 32 MiB at concurrency 16 ({size // MiB} MiB files)", None if m is None else m < 32,
+            f"{m:.1f} MiB" if m else "-")
+        allrss = [r["maxrss_mib"] for (w, tool), r in rows.items() if tool == "hingnetd" and r["maxrss_mib"]]
+        if allrss:
+            add("peak RSS < 32 MiB, every throughput workload", max(allrss) < 32, f"max {max(allrss):.1f} MiB")
+        pk = self.results.get("pickup")
+        if pk and pk["p50_ms"] is not None:
+            add("pickup p50 < 50 ms", pk["p50_ms"] < 50, f"{pk['p50_ms']:.1f} ms")
+            add("pickup p99 < 250 ms", pk["p99_ms"] < 250, f"{pk['p99_ms']:.1f} ms")
+        idle = self.results.get("idle")
+        if idle:
+            for k, label in (("empty", "empty queue"), ("not_ready", f"{idle['not_ready']['rows']:,} not-ready rows")):
+                v = idle[k]["cpu_pct_of_core"]
+                add(f"idle CPU < 0.5% of a core ({label})", v < 0.5, f"{v:.3f}%")
+        sc = self.results.get("scale")
+        if sc:
+            n = f"{sc['rows']:,} rows"
+            add(f"{n}: start-up < 1 s (spawn → READY=1)", sc["ready_s"] < 1, f"{sc['ready_s'] * 1000:.0f} ms")
+            add(f"{n}: start-up < 1 s (spawn → first request)", sc["first_request_s"] < 1,
+                f"{sc['first_request_s'] * 1000:.0f} ms")
+            add(f"{n}: claim < 1 ms (not measurable from outside; bound: READY → first request)", None,
+                f"READY → first request {sc['ready_to_first_request_ms']:.1f} ms; insert → request p50 "
+                f"{sc['insert_to_request_p50_ms']:.1f} ms")
+            add(f"{n}: `hingnetd status` < 200 ms", sc["status_s"] < 0.2, f"{sc['status_s'] * 1000:.0f} ms")
+        return t
+
+    def report(self, env, gen_s, total_s):
+        rows = self.summary()
+        targets = self.targets(rows)
+        logs = self.scan_logs()
+        p = self.profile
+        kind = "smoke" if self.args.smoke else "full"
+        L = []
+        L.append(f"# hingnetd benchmark ({kind} run)\n")
+        L.append(f"{env['date']}; seed {self.seed}; {p['rounds']} round(s) per throughput workload, medians shown; "
+                 f"total {total_s:.0f} s (file generation {gen_s:.0f} s).\n")
+        L.append(f"Machine: {env['cpu']}, {env['cores']} cores (SHA-NI: {env['sha_ni']}), {env['memory']} RAM, "
+                 f"Linux {env['kernel']}, work dir on {env['filesystem']}. Load average at start "
+                 f"{' '.join(env['loadavg_start'])}, at end {' '.join(env['loadavg_end'])}.\n")
+        L.append(f"Binary: {env['hingnetd']}. Peers: {env['curl']}; {env['aria2c']}; {env['sha256sum']}. "
+                 f"Server: {env['nginx']} (1 worker, sendfile). sqlite3 {env['sqlite3']}.\n")
+        L.append("## Throughput\n")
+        L.append("Speed-up = peer's time ÷ hingnetd's time (above 1: hingnetd is faster). CPU = user+sys of the "
+                 "whole process tree. Peak RSS = largest single process. Wall times of every round in brackets.\n")
+        L.append("| workload | tool | wall s | MiB/s | files/s | CPU s/GiB | peak RSS MiB | hingnetd speed-up | hingnetd CPU ÷ peer CPU | rounds [wall s] |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        labels = {
+            "large": f"one large file, {p['large'] / MiB:,.0f} MiB",
+            "small": f"{p['small'][0]:,} × {p['small'][1] / MiB:g} MiB, conc 8",
+            "medium": f"{p['medium'][0]:,} × {p['medium'][1] / MiB:g} MiB, conc 8",
+            "conc16": f"{p['conc16'][0]:,} × {p['conc16'][1] / MiB:g} MiB, conc 16",
+        }
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        for w in ("large", "small", "medium", "conc16"):
+            for (ww, tool), r in rows.items():
+                if ww != w:
+                    continue
+                L.append(
+                    f"| {labels[w]} | {tool} | {f(r['wall_s'], '.2f')} | {f(r['mib_s'], '.0f')} | {f(r['files_s'], '.1f')} | "
+                    f"{f(r['cpu_s_per_gib'], '.2f')} | {f(r['maxrss_mib'], '.1f')} | "
+                    f"{f(r.get('hingnetd_speedup'), '.2f') + '×' if r.get('hingnetd_speedup') else '-'} | "
+                    f"{f(r.get('hingnetd_cpu_ratio'), '.2f')} | {r['ok_runs']}/{r['runs']} "
+                    f"[{', '.join(f(x, '.2f') for x in r['wall_s_all'])}] |"
+                )
+        pk = self.results.get("pickup")
+        if pk:
+            L.append("\n## Pickup latency\n")
+            L.append(f"{pk['inserts']:,} inserts from one `sqlite3` shell, {pk['gap_ms_mean']:.0f} ms apart on average "
+                     "(uniform 20–50 ms), `poll_interval = \"60s\"`. Latency = the shell's acknowledgement of the "
+                     "committed INSERT → the first `/content` request in nginx's access log (ms resolution).\n")
+            L.append("| p50 ms | p90 ms | p99 ms | max ms | min ms | > 250 ms | INSERT ack p50 ms |")
+            L.append("|---:|---:|---:|---:|---:|---:|---:|")
+            L.append(f"| {f(pk['p50_ms'], '.1f')} | {f(pk['p90_ms'], '.1f')} | {f(pk['p99_ms'], '.1f')} | {f(pk['max_ms'], '.1f')} | "
+                     f"{f(pk['min_ms'], '.1f')} | {pk['over_250ms']} | {f(pk['insert_ack_p50_ms'], '.2f')} |")
+        idle = self.results.get("idle")
+        if idle:
+            L.append("\n## Idle cost\n")
+            L.append("| queue | window s | CPU s | % of one core | context switches/s | RSS MiB |")
+            L.append("|---|---:|---:|---:|---:|---:|")
+            for k, label in (("empty", "empty"), ("not_ready", f"{idle['not_ready']['rows']:,} not-ready rows, due in 10–70 min")):
+                i = idle[k]
+                L.append(f"| {label} | {i['window_s']:.0f} | {i['cpu_s']:.2f} | {i['cpu_pct_of_core']:.3f} | "
+                         f"{i['wakeups_per_s']:.1f} | {i['rss_kib'] / 1024:.1f} |")
+        sc = self.results.get("scale")
+        if sc:
+            L.append("\n## Queue scale\n")
+            L.append(f"{sc['rows']:,} rows: {sc['rows'] - sc['pending']:,} finished (1 in 110 failed) with one "
+                     f"attempt_log row each, {sc['pending']:,} pending ({sc['pending']:,} × 4 KiB files). Built in "
+                     f"{sc['build_s']:.1f} s. Medians of {len(sc['rounds'])} round(s), each on a fresh copy.\n")
+            L.append("| metric | value |")
+            L.append("|---|---:|")
+            for label, v in (
+                ("database size (db + wal + shm)", f"{sc['db_bytes'] / MiB:.0f} MiB"),
+                ("start-up: spawn → READY=1", f"{sc['ready_s'] * 1000:.0f} ms"),
+                ("start-up: spawn → first request (first claim)", f"{sc['first_request_s'] * 1000:.0f} ms"),
+                ("READY=1 → first request", f"{sc['ready_to_first_request_ms']:.1f} ms"),
+                ("insert → first request on the big table (p50)", f"{sc['insert_to_request_p50_ms']:.1f} ms"),
+                ("`hingnetd status`, daemon running", f"{sc['status_s'] * 1000:.0f} ms"),
+                ("`hingnetd status`, daemon stopped", f"{sc['status_cold_s'] * 1000:.0f} ms"),
+                ("`hingnetd status --json`", f"{sc['status_json_s'] * 1000:.0f} ms"),
+                ("`hingnetd list --limit 20`", f"{sc['list_s'] * 1000:.0f} ms"),
+                (f"drain of the {sc['pending']:,} pending rows", f"{(median([r['drain_pending_s'] for r in sc['rounds']]) or 0):.2f} s"),
+                ("idle CPU with the daemon running on it", f"{sc['idle_cpu_pct']:.3f}% of a core"),
+                ("peak RSS", f"{sc['maxrss_kib'] / 1024:.1f} MiB"),
+            ):
+                L.append(f"| {label} | {v} |")
+        L.append("\n## Targets (issue 5; reported, not asserted)\n")
+        L.append("| target | status | measured |")
+        L.append("|---|---|---|")
+        for t in targets:
+            L.append(f"| {t['target']} | {t['status']} | {t['measured']} |")
+        L.append("\n## hingnetd warnings and errors in the daemons' logs\n")
+        if logs:
+            for e in logs[:15]:
+                L.append(f"- {e['count']}× `{e['example']}` (runs: {', '.join(e['runs'])})")
+        else:
+            L.append("None.")
+        if self.anomalies:
+            L.append("\n## Anomalies seen by the harness\n")
+            for a in self.anomalies:
+                L.append(f"- {a['where']}: {a['what']}")
+        failed = [s for s in self.runs if not s["ok"]]
+        if failed:
+            L.append("\n## Failed runs\n")
+            for s in failed:
+                L.append(f"- {s['workload']} r{s['round']} {s['tool']}: {s['error']}")
+        md = "\n".join(L) + "\n"
+
+        out_dir = self.args.results or os.path.join(HERE, "results")
+        os.makedirs(out_dir, exist_ok=True)
+        name = "smoke" if self.args.smoke else "latest"
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
+            fh.write(md)
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+            json.dump(
+                {
+                    "kind": kind,
+                    "seed": self.seed,
+                    "profile": p,
+                    "environment": env,
+                    "total_s": total_s,
+                    "generation_s": gen_s,
+                    "summary": list(rows.values()),
+                    "samples": self.runs,
+                    "results": self.results,
+                    "targets": targets,
+                    "log_warnings": logs,
+                    "anomalies": self.anomalies,
+                },
+                fh,
+                indent=1,
+                default=str,
+            )
+        print(md)
+        log(f"written: {os.path.join(out_dir, name + '.md')} and .json")
+        return not failed and all(
+            r.get("ok", True) for r in (self.results.get("pickup") or {}, *(self.results.get("idle") or {}).values())
+        )
+
+    def cleanup(self):
+        if self.server:
+            self.server.stop()
+        if self.args.keep_data:
+            shutil.rmtree(os.path.join(self.work, "runs"), ignore_errors=True)
+            log(f"kept {self.work} (--keep-data)")
+        elif self.own_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:
+            for sub in ("runs", "files", "logs", "nginx"):
+                shutil.rmtree(os.path.join(self.work, sub), ignore_errors=True)
+            for f in ("scale-base.db", "auth-header", "aria2.conf"):
+                try:
+                    os.remove(os.path.join(self.work, f))
+                except FileNotFoundError:
+                    pass
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        prog="bench/run",
+        description="hingnetd against curl + sha256sum + sync, curl + sync, xargs -P 8 and aria2c, plus "
+        "pickup latency, idle cost and a 1,000,000-row queue (issue 5). Prints a table and writes "
+        "bench/results/latest.{md,json} (smoke.{md,json} with --smoke).",
+        epilog="Example: bench/run --smoke;  HINGNETD_BIN=target/release/hingnetd bench/run --only large,pickup",
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round (seconds; for CI)")
+    ap.add_argument("--bin", required=True, help="the hingnetd binary (bench/run passes it)")
+    ap.add_argument("--repo", help="the checkout, to name the commit in the report")
+    ap.add_argument("--seed", type=int, default=5, help="seed of the file contents and insert spacing (default 5)")
+    ap.add_argument("--rounds", type=int, help="rounds per throughput workload (default 3; smoke 1)")
+    ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    ap.add_argument("--workdir", help="where files and runs go (default: a new directory under --tmpdir)")
+    ap.add_argument("--tmpdir", default=None, help="parent of the default work dir (default $TMPDIR or /tmp)")
+    ap.add_argument("--keep-data", action="store_true", help="keep the generated files for the next run (with --workdir)")
+    ap.add_argument("--results", help="directory for the report (default bench/results)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds a single hingnetd batch may take")
+    args = ap.parse_args()
+    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = set(args.only) - set(WORKLOADS)
+    if unknown:
+        ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    b = Bench(args)
+    ok = False
+    try:
+        ok = b.main()
+    finally:
+        b.cleanup()
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
