@@ -247,6 +247,7 @@ impl Scheduler {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, retry_in = ?db_backoff, "queue database error");
+                        self.service.status(format!("queue database error: {e}"));
                         // Looked again at next_due, not at the next wake-up of any kind.
                         look = false;
                         next_due = Some(Instant::now() + db_backoff);

@@ -42,6 +42,9 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 /// How long one statement waits on a producer's lock before we log and try again.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Size the WAL file is cut back to after a checkpoint (`PRAGMA journal_size_limit`).
+pub const WAL_SIZE_LIMIT: i64 = 4 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("cannot open queue database {path}: {source}")]
@@ -65,6 +68,10 @@ pub enum QueueError {
     },
     #[error("queue database {path} has no queue table yet; run `hingnetd migrate` first")]
     NotMigrated { path: PathBuf },
+    #[error(
+        "queue database {path} is read-only (file mode, attribute or a read-only filesystem); hingnetd must be able to write it"
+    )]
+    ReadOnly { path: PathBuf },
     #[error("queue database: {what}: {source}")]
     Sql {
         what: String,
@@ -280,6 +287,13 @@ impl Queue {
     /// Opens (creating if needed) and migrates. For `run`, `migrate` and `enqueue`.
     pub fn open_and_migrate(path: &Path) -> Result<Queue, QueueError> {
         let mut q = Queue::open_raw(path)?;
+        // SQLite quietly opens a file it cannot write read-only; the first claim would fail,
+        // and every one after it. Say so at start instead.
+        if q.conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+            return Err(QueueError::ReadOnly {
+                path: path.to_owned(),
+            });
+        }
         q.migrate()?;
         Ok(q)
     }
@@ -341,6 +355,11 @@ impl Queue {
             tracing::warn!(database = %path.display(), journal_mode = %mode, "database is not in WAL mode");
         }
         conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        // A producer holding a read snapshot for long stops checkpoints from reaching the end
+        // of the WAL, which then grows with every commit. Once it lets go and a checkpoint
+        // completes, this gives the space back instead of keeping the file at its peak size.
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
             .map_err(open_err)?;
         Ok(Queue {
             conn,
