@@ -463,7 +463,7 @@ fn a_corrupt_or_read_only_database_is_a_clear_error() {
     };
     let mut cases = Vec::new();
 
-    let mut rng = fastrand::Rng::with_seed(seed(0x5eed_0db));
+    let mut rng = fastrand::Rng::with_seed(seed(0x5eed_00db));
     put(&(0..good.len()).map(|_| rng.u8(..)).collect::<Vec<_>>());
     cases.push(assert_clear_start_error(
         &env,
