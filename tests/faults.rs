@@ -434,7 +434,19 @@ fn a_partial_whose_bytes_changed_is_downloaded_again() {
 
 /// The one-line error a start-up failure must give: exit 1, the database named, no panic.
 fn assert_clear_start_error(env: &Env, case: &str, needle: &str) -> String {
-    let out = env.command(&["run"]).output().expect("run hingnetd");
+    let mut child = env
+        .command(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hingnetd");
+    // A daemon that starts anyway is the failure this guards against: stop it at the deadline.
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{case}: {err}");
     assert_eq!(err.trim().lines().count(), 1, "{case}: not one line: {err}");
@@ -481,12 +493,15 @@ fn a_corrupt_or_read_only_database_is_a_clear_error() {
         .output()
         .is_ok_and(|o| o.status.success());
     if immutable {
-        cases.push(assert_clear_start_error(&env, "immutable", "read-only"));
+        let r =
+            std::panic::catch_unwind(|| assert_clear_start_error(&env, "immutable", "read-only"));
+        // Undone before any verdict: an immutable file would outlive the scratch directory.
         Command::new("chattr")
             .arg("-i")
             .arg(&env.db)
             .output()
             .unwrap();
+        cases.push(r.unwrap_or_else(|p| std::panic::resume_unwind(p)));
     } else {
         println!("FAULTS corrupt_db: immutable-file case skipped: chattr +i needs root");
         use std::os::unix::fs::PermissionsExt;
