@@ -86,15 +86,16 @@ pub fn classify_status_word(word: &str) -> VideoState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// Connection refused, DNS, TLS, reset, timeout: the message never contains the URL.
+    /// Connection refused, DNS, TLS, reset, timeout: the message names the origin
+    /// (`scheme://host:port`) that could not be reached, never the whole URL.
     #[error("{0}")]
     Network(String),
     #[error("more than {MAX_REDIRECTS} redirects")]
     TooManyRedirects,
     #[error("refused redirect: {0}")]
     BadRedirect(String),
-    #[error("no response headers within {0:?}")]
-    HeaderTimeout(Duration),
+    #[error("no response headers from {1} within {0:?}")]
+    HeaderTimeout(Duration, String),
 }
 
 /// A response and where it came from. `hops` counts the redirects followed.
@@ -230,8 +231,13 @@ impl ApiClient {
             }
             let send = self.http.get(url.clone()).headers(headers).send();
             let response = match tokio::time::timeout(self.header_timeout, send).await {
-                Err(_) => return Err(ApiError::HeaderTimeout(self.header_timeout)),
-                Ok(Err(e)) => return Err(ApiError::Network(error_text(&e))),
+                Err(_) => {
+                    return Err(ApiError::HeaderTimeout(
+                        self.header_timeout,
+                        origin_of(&url),
+                    ));
+                }
+                Ok(Err(e)) => return Err(ApiError::Network(network_error(&url, &e))),
                 Ok(Ok(r)) => r,
             };
             let status = response.status();
@@ -272,6 +278,17 @@ fn check_redirect(from: &Url, to: &Url) -> Result<(), ApiError> {
         (_, other) => Err(ApiError::BadRedirect(format!(
             "to unsupported scheme {other:?}"
         ))),
+    }
+}
+
+/// A failed request as one line that says which host could not be reached (its origin only: a
+/// signed URL's path and query are a credential) and why.
+fn network_error(url: &Url, e: &reqwest::Error) -> String {
+    let origin = origin_of(url);
+    let text = error_text(e);
+    match text.strip_prefix("cannot connect") {
+        Some(rest) => format!("cannot connect to {origin}{rest}"),
+        None => format!("{origin}: {text}"),
     }
 }
 
