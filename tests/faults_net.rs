@@ -1395,11 +1395,20 @@ fn an_unreachable_api_host_does_not_fail_the_videos() {
     let d = run.env.start();
     run.env.insert_sqlite3(&["video_outage"]);
     let start = Instant::now();
-    // Ten refused connections, logged, more than give_up_after apart from the first.
+    // Ten refused connections, logged, over more than give_up_after; or the row given up.
     let wait = Instant::now();
-    while d.log().matches("Connection refused").count() < 10
-        || start.elapsed() < Duration::from_millis(600)
-    {
+    loop {
+        let refused = d.log().matches("Connection refused").count();
+        if refused >= 10 && start.elapsed() >= Duration::from_millis(600) {
+            break;
+        }
+        if run
+            .env
+            .row("video_outage")
+            .is_some_and(|r| r.state == "failed")
+        {
+            break;
+        }
         assert!(wait.elapsed() < DEADLINE, "no retries:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -1970,7 +1979,17 @@ fn planted_links_are_replaced_and_the_video_archived() {
     let _d = run.env.start();
     run.env.insert_sqlite3(&ids);
     for id in ids {
-        run.env.wait_state(id, "done");
+        let r = run
+            .env
+            .wait_row(id, "done, or an error about the link", |r| {
+                r.state == "done"
+                    || r.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains(&format!("{id}.mp4")))
+            });
+        if r.state != "done" {
+            run.violation(format!("{id}: {} with {:?}", r.state, r.last_error));
+        }
     }
     for t in &targets {
         for b in t.check(&run.env, &run.api) {

@@ -225,6 +225,9 @@ impl fmt::Display for Request {
         if let Some(range) = &self.range {
             write!(f, " [range: {range}]")?;
         }
+        if let Some(v) = &self.if_range {
+            write!(f, " [if-range: {v}]")?;
+        }
         write!(f, " -> {} ({} body bytes", self.status, self.body_sent)?;
         for (flag, name) in [
             (self.paused, "paused"),
