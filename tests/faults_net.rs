@@ -1680,7 +1680,8 @@ fn ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file() {
     wait_all(
         &run.env,
         "every row done or failed",
-        Duration::from_secs(600),
+        // About 30 s on 2 busy cores; the margin is for a loaded CI machine.
+        Duration::from_secs(300),
         "state IN ('done', 'failed')",
     );
     let settled = started.elapsed();
