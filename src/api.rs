@@ -256,15 +256,32 @@ impl ApiClient {
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .ok_or_else(|| ApiError::BadRedirect(format!("{status} without a Location")))?;
-            let next = url.join(location).map_err(|_| {
-                ApiError::BadRedirect(format!("{status} to an unparsable Location"))
-            })?;
-            check_redirect(&url, &next)?;
+            let next = redirect_target(&url, location)
+                .map_err(|e| e.unwrap_or_else(|| format!("{status} to an unparsable Location")))
+                .map_err(ApiError::BadRedirect)?;
             tracing::debug!(from = %origin_of(&url), to = %origin_of(&next), "following redirect");
             url = next;
         }
         unreachable!("the loop returns on its last hop")
     }
+}
+
+/// Where a redirect leads: `location` resolved against `from`, checked (`check_redirect`), and
+/// without any `user:password@`, which reqwest would otherwise send to that host as an
+/// `Authorization: Basic` header: only the API host gets credentials, and only ours.
+/// `Err(None)` for a Location that does not parse.
+fn redirect_target(from: &Url, location: &str) -> Result<Url, Option<String>> {
+    let mut next = from.join(location).map_err(|_| None)?;
+    check_redirect(from, &next).map_err(|e| match e {
+        ApiError::BadRedirect(why) => Some(why),
+        other => Some(other.to_string()),
+    })?;
+    if !next.username().is_empty() || next.password().is_some() {
+        // Both only fail for URLs that cannot have credentials, which then have none.
+        let _ = next.set_username("");
+        let _ = next.set_password(None);
+    }
+    Ok(next)
 }
 
 /// The redirect rules: http(s) only, and never from https down to plain http.
@@ -546,6 +563,19 @@ mod tests {
         assert!(e.to_string().contains("plain http") && !e.to_string().contains("SECRET"));
         assert!(check_redirect(&u("https://a/x"), &u("file:///etc/passwd")).is_err());
         assert!(check_redirect(&u("http://a/x"), &u("ftp://b/y")).is_err());
+        let to = redirect_target(&u("http://a/x"), "http://user:pw@b:81/y?sig=1").unwrap();
+        assert_eq!(to.as_str(), "http://b:81/y?sig=1");
+        assert_eq!(
+            redirect_target(&u("http://a/x"), "/z").unwrap().as_str(),
+            "http://a/z"
+        );
+        assert_eq!(redirect_target(&u("http://a/x"), "http://[::1"), Err(None));
+        assert!(
+            redirect_target(&u("https://a/x"), "http://b/")
+                .unwrap_err()
+                .unwrap()
+                .contains("plain http")
+        );
     }
 
     #[test]
