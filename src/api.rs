@@ -86,15 +86,16 @@ pub fn classify_status_word(word: &str) -> VideoState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// Connection refused, DNS, TLS, reset, timeout: the message never contains the URL.
+    /// Connection refused, DNS, TLS, reset, timeout: the message names the origin
+    /// (`scheme://host:port`) that could not be reached, never the whole URL.
     #[error("{0}")]
     Network(String),
     #[error("more than {MAX_REDIRECTS} redirects")]
     TooManyRedirects,
     #[error("refused redirect: {0}")]
     BadRedirect(String),
-    #[error("no response headers within {0:?}")]
-    HeaderTimeout(Duration),
+    #[error("no response headers from {1} within {0:?}")]
+    HeaderTimeout(Duration, String),
 }
 
 /// A response and where it came from. `hops` counts the redirects followed.
@@ -230,8 +231,13 @@ impl ApiClient {
             }
             let send = self.http.get(url.clone()).headers(headers).send();
             let response = match tokio::time::timeout(self.header_timeout, send).await {
-                Err(_) => return Err(ApiError::HeaderTimeout(self.header_timeout)),
-                Ok(Err(e)) => return Err(ApiError::Network(error_text(&e))),
+                Err(_) => {
+                    return Err(ApiError::HeaderTimeout(
+                        self.header_timeout,
+                        origin_of(&url),
+                    ));
+                }
+                Ok(Err(e)) => return Err(ApiError::Network(network_error(&url, &e))),
                 Ok(Ok(r)) => r,
             };
             let status = response.status();
@@ -250,15 +256,32 @@ impl ApiClient {
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .ok_or_else(|| ApiError::BadRedirect(format!("{status} without a Location")))?;
-            let next = url.join(location).map_err(|_| {
-                ApiError::BadRedirect(format!("{status} to an unparsable Location"))
-            })?;
-            check_redirect(&url, &next)?;
+            let next = redirect_target(&url, location)
+                .map_err(|e| e.unwrap_or_else(|| format!("{status} to an unparsable Location")))
+                .map_err(ApiError::BadRedirect)?;
             tracing::debug!(from = %origin_of(&url), to = %origin_of(&next), "following redirect");
             url = next;
         }
         unreachable!("the loop returns on its last hop")
     }
+}
+
+/// Where a redirect leads: `location` resolved against `from`, checked (`check_redirect`), and
+/// without any `user:password@`, which reqwest would otherwise send to that host as an
+/// `Authorization: Basic` header: only the API host gets credentials, and only ours.
+/// `Err(None)` for a Location that does not parse.
+fn redirect_target(from: &Url, location: &str) -> Result<Url, Option<String>> {
+    let mut next = from.join(location).map_err(|_| None)?;
+    check_redirect(from, &next).map_err(|e| match e {
+        ApiError::BadRedirect(why) => Some(why),
+        other => Some(other.to_string()),
+    })?;
+    if !next.username().is_empty() || next.password().is_some() {
+        // Both only fail for URLs that cannot have credentials, which then have none.
+        let _ = next.set_username("");
+        let _ = next.set_password(None);
+    }
+    Ok(next)
 }
 
 /// The redirect rules: http(s) only, and never from https down to plain http.
@@ -272,6 +295,17 @@ fn check_redirect(from: &Url, to: &Url) -> Result<(), ApiError> {
         (_, other) => Err(ApiError::BadRedirect(format!(
             "to unsupported scheme {other:?}"
         ))),
+    }
+}
+
+/// A failed request as one line that says which host could not be reached (its origin only: a
+/// signed URL's path and query are a credential) and why.
+fn network_error(url: &Url, e: &reqwest::Error) -> String {
+    let origin = origin_of(url);
+    let text = error_text(e);
+    match text.strip_prefix("cannot connect") {
+        Some(rest) => format!("cannot connect to {origin}{rest}"),
+        None => format!("{origin}: {text}"),
     }
 }
 
@@ -529,6 +563,19 @@ mod tests {
         assert!(e.to_string().contains("plain http") && !e.to_string().contains("SECRET"));
         assert!(check_redirect(&u("https://a/x"), &u("file:///etc/passwd")).is_err());
         assert!(check_redirect(&u("http://a/x"), &u("ftp://b/y")).is_err());
+        let to = redirect_target(&u("http://a/x"), "http://user:pw@b:81/y?sig=1").unwrap();
+        assert_eq!(to.as_str(), "http://b:81/y?sig=1");
+        assert_eq!(
+            redirect_target(&u("http://a/x"), "/z").unwrap().as_str(),
+            "http://a/z"
+        );
+        assert_eq!(redirect_target(&u("http://a/x"), "http://[::1"), Err(None));
+        assert!(
+            redirect_target(&u("https://a/x"), "http://b/")
+                .unwrap_err()
+                .unwrap()
+                .contains("plain http")
+        );
     }
 
     #[test]

@@ -6,10 +6,11 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use support::canary;
 use support::harness::{DEADLINE, Env, Settings, file_sha256};
 use support::standin::{Host, Request, StandIn, Step, Video};
 
-const TOKEN: &str = "oh-test-canary-token-7f3a9c";
+const TOKEN: &str = "hn-CANARY-7f3a9c2e51d04b88";
 
 fn setup() -> (StandIn, Env) {
     setup_with(|_| {})
@@ -41,21 +42,11 @@ fn assert_archived(env: &Env, v: &Video) {
     assert!(!env.partial_path(&v.id).exists(), "partial left behind");
 }
 
-/// Nothing secret in the logs, the database or the archive's file names.
-fn assert_no_secrets(env: &Env) {
-    let logs = env.logs();
-    assert!(!logs.contains(TOKEN), "token in logs:\n{logs}");
-    assert!(!logs.contains("SIGNED-"), "signed URL in logs:\n{logs}");
-    let db = std::fs::read(&env.db).unwrap();
-    let wal = std::fs::read(env.db.with_extension("db-wal")).unwrap_or_default();
-    for hay in [&db, &wal] {
-        assert!(!contains(hay, TOKEN.as_bytes()), "token in the database");
-        assert!(!contains(hay, b"SIGNED-"), "signed URL in the database");
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+/// Nothing secret anywhere the run left bytes (logs, the database and its -wal/-shm, the
+/// archive's names and contents, the scratch dir, `outputs`), and no `Authorization` header
+/// reached the CDN: the canary sweep of `support::canary`, closing every test.
+fn assert_clean(api: &StandIn, env: &Env, outputs: &[(&str, &[u8])]) {
+    canary::assert_clean(env, api, TOKEN, outputs);
 }
 
 #[test]
@@ -74,7 +65,7 @@ fn downloads_a_200_directly() {
         reqs[0].authorization.as_deref(),
         Some(&*format!("Bearer {TOKEN}"))
     );
-    assert_no_secrets(&env);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -98,7 +89,7 @@ fn follows_redirect_without_sending_the_token_to_the_cdn() {
     );
     // A relative redirect stays on the API host, which may see the token.
     assert!(reqs.iter().any(|r| r.is_signed() && r.host == Host::Api));
-    assert_no_secrets(&env);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -125,7 +116,7 @@ fn a_redirect_loop_is_cut_after_10_hops() {
             .filter(|r| r.host == Host::Cdn)
             .all(|r| r.authorization.is_none())
     );
-    assert_no_secrets(&env);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -154,6 +145,7 @@ fn retries_not_ready_with_backoff_then_downloads() {
         );
     }
     assert!(env.logs().contains("video not ready"));
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -173,6 +165,7 @@ fn gives_up_after_the_deadline() {
     );
     assert_eq!(row.http_status, Some(400));
     assert!(env.archive_files().is_empty(), "{:?}", env.archive_files());
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -207,6 +200,7 @@ fn confirmed_404_fails_for_good() {
         ["video_after.mp4"],
         "failed videos leave no files"
     );
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -227,6 +221,7 @@ fn a_404_while_still_processing_is_not_ready() {
         .filter(|r| r.is_status() && r.video_id().as_deref() == Some("video_processing"))
         .count();
     assert_eq!(status_checks, 2);
+    assert_clean(&api, &env, &[]);
 }
 
 /// The second request must ask for the rest, and the stand-in must have answered 206.
@@ -257,6 +252,7 @@ fn truncated_body_is_resumed_with_range() {
     assert_archived(&env, &v);
     let from = assert_resumed(&api, "video_cut");
     assert!(from <= 300_000);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -269,6 +265,7 @@ fn stalled_body_is_dropped_and_resumed() {
     assert_archived(&env, &v);
     assert_resumed(&api, "video_stall");
     assert!(env.logs().contains("stalled"), "{}", env.logs());
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -299,6 +296,7 @@ fn servers_that_get_ranges_wrong_still_give_the_right_file() {
     );
     assert!(reqs[2].range.is_none(), "{}", api.dump());
     assert_eq!(env.row("video_bad_range").unwrap().attempts, 2);
+    assert_clean(&api, &env, &[]);
 }
 
 /// A resume must never splice two versions of a file: the partial's validator (ETag) goes out
@@ -329,6 +327,7 @@ fn a_file_that_changed_on_the_server_is_not_spliced_on_resume() {
         "the retry asked for a resume"
     );
     assert_eq!(env.archive_files(), ["video_changed.mp4"]);
+    assert_clean(&api, &env, &[]);
 }
 
 /// All bytes in, parked before the row was finished (left by the archive code itself, as a run
@@ -351,6 +350,7 @@ fn a_complete_parked_partial_is_verified_not_fetched_again() {
     assert_eq!(reqs.len(), 1, "{}", api.dump());
     assert_eq!(reqs[0].range.as_deref(), Some("bytes=300000-"));
     assert_eq!((reqs[0].status, reqs[0].body_sent), (416, 0));
+    assert_clean(&api, &env, &[]);
 }
 
 /// A partial file with no resume record (planted, or from an older version) cannot be checked:
@@ -383,7 +383,7 @@ fn an_expired_signed_url_starts_over_from_the_api() {
     assert_eq!(content_requests(&api, "video_expired").len(), 2);
     let logs = env.logs();
     assert!(logs.contains("signed URL expired?"), "{logs}");
-    assert_no_secrets(&env);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -405,6 +405,7 @@ fn bodies_over_max_bytes_are_refused() {
     assert!(row.last_error.unwrap().contains("past download.max_bytes"));
     // Nothing of either is kept.
     assert_eq!(env.archive_files(), ["video_small.mp4"]);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -419,6 +420,7 @@ fn server_errors_are_retried() {
     env.insert_sqlite3(&["video_5xx"]);
     assert_archived(&env, &v);
     assert_eq!(env.row("video_5xx").unwrap().attempts, 3);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -444,6 +446,7 @@ fn rate_limit_pauses_the_whole_client_for_retry_after() {
             r.at - limited_at
         );
     }
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -469,7 +472,7 @@ fn rejected_token_pauses_everything_until_the_token_is_fixed() {
     for v in &vids {
         assert_archived(&env, v);
     }
-    assert_no_secrets(&env);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -502,6 +505,7 @@ fn a_429_answering_the_token_probe_does_not_stall_the_queue() {
     env.insert_sqlite3(&["video_probe_later"]);
     assert_archived(&env, &v);
     assert_archived(&env, &w);
+    assert_clean(&api, &env, &[]);
 }
 
 /// CPU ticks (1/100 s) the process has used.
@@ -542,6 +546,7 @@ fn no_busy_loop_while_paused_with_a_download_in_flight() {
     api.release("video_inflight");
     assert_archived(&env, &a);
     assert_archived(&env, &b);
+    assert_clean(&api, &env, &[]);
 }
 
 /// Every slot busy and another row due: the loop waits for a slot, it does not spin on the
@@ -570,6 +575,7 @@ fn no_busy_loop_while_due_rows_wait_for_a_slot() {
     api.release("video_slot");
     assert_archived(&env, &a);
     assert_archived(&env, &b);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -584,6 +590,7 @@ fn html_or_json_on_200_is_never_archived() {
     let logs = env.logs();
     assert!(logs.contains("text/html, not a video"), "{logs}");
     assert!(logs.contains("not an MP4"), "{logs}");
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -628,6 +635,7 @@ fn bad_ids_fail_without_any_request() {
         top,
         ["daemon.log", "hingnetd.toml", "state", "token", "videos"]
     );
+    assert_clean(&api, &env, &[]);
 }
 
 /// Waits until the daemon has put some of the held body into the partial file.
@@ -668,6 +676,7 @@ fn kill_9_mid_download_then_restart_resumes() {
         from >= had,
         "resumed from {from}, but {had} bytes were on disk"
     );
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -692,6 +701,7 @@ fn sigterm_mid_download_parks_the_partial_and_exits_0() {
     let _d2 = env.start_with_log("daemon2.log");
     assert_archived(&env, &v);
     assert_eq!(assert_resumed(&api, "video_term"), parked);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
@@ -733,6 +743,11 @@ fn producers_using_sqlite3_shell_and_python_are_picked_up() {
         (after.finished_at, after.attempts)
     );
     assert_eq!(content_requests(&api, "video_shell").len(), 1);
+    assert_clean(
+        &api,
+        &env,
+        &[("enqueue", &out.stdout), ("enqueue", &out.stderr)],
+    );
 }
 
 #[test]
@@ -764,15 +779,17 @@ fn a_producer_holding_the_write_lock_only_delays_the_daemon() {
     lock.commit();
     assert_archived(&env, &v);
     assert_archived(&env, &w);
+    assert_clean(&api, &env, &[]);
 }
 
 #[test]
 fn a_second_daemon_on_the_same_database_is_refused() {
-    let (_api, env) = setup();
+    let (api, env) = setup();
     let _d = env.start();
     let out = env.cmd(&["run"]);
     assert_eq!(out.status.code(), Some(75));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already running"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_clean(&api, &env, &[("second run", &out.stderr)]);
 }

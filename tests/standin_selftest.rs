@@ -563,3 +563,147 @@ fn standin_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<StandIn>();
 }
+
+#[test]
+fn reset_sends_n_bytes_then_rst() {
+    let s = StandIn::start(TOKEN);
+    s.add_video("video_rst", 300_000);
+    s.script("video_rst", vec![Step::Reset(100_000)]);
+    let mut stream = connect(
+        api_addr(&s),
+        &content_path("video_rst"),
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    // Read until the connection ends: a reset shows up as an error (ECONNRESET), never as a
+    // clean EOF after a complete body.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    let end = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(end, "reset");
+    assert!(raw.len() < 300_000, "{} bytes arrived", raw.len());
+    let log = s.wait_for("finished", WAIT, all_finished);
+    assert_eq!(log[0].body_sent, 100_000);
+}
+
+#[test]
+fn drip_sends_everything_in_pieces() {
+    let s = StandIn::start(TOKEN);
+    let v = s.add_video("video_drip", 10_000);
+    s.script(
+        "video_drip",
+        vec![Step::Drip {
+            piece: 1000,
+            pause: Duration::from_millis(5),
+        }],
+    );
+    let r = api_get(&s, &content_path("video_drip"), &[]);
+    assert_eq!((r.status, r.content_length()), (200, Some(10_000)));
+    assert_eq!(r.body, *v.bytes);
+    let log = s.wait_for("finished", WAIT, all_finished);
+    // Ten pieces with nine pauses between them.
+    assert!(log[0].finished_at.unwrap() - log[0].at >= Duration::from_millis(45));
+}
+
+#[test]
+fn lying_lengths_and_totals() {
+    let s = StandIn::start(TOKEN);
+    let v = s.add_video("video_lies", 10_000);
+    s.script(
+        "video_lies",
+        vec![
+            Step::LengthOver(500),
+            Step::LengthUnder(500),
+            Step::OtherTotal(-1000),
+            Step::OtherTotal(1000),
+            Step::Unsatisfiable(None),
+            Step::Unsatisfiable(Some(7)),
+        ],
+    );
+    let path = content_path("video_lies");
+    let r = api_get(&s, &path, &[]);
+    assert_eq!((r.status, r.content_length()), (200, Some(10_500)));
+    assert_eq!(r.body, *v.bytes, "the whole body, no more");
+    let r = api_get(&s, &path, &[]);
+    assert_eq!((r.status, r.content_length()), (200, Some(9_500)));
+    assert_eq!(r.body, *v.bytes, "the whole body, past the declared end");
+    let r = api_get(&s, &path, &[("Range", "bytes=4000-")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 4000-8999/9000"));
+    assert_eq!(r.body, v.bytes[4000..9000]);
+    let r = api_get(&s, &path, &[("Range", "bytes=4000-")]);
+    assert_eq!(r.header("content-range"), Some("bytes 4000-10999/11000"));
+    assert_eq!(r.body.len(), 7000);
+    assert_eq!(r.body[..6000], v.bytes[4000..]);
+    let r = api_get(&s, &path, &[("Range", "bytes=4000-")]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */4000"));
+    let r = api_get(&s, &path, &[("Range", "bytes=4000-")]);
+    assert_eq!(r.header("content-range"), Some("bytes */7"));
+}
+
+#[test]
+fn silent_sends_nothing_until_the_client_leaves() {
+    let s = StandIn::start(TOKEN);
+    s.add_video("video_silent", 1000);
+    s.script("video_silent", vec![Step::Silent]);
+    let auth = format!("Bearer {TOKEN}");
+    let stream = connect(
+        api_addr(&s),
+        &content_path("video_silent"),
+        &[("Authorization", &auth)],
+    );
+    s.wait_for("paused", WAIT, |l| l.iter().any(|r| r.paused));
+    drop(stream);
+    let log = s.wait_for("peer closed", WAIT, all_finished);
+    assert!(
+        log[0].peer_closed && log[0].paused_at.is_some(),
+        "{}",
+        s.dump()
+    );
+    assert_eq!(log[0].body_sent, 0);
+}
+
+#[test]
+fn redirect_to_any_location_and_if_range_logged() {
+    let s = StandIn::start(TOKEN);
+    let v = s.add_video("video_to", 1000);
+    s.script(
+        "video_to",
+        vec![
+            Step::RedirectTo("file:///etc/passwd".into()),
+            Step::RedirectTo("http://{api}/files/{id}?sig={sig}".into()),
+        ],
+    );
+    let path = content_path("video_to");
+    let r = api_get(&s, &path, &[]);
+    assert_eq!(
+        (r.status, r.header("location")),
+        (302, Some("file:///etc/passwd"))
+    );
+    let r = api_get(&s, &path, &[("If-Range", "\"v1\"")]);
+    let location = r.header("location").unwrap().to_owned();
+    let rest = location
+        .strip_prefix(&format!("http://{}", api_addr(&s)))
+        .unwrap();
+    assert!(
+        rest.starts_with("/files/video_to?sig=SIGNED-"),
+        "{location}"
+    );
+    let r = get(api_addr(&s), rest, &[]);
+    assert_eq!((r.status, r.body), (200, v.bytes.to_vec()));
+    assert_eq!(s.signatures_issued().len(), 1);
+    let log = s.wait_for("finished", WAIT, |l| l.len() == 3 && all_finished(l));
+    assert_eq!(log[1].if_range.as_deref(), Some("\"v1\""));
+    assert!(s.cdn_authorizations().is_empty());
+    // A CDN request with a token is counted.
+    get(s.cdn_addr(), "/cdn/x", &[("Authorization", "Bearer x")]);
+    s.wait_for("cdn request", WAIT, |l| l.len() == 4 && all_finished(l));
+    assert_eq!(s.cdn_authorizations().len(), 1);
+}

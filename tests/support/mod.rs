@@ -1,4 +1,6 @@
-//! Shared test support: the HingNet stand-in server and the harness that runs the real binary.
+//! Shared test support: the HingNet stand-in server, the harness that runs the real binary, and
+//! the leak sweep (`canary`).
 
+pub mod canary;
 pub mod harness;
 pub mod standin;

@@ -23,7 +23,8 @@
 //! behaviour, and block on [`StandIn::wait_for`], which waits on a condition variable that is
 //! notified on every change of the request log (new request, bytes sent, paused, finished).
 //! Nothing in here sleeps to synchronise; the only timers are the 120 s give-up limits of
-//! [`Step::Stall`] and [`Step::Hold`] and a 10 ms back-off after a failed `accept`.
+//! [`Step::Stall`], [`Step::Silent`] and [`Step::Hold`], the pauses of a slow link that
+//! [`Step::Drip`] plays, and a 10 ms back-off after a failed `accept`.
 //!
 //! Include it with `#[path = "support/standin.rs"] mod standin;` from a test file or
 //! `#[path = "../tests/support/standin.rs"] mod standin;` from an example.
@@ -89,6 +90,9 @@ pub enum Step {
     /// Like [`Step::Truncate`], but after `n` bytes the socket stays open and silent
     /// (`paused = true`) for 120 s, or until the client hangs up, then it is closed.
     Stall(usize),
+    /// Reads the request and answers nothing at all, not even a status line: `paused = true` at
+    /// once, until the client hangs up or 120 s pass.
+    Silent,
     /// Sends `n` bytes, sets `paused = true`, waits for [`StandIn::release`] of this id (or
     /// 120 s), then sends the rest normally. Stops early if the client hangs up meanwhile.
     Hold(usize),
@@ -99,6 +103,29 @@ pub enum Step {
     BadContentRange,
     /// 200 with `Transfer-Encoding: chunked` and no `Content-Length`; full body, ignores Range.
     Chunked,
+    /// Like [`Step::Truncate`], but after `n` bytes the connection is reset (`SO_LINGER` 0,
+    /// then close: the client sees RST, not EOF).
+    Reset(usize),
+    /// Like [`Step::Serve`], but the body goes out in pieces of `piece` bytes with `pause`
+    /// between them (a slow link). Each pause is a server-side delay, not a test's wait.
+    Drip { piece: usize, pause: Duration },
+    /// Like [`Step::Serve`], but `Content-Length` claims `n` bytes more than the body, which is
+    /// sent whole before the socket is closed.
+    LengthOver(usize),
+    /// Like [`Step::Serve`], but `Content-Length` claims `n` bytes fewer than the body, which is
+    /// still sent whole (the extra bytes follow the declared end) before the socket is closed.
+    LengthUnder(usize),
+    /// Answers `Range: bytes=N-` with a 206 whose `Content-Range` says the file has another total
+    /// (`len + delta`): `bytes N-(T-1)/T`, with exactly `T - N` body bytes (the video's own
+    /// bytes, then filler past its end). Without `Range` behaves like [`Step::Serve`].
+    OtherTotal(i64),
+    /// 416 with `Content-Range: bytes */T`: `Some(T)`, or `None` for "whatever offset was asked",
+    /// a server claiming the client already has the whole file.
+    Unsatisfiable(Option<usize>),
+    /// 302 with this `Location`, verbatim except for the placeholders `{api}` and `{cdn}` (the
+    /// listeners' `ip:port`), `{id}` (the percent-encoded id) and `{sig}` (a fresh signature,
+    /// valid for `/cdn/{id}` and `/files/{id}` on either host).
+    RedirectTo(String),
 }
 
 /// Which listener a request arrived on.
@@ -140,6 +167,7 @@ pub struct Request {
     pub query: Option<String>,
     pub authorization: Option<String>,
     pub range: Option<String>,
+    pub if_range: Option<String>,
     /// When the request head was fully received.
     pub at: Instant,
     /// Status code of the status line the stand-in answered.
@@ -151,6 +179,10 @@ pub struct Request {
     pub finished: bool,
     /// A [`Step::Stall`] or [`Step::Hold`] has sent its first bytes and is waiting.
     pub paused: bool,
+    /// When `paused` was first set.
+    pub paused_at: Option<Instant>,
+    /// When `finished` was set.
+    pub finished_at: Option<Instant>,
     /// The client went away before the stand-in was done with the response (a write failed,
     /// or the client closed the connection during a stall/hold).
     pub peer_closed: bool,
@@ -192,6 +224,9 @@ impl fmt::Display for Request {
         }
         if let Some(range) = &self.range {
             write!(f, " [range: {range}]")?;
+        }
+        if let Some(v) = &self.if_range {
+            write!(f, " [if-range: {v}]")?;
         }
         write!(f, " -> {} ({} body bytes", self.status, self.body_sent)?;
         for (flag, name) in [
@@ -258,6 +293,7 @@ impl StandIn {
             state: Mutex::new(State {
                 token: token.to_owned(),
                 demo,
+                api,
                 cdn,
                 videos: HashMap::new(),
                 scripts: HashMap::new(),
@@ -266,6 +302,7 @@ impl StandIn {
                 added_at: HashMap::new(),
                 signatures: HashMap::new(),
                 holds: HashMap::new(),
+                issued: Vec::new(),
                 log: Vec::new(),
             }),
             changed: Condvar::new(),
@@ -364,6 +401,24 @@ impl StandIn {
     /// as a real CDN does once the signature has expired.
     pub fn expire_signatures(&self) {
         self.shared.lock().signatures.clear();
+    }
+
+    /// Every signed-URL signature issued so far (`SIGNED-<hex>`), expired ones included: the
+    /// secrets a leak sweep looks for.
+    pub fn signatures_issued(&self) -> Vec<String> {
+        self.shared.lock().issued.clone()
+    }
+
+    /// Requests that reached the CDN listener carrying an `Authorization` header: the token
+    /// leaving the API host. Must stay empty.
+    pub fn cdn_authorizations(&self) -> Vec<Request> {
+        self.shared
+            .lock()
+            .log
+            .iter()
+            .filter(|r| r.host == Host::Cdn && r.authorization.is_some())
+            .cloned()
+            .collect()
     }
 
     /// A snapshot of the request log, in arrival order, both hosts.
@@ -511,6 +566,7 @@ struct Shared {
 struct State {
     token: String,
     demo: bool,
+    api: SocketAddr,
     cdn: SocketAddr,
     videos: HashMap<String, Video>,
     scripts: HashMap<String, VecDeque<Step>>,
@@ -522,6 +578,8 @@ struct State {
     signatures: HashMap<String, String>,
     /// Release permits for `Step::Hold`, per id.
     holds: HashMap<String, Arc<Semaphore>>,
+    /// Every signature ever issued (`expire_signatures` does not forget them here).
+    issued: Vec<String>,
     log: Vec<Request>,
 }
 
@@ -596,6 +654,7 @@ impl State {
             splitmix64(seed ^ 0x5bd1_e995)
         );
         self.signatures.insert(sig.clone(), id.to_owned());
+        self.issued.push(sig.clone());
         sig
     }
 }
@@ -836,6 +895,12 @@ fn apply(state: &mut State, step: Step, video: &Video, range: Option<usize>) -> 
         Step::Serve => Reply::ranged(bytes, range, Cut::None),
         Step::Truncate(n) => Reply::ranged(bytes, range, Cut::Close(n)),
         Step::Stall(n) => Reply::ranged(bytes, range, Cut::Stall(n)),
+        Step::Silent => {
+            let mut reply = Reply::ranged(bytes, range, Cut::Silent);
+            // Logged as 0: no status line ever goes out.
+            reply.status = 0;
+            reply
+        }
         Step::Hold(n) => Reply::ranged(bytes, range, Cut::Hold(n, state.hold_gate(&video.id))),
         Step::Redirect => {
             let sig = state.new_signature(&video.id);
@@ -901,6 +966,50 @@ fn apply(state: &mut State, step: Step, video: &Video, range: Option<usize>) -> 
             reply.chunked = true;
             reply
         }
+        Step::Reset(n) => Reply::ranged(bytes, range, Cut::Reset(n)),
+        Step::Drip { piece, pause } => Reply::ranged(bytes, range, Cut::Drip(piece.max(1), pause)),
+        Step::LengthOver(n) => {
+            let mut reply = Reply::ranged(bytes, range, Cut::None);
+            reply.declared = Some(reply.span.len() + n);
+            reply
+        }
+        Step::LengthUnder(n) => {
+            let mut reply = Reply::ranged(bytes, range, Cut::None);
+            reply.declared = Some(reply.span.len().saturating_sub(n));
+            reply
+        }
+        Step::OtherTotal(delta) => match range {
+            Some(start) => {
+                let total = usize::try_from(len as i64 + delta)
+                    .expect("OtherTotal: total must stay positive");
+                assert!(
+                    start < total,
+                    "OtherTotal: the range must start before the total"
+                );
+                let mut body = bytes[start.min(len)..total.min(len)].to_vec();
+                body.resize(total - start, 0xA5);
+                Reply::new(206).body("video/mp4", body).header(
+                    "Content-Range",
+                    format!("bytes {start}-{}/{total}", total - 1),
+                )
+            }
+            None => Reply::ranged(bytes, None, Cut::None),
+        },
+        Step::Unsatisfiable(total) => {
+            let total = total.or(range).unwrap_or(len);
+            Reply::new(416).header("Content-Range", format!("bytes */{total}"))
+        }
+        Step::RedirectTo(location) => {
+            let mut location = location
+                .replace("{api}", &state.api.to_string())
+                .replace("{cdn}", &state.cdn.to_string())
+                .replace("{id}", &percent_encode(&video.id));
+            if location.contains("{sig}") {
+                let sig = state.new_signature(&video.id);
+                location = location.replace("{sig}", &sig);
+            }
+            Reply::new(302).header("Location", location)
+        }
     }
 }
 
@@ -917,6 +1026,12 @@ enum Cut {
     Stall(usize),
     /// Send n bytes, wait for a permit from the gate, then send the rest.
     Hold(usize, Arc<Semaphore>),
+    /// Send n bytes, then reset the connection.
+    Reset(usize),
+    /// Send nothing, not even the head; wait for the client to hang up.
+    Silent,
+    /// Send everything, `piece` bytes at a time with a pause between pieces.
+    Drip(usize, Duration),
 }
 
 struct Reply {
@@ -926,6 +1041,8 @@ struct Reply {
     span: Range<usize>,
     chunked: bool,
     cut: Cut,
+    /// A `Content-Length` that differs from the body actually sent.
+    declared: Option<usize>,
 }
 
 impl Reply {
@@ -937,6 +1054,7 @@ impl Reply {
             span: 0..0,
             chunked: false,
             cut: Cut::None,
+            declared: None,
         }
     }
 
@@ -1000,8 +1118,10 @@ impl Reply {
         if self.chunked {
             head.push_str("Transfer-Encoding: chunked\r\n");
         } else {
-            // Always the honest length of the whole span, even when the body will be cut.
-            let _ = write!(head, "Content-Length: {}\r\n", self.span.len());
+            // The honest length of the whole span, even when the body will be cut, unless a
+            // step lies about it.
+            let declared = self.declared.unwrap_or(self.span.len());
+            let _ = write!(head, "Content-Length: {declared}\r\n");
         }
         head.push_str("Connection: close\r\nServer: hingnet-standin\r\n\r\n");
         head.into_bytes()
@@ -1131,11 +1251,14 @@ async fn serve_connection(mut stream: TcpStream, host: Host, shared: Arc<Shared>
                     query: head.query,
                     authorization: head.authorization,
                     range: head.range,
+                    if_range: head.if_range,
                     at,
                     status: reply.status,
                     body_sent: 0,
                     finished: false,
                     paused: false,
+                    paused_at: None,
+                    finished_at: None,
                     peer_closed: false,
                 };
                 (entry, reply, head_only)
@@ -1151,11 +1274,14 @@ async fn serve_connection(mut stream: TcpStream, host: Host, shared: Arc<Shared>
                     query: None,
                     authorization: None,
                     range: None,
+                    if_range: None,
                     at,
                     status: 400,
                     body_sent: 0,
                     finished: false,
                     paused: false,
+                    paused_at: None,
+                    finished_at: None,
                     peer_closed: false,
                 };
                 (entry, reply, false)
@@ -1172,16 +1298,22 @@ async fn serve_connection(mut stream: TcpStream, host: Host, shared: Arc<Shared>
         idx,
         sent: 0,
         peer_closed: false,
+        reset: false,
     };
     if conn.respond(reply, head_only).await.is_err() {
         conn.peer_closed = true;
     }
     // Close our side; the client sees EOF right after the last byte we chose to send.
-    let _ = conn.stream.shutdown().await;
+    // Not after a reset: a FIN first would let the client read a clean EOF.
+    if !conn.reset {
+        let _ = conn.stream.shutdown().await;
+    }
     let peer_closed = conn.peer_closed;
     drop(conn);
+    let ended = Instant::now();
     shared.update(idx, |r| {
         r.finished = true;
+        r.finished_at = Some(ended);
         r.paused = false;
         r.peer_closed = peer_closed;
     });
@@ -1199,10 +1331,16 @@ struct Connection<'a> {
     idx: usize,
     sent: usize,
     peer_closed: bool,
+    /// The response ends with a reset: no FIN before the close.
+    reset: bool,
 }
 
 impl Connection<'_> {
     async fn respond(&mut self, reply: Reply, head_only: bool) -> io::Result<()> {
+        if let Cut::Silent = reply.cut {
+            self.pause(None).await;
+            return Ok(());
+        }
         self.stream.write_all(&reply.head()).await?;
         self.stream.flush().await?;
         if head_only {
@@ -1231,6 +1369,25 @@ impl Connection<'_> {
                     return Ok(());
                 }
                 self.write_body(rest, reply.chunked).await?;
+                self.finish_chunked(reply.chunked).await
+            }
+            Cut::Silent => Ok(()),
+            Cut::Reset(n) => {
+                self.write_body(&body[..body.len().min(*n)], reply.chunked)
+                    .await?;
+                // SO_LINGER 0: closing sends RST instead of FIN. The caller's shutdown() then
+                // fails harmlessly on the reset socket.
+                self.stream.set_zero_linger()?;
+                self.reset = true;
+                Ok(())
+            }
+            Cut::Drip(piece, pause) => {
+                for (i, part) in body.chunks(*piece).enumerate() {
+                    if i > 0 {
+                        tokio::time::sleep(*pause).await;
+                    }
+                    self.write_body(part, reply.chunked).await?;
+                }
                 self.finish_chunked(reply.chunked).await
             }
         }
@@ -1267,7 +1424,11 @@ impl Connection<'_> {
     /// passes, or the client closes the connection — whichever comes first. Watching the read
     /// side lets tests see a daemon's stall timeout as `peer_closed` without waiting 120 s.
     async fn pause(&mut self, gate: Option<Arc<Semaphore>>) -> PauseEnd {
-        self.shared.update(self.idx, |r| r.paused = true);
+        let now = Instant::now();
+        self.shared.update(self.idx, |r| {
+            r.paused = true;
+            r.paused_at.get_or_insert(now);
+        });
         let released = async move {
             match gate {
                 Some(gate) => {
