@@ -90,6 +90,10 @@ pub enum ApiError {
     /// (`scheme://host:port`) that could not be reached, never the whole URL.
     #[error("{0}")]
     Network(String),
+    /// The API host itself could not be reached (DNS, refused, TLS handshake): an outage of
+    /// the client or the service, not something about any one video.
+    #[error("{0}")]
+    Unreachable(String),
     #[error("more than {MAX_REDIRECTS} redirects")]
     TooManyRedirects,
     #[error("refused redirect: {0}")]
@@ -236,6 +240,9 @@ impl ApiClient {
                         self.header_timeout,
                         origin_of(&url),
                     ));
+                }
+                Ok(Err(e)) if e.is_connect() && hop == 0 && host == Host::Api => {
+                    return Err(ApiError::Unreachable(network_error(&url, &e)));
                 }
                 Ok(Err(e)) => return Err(ApiError::Network(network_error(&url, &e))),
                 Ok(Ok(r)) => r,

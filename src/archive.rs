@@ -28,6 +28,8 @@ pub enum ArchiveError {
     File { path: PathBuf, source: io::Error },
     #[error("{path} is not a video (no MP4 ftyp box at the start)")]
     NotMp4 { path: PathBuf },
+    #[error("{path} is not a whole MP4 file: {why}")]
+    Incomplete { path: PathBuf, why: String },
     #[error("{path} is being written by another process (a `hingnetd fetch`?)")]
     Busy { path: PathBuf },
     #[error(
@@ -194,6 +196,11 @@ impl Archive {
         if !looks_like_mp4(&head) {
             return Err(ArchiveError::NotMp4 { path });
         }
+        if let Err(why) = check_boxes(&file, bytes) {
+            // Not something a publish of ours left: downloaded again, and renamed over.
+            tracing::warn!(path = %path.display(), why = %why, "a file at the archive path is not a whole MP4; downloading again");
+            return Ok(None);
+        }
         // The run that renamed it may have died before (or failed at) the fsyncs: make the
         // file and its name durable before a row says done. If that fails, the file is not
         // trusted (a second fsync could report success over lost pages): it goes.
@@ -282,14 +289,15 @@ impl Archive {
                 }
             }
         }
-        let (validator, written, hasher, head) = match resumed {
-            Some((r, hasher, head)) => (r.validator, r.len, hasher, head),
-            None => (None, 0, Sha256::new(), Vec::with_capacity(8)),
+        let (validator, total, written, hasher, head) = match resumed {
+            Some((r, hasher, head)) => (r.validator, r.total, r.len, hasher, head),
+            None => (None, None, 0, Sha256::new(), Vec::with_capacity(8)),
         };
         file.set_len(written).map_err(ferr)?;
         file.seek(SeekFrom::Start(written)).map_err(ferr)?;
         let mut partial = Partial {
             validator,
+            total,
             record,
             record_path,
             record_len,
@@ -393,6 +401,8 @@ fn hash_reader(mut r: impl Read) -> io::Result<(String, u64, Vec<u8>)> {
 #[derive(Debug, Default, PartialEq)]
 struct ResumeRecord {
     validator: Option<String>,
+    /// The whole file's size, as the response that started it announced it.
+    total: Option<u64>,
     len: u64,
     sha256: String,
 }
@@ -402,8 +412,9 @@ const RECORD_MAGIC: &str = "hingnetd-partial 1";
 impl ResumeRecord {
     fn render(&self) -> String {
         format!(
-            "{RECORD_MAGIC}\nvalidator {}\ncheckpoint {} {}\n",
+            "{RECORD_MAGIC}\nvalidator {}\ntotal {}\ncheckpoint {} {}\n",
             self.validator.as_deref().unwrap_or(""),
+            self.total.map_or("-".to_owned(), |t| t.to_string()),
             self.len,
             self.sha256
         )
@@ -413,15 +424,67 @@ impl ResumeRecord {
         let mut lines = text.lines();
         (lines.next()? == RECORD_MAGIC).then_some(())?;
         let validator = lines.next()?.strip_prefix("validator ")?;
+        let total = match lines.next()?.strip_prefix("total ")? {
+            "-" => None,
+            t => Some(t.parse().ok()?),
+        };
         let (len, sha256) = lines.next()?.strip_prefix("checkpoint ")?.split_once(' ')?;
         let sha256 = (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
             .then(|| sha256.to_owned())?;
         Some(ResumeRecord {
             validator: Some(validator.to_owned()).filter(|v| !v.is_empty()),
+            total,
             len: len.parse().ok()?,
             sha256,
         })
     }
+}
+
+/// Whether the file is whole as an ISO-BMFF (MP4) file: starting with `ftyp`, its top-level
+/// boxes, walked by their sizes, end exactly at its length. A body cut short (a server that
+/// announced too few bytes, a 416 that lied about the total) almost never ends on a box
+/// boundary; nothing at the HTTP level can tell.
+fn check_boxes(file: &File, len: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let mut at = 0u64;
+    while at < len {
+        if len - at < 8 {
+            return Err(format!("{} stray bytes after the last box", len - at));
+        }
+        let mut h = [0u8; 16];
+        file.read_exact_at(&mut h[..8], at)
+            .map_err(|e| format!("reading the box at byte {at}: {e}"))?;
+        if at == 0 && &h[4..8] != b"ftyp" {
+            return Err("it does not start with an ftyp box".into());
+        }
+        let (size, header) = match u32::from_be_bytes([h[0], h[1], h[2], h[3]]) {
+            // The last box, running to the end of the file.
+            0 => return Ok(()),
+            1 => {
+                if len - at < 16 {
+                    return Err(format!("the box at byte {at} is cut short"));
+                }
+                file.read_exact_at(&mut h[8..16], at + 8)
+                    .map_err(|e| format!("reading the box at byte {at}: {e}"))?;
+                let mut big = [0u8; 8];
+                big.copy_from_slice(&h[8..16]);
+                (u64::from_be_bytes(big), 16)
+            }
+            n => (u64::from(n), 8),
+        };
+        if size < header {
+            return Err(format!(
+                "the box at byte {at} has an impossible size {size}"
+            ));
+        }
+        at = at.saturating_add(size);
+    }
+    if at != len {
+        return Err(format!(
+            "its last box ends at byte {at}, but the file has {len} bytes"
+        ));
+    }
+    Ok(())
 }
 
 /// Reads the first `n` bytes of `file`: their hash and head, or `None` if the file is shorter.
@@ -448,6 +511,8 @@ fn hash_prefix(file: &mut File, n: u64) -> io::Result<Option<(Sha256, Vec<u8>)>>
 pub struct Partial {
     /// What identifies the server's version of the bytes already in the file, for `If-Range`.
     validator: Option<String>,
+    /// The file's size as announced when its first byte was received, if it was.
+    total: Option<u64>,
     record: File,
     record_path: PathBuf,
     /// Length of the record file's current contents (rewritten in place).
@@ -493,6 +558,7 @@ impl Partial {
         use std::os::unix::fs::FileExt;
         let text = ResumeRecord {
             validator: self.validator.clone(),
+            total: self.total,
             len: self.written,
             sha256: hex(&self.hasher.clone().finalize()),
         }
@@ -511,11 +577,23 @@ impl Partial {
         Ok(())
     }
 
-    /// Records the validator of the version being written from byte zero. Written before the
-    /// body, so it survives a kill as well as a park.
-    pub fn set_validator(&mut self, v: Option<&str>) -> Result<(), ArchiveError> {
+    /// The whole file's size, as the response that started the file announced it.
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+
+    /// Records which version of the file is being written from byte zero: its validator and
+    /// its announced size. Written before the body, so it survives a kill as well as a park.
+    pub fn set_version(
+        &mut self,
+        validator: Option<&str>,
+        total: Option<u64>,
+    ) -> Result<(), ArchiveError> {
         // A header value cannot hold a line break; one here would corrupt the record.
-        self.validator = v.filter(|v| !v.contains(['\n', '\r'])).map(str::to_owned);
+        self.validator = validator
+            .filter(|v| !v.contains(['\n', '\r']))
+            .map(str::to_owned);
+        self.total = total;
         self.checkpoint()
     }
 
@@ -530,7 +608,7 @@ impl Partial {
         self.hasher = Sha256::new();
         self.head.clear();
         self.written = 0;
-        self.set_validator(None)
+        self.set_version(None, None)
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), ArchiveError> {
@@ -637,6 +715,13 @@ impl Partial {
                 path: self.path.clone(),
             });
         }
+        if let Err(why) = check_boxes(&self.file, self.written) {
+            self.remove_files();
+            return Err(ArchiveError::Incomplete {
+                path: self.path.clone(),
+                why,
+            });
+        }
         if let Err(e) = self.file.sync_all() {
             self.remove_files();
             return Err(self.err(e));
@@ -717,10 +802,40 @@ mod tests {
         }
     }
 
+    /// An `ftyp` box, then an `mdat` box holding `n` bytes.
     fn mp4(n: usize) -> Vec<u8> {
-        let mut v = b"\0\0\0\x18ftypisom".to_vec();
+        let mut v = b"\0\0\0\x10ftypisom\0\0\0\0".to_vec();
+        v.extend_from_slice(&(n as u32 + 8).to_be_bytes());
+        v.extend_from_slice(b"mdat");
         v.extend((0..n).map(|i| (i % 251) as u8));
         v
+    }
+
+    #[test]
+    fn only_whole_box_sequences_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |bytes: &[u8]| {
+            let p = dir.path().join("f");
+            std::fs::write(&p, bytes).unwrap();
+            check_boxes(&File::open(&p).unwrap(), bytes.len() as u64)
+        };
+        let whole = mp4(1000);
+        assert_eq!(check(&whole), Ok(()));
+        for cut in [9, 15, 20, 23, 500, 1023] {
+            assert!(check(&whole[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = whole.clone();
+        longer.extend_from_slice(b"xx");
+        assert!(check(&longer).is_err());
+        // 64-bit sizes, and a last box that runs to the end (size 0).
+        let mut big = b"\0\0\0\x10ftypisom\0\0\0\0\0\0\0\x01mdat".to_vec();
+        big.extend_from_slice(&(16u64 + 100).to_be_bytes());
+        big.extend_from_slice(&[7; 100]);
+        assert_eq!(check(&big), Ok(()));
+        let mut open_ended = b"\0\0\0\x10ftypisom\0\0\0\0\0\0\0\0mdat".to_vec();
+        open_ended.extend_from_slice(&[7; 100]);
+        assert_eq!(check(&open_ended), Ok(()));
+        assert!(check(b"\0\0\0\x10moovisom\0\0\0\0").is_err());
     }
 
     #[test]
@@ -775,7 +890,8 @@ mod tests {
     /// Parks `n` bytes of `data` as a partial, as a shutdown would.
     fn parked(a: &Archive, id: &VideoId, data: &[u8], n: usize) {
         let mut p = a.begin(id).unwrap();
-        p.set_validator(Some("\"etag-1\"")).unwrap();
+        p.set_version(Some("\"etag-1\""), Some(data.len() as u64))
+            .unwrap();
         p.write(&data[..n]).unwrap();
         assert_eq!(p.park().unwrap(), n as u64);
     }

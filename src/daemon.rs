@@ -102,6 +102,10 @@ pub fn decide(
             delay: retry_after.unwrap_or(backoff),
             error: Some("waiting: rate limited (429)".into()),
         },
+        Outcome::Unreachable { reason } => Finish::Release {
+            delay: Duration::ZERO,
+            error: Some(format!("waiting: API unreachable: {reason}")),
+        },
         Outcome::Interrupted { .. } => Finish::Release {
             delay: Duration::ZERO,
             error: None,
@@ -173,6 +177,9 @@ pub struct Scheduler {
     /// 429s without a success in between: the client-wide wait grows with them when the
     /// server gives no `Retry-After`.
     rate_limits_in_a_row: u32,
+    /// The API host could not be reached: nothing is requested until then.
+    unreachable_until: Option<Instant>,
+    unreachable_in_a_row: u32,
     account: Option<AccountPause>,
     storage: Option<StoragePause>,
     /// Fired by SIGHUP.
@@ -203,6 +210,8 @@ impl Scheduler {
             downloads: CancellationToken::new(),
             rate_limited_until: None,
             rate_limits_in_a_row: 0,
+            unreachable_until: None,
+            unreachable_in_a_row: 0,
             account: None,
             storage: None,
             reload,
@@ -225,6 +234,11 @@ impl Scheduler {
             let now = Instant::now();
             if self.rate_limited_until.is_some_and(|t| t <= now) {
                 self.rate_limited_until = None;
+                self.counts_stale = true;
+                look = true;
+            }
+            if self.unreachable_until.is_some_and(|t| t <= now) {
+                self.unreachable_until = None;
                 self.counts_stale = true;
                 look = true;
             }
@@ -265,6 +279,7 @@ impl Scheduler {
                 Some(last_look + poll),
                 next_due,
                 self.rate_limited_until,
+                self.unreachable_until,
                 self.storage.as_ref().map(|s| s.next_check),
                 // A probe waits for the downloads in flight; their completion wakes us.
                 // (and for a rate-limit pause to end, which is its own deadline).
@@ -379,6 +394,8 @@ impl Scheduler {
             text.push_str("; paused: API rejected the token");
         } else if self.rate_limited_until.is_some() {
             text.push_str("; paused: rate limited (429)");
+        } else if self.unreachable_until.is_some() {
+            text.push_str("; paused: API host unreachable");
         }
         self.service.status(text);
     }
@@ -482,7 +499,7 @@ impl Scheduler {
     async fn fill_slots(&mut self) -> Result<Option<Instant>, crate::queue::QueueError> {
         let now = Instant::now();
         let free = match &self.account {
-            _ if self.rate_limited_until.is_some() => 0,
+            _ if self.rate_limited_until.is_some() || self.unreachable_until.is_some() => 0,
             // Paused: one probe at a time, when its time comes.
             Some(a) if a.next_probe.is_some_and(|t| t <= now) && self.tasks.is_empty() => 1,
             Some(_) => 0,
@@ -601,12 +618,25 @@ impl Scheduler {
                     self.rate_limited_until = Some(until);
                 }
             }
+            Outcome::Unreachable { reason } => {
+                self.unreachable_in_a_row += 1;
+                let wait = backoff(&self.settings.config.retry, self.unreachable_in_a_row);
+                let until = Instant::now() + wait;
+                if self.unreachable_until.is_none_or(|t| t < until) {
+                    tracing::warn!(reason = %reason, wait = %format_duration(wait), "API host unreachable: pausing all requests");
+                    self.unreachable_until = Some(until);
+                    self.counts_stale = true;
+                }
+            }
             // Any other answer means the token was accepted.
             Outcome::Archived { .. }
             | Outcome::NotReady { .. }
             | Outcome::Gone { .. }
             | Outcome::Transient { .. } => {
                 self.rate_limits_in_a_row = 0;
+                if std::mem::take(&mut self.unreachable_in_a_row) > 0 {
+                    tracing::info!("API host reachable again");
+                }
                 if self.account.take().is_some() {
                     tracing::info!("API accepts the token again: downloads resumed");
                 }

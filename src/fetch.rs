@@ -45,6 +45,8 @@ pub enum Outcome {
     AccountProblem { http_status: u16, reason: String },
     /// 429: the whole client waits.
     RateLimited { retry_after: Option<Duration> },
+    /// The API host could not be reached at all: the whole client waits.
+    Unreachable { reason: String },
     /// Shutdown: the partial file is parked for the next run.
     Interrupted { parked_bytes: u64 },
     /// The archive could not be written (disk, permissions): not the video's fault.
@@ -209,6 +211,9 @@ impl Attempt<'_> {
             };
             let answer = match answer {
                 Ok(a) => a,
+                Err(api::ApiError::Unreachable(reason)) => {
+                    return self.keep(Outcome::Unreachable { reason }).await;
+                }
                 Err(e) => {
                     return self
                         .keep(Outcome::Transient {
@@ -288,8 +293,11 @@ impl Attempt<'_> {
 
     /// 416: if the server's total is exactly what we hold, the partial is complete.
     fn range_not_satisfiable(&mut self, answer: &Answer, offset: u64) -> StreamEnd {
+        let had_total = self.partial().total();
         match api::unsatisfied_range_total(answer.response.headers()) {
-            Some(total) if total == offset && offset > 0 => {
+            Some(total)
+                if total == offset && offset > 0 && had_total.is_none_or(|h| h == total) =>
+            {
                 self.resumed_from = offset;
                 StreamEnd::Complete
             }
@@ -394,9 +402,15 @@ impl Attempt<'_> {
         }
         // Where this body starts in the file, and the file's expected total size.
         let validator = api::validator(response.headers());
+        let had_total = self.partial().total();
         let (start, total) = if status == StatusCode::PARTIAL_CONTENT {
             match api::content_range(response.headers()) {
-                Some((s, e, Some(t))) if s == offset && e < t && offset > 0 => (s, Some(t)),
+                // The rest of the same file: where we asked, and the total the file started with.
+                Some((s, e, Some(t)))
+                    if s == offset && e < t && offset > 0 && had_total.is_none_or(|h| h == t) =>
+                {
+                    (s, Some(t))
+                }
                 other => {
                     return StreamEnd::Restart(format!(
                         "206 with Content-Range {other:?} for bytes={offset}-"
@@ -426,7 +440,7 @@ impl Attempt<'_> {
         }
         if start == 0 {
             let p = self.partial.as_mut().expect("partial is home");
-            if let Err(e) = p.set_validator(validator.as_deref()) {
+            if let Err(e) = p.set_version(validator.as_deref(), total) {
                 return StreamEnd::Outcome(Outcome::Storage {
                     reason: e.to_string(),
                 });
@@ -595,6 +609,10 @@ impl Attempt<'_> {
             Err(ArchiveError::NotMp4 { .. }) => Outcome::Transient {
                 http_status: Some(status.as_u16()),
                 reason: "downloaded file is not an MP4 (no ftyp box); discarded".into(),
+            },
+            Err(ArchiveError::Incomplete { why, .. }) => Outcome::Transient {
+                http_status: Some(status.as_u16()),
+                reason: format!("downloaded file is not a whole MP4 ({why}); discarded"),
             },
             Err(e) => Outcome::Storage {
                 reason: e.to_string(),

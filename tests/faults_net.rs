@@ -658,7 +658,6 @@ fn content_length_larger_than_the_body_is_retried_to_the_right_file() {
 /// short ends inside its last box. Same for a 416 claiming that the bytes we have are the whole
 /// file. Either way a short file must not be marked done.
 #[test]
-#[ignore = "DEFECT: a body shorter than the file (Content-Length too small, or a 416 claiming a short partial is complete) is published as done; no MP4 box-structure check at publish"]
 fn a_body_shorter_than_the_file_is_never_marked_done() {
     let run = setup(
         "a_body_shorter_than_the_file_is_never_marked_done",
@@ -761,7 +760,6 @@ fn wrong_ranges_end_in_the_right_file() {
 /// A 206 that starts at N but says the file has another total (shorter, or longer with filler)
 /// must not complete the file.
 #[test]
-#[ignore = "DEFECT: a 206 whose Content-Range total differs from the file's is accepted; the partial does not record the total it was started with"]
 fn a_206_with_another_total_is_refused() {
     let run = setup("a_206_with_another_total_is_refused", 0x7e57_0008, |s| {
         s.give_up_after = "2s";
@@ -1346,7 +1344,17 @@ fn an_unreachable_api_host_is_retried_with_backoff_and_named() {
         let env = Env::new(s, &run.token);
         let d = env.start();
         env.insert_sqlite3(&["video_unreachable"]);
-        env.wait_row("video_unreachable", "five attempts", |r| r.attempts >= want);
+        // An outage is not the video's fault: each try is given back (outcome `released`), so
+        // the row keeps attempts = 0 and its give-up clock never starts.
+        let start = Instant::now();
+        while attempt_log(&env, "video_unreachable").len() < want {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{host}: no retries:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         drop(d);
         let r = env.row("video_unreachable").unwrap();
         let log = attempt_log(&env, "video_unreachable");
@@ -1354,7 +1362,13 @@ fn an_unreachable_api_host_is_retried_with_backoff_and_named() {
         if r.state != "pending" && r.state != "downloading" {
             run.violation(format!("{host}: row is {} ({:?})", r.state, r.last_error));
         }
-        if log.iter().any(|(_, o, ..)| o != "retry") {
+        if r.attempts > 1 {
+            run.violation(format!(
+                "{host}: the outage counted {} attempts",
+                r.attempts
+            ));
+        }
+        if log.iter().any(|(_, o, ..)| o != "released") {
             run.violation(format!("{host}: attempt log {log:?}"));
         }
         let e = r.last_error.clone().unwrap_or_default();
@@ -1390,7 +1404,6 @@ fn an_unreachable_api_host_is_retried_with_backoff_and_named() {
 /// about the video"). With `give_up_after` = 300 ms, the row is still pending after many
 /// refused attempts spread over more than that.
 #[test]
-#[ignore = "DEFECT: a refused connection / DNS failure on the API host counts as a video attempt and fails the row after retry.give_up_after"]
 fn an_unreachable_api_host_does_not_fail_the_videos() {
     let port = closed_port();
     let mut run = setup(
@@ -1949,7 +1962,6 @@ fn symlinks_planted_in_the_archive_are_never_followed() {
 /// replaced without touching its target, and the video is archived: refusing would lose the
 /// video when its CDN link expires, and `rename`/`unlink` never follow a link.
 #[test]
-#[ignore = "DEFECT: a symlink at <id>.mp4 or .<id>.mp4.part keeps the video pending forever with ELOOP (archive error); a symlinked .part.validator beside a partial is read through the link and sent as If-Range"]
 fn planted_links_are_replaced_and_the_video_archived() {
     let mut run = setup(
         "planted_links_are_replaced_and_the_video_archived",

@@ -92,7 +92,7 @@ fn make_certs(dir: &std::path::Path) {
 
 const SERVER: &str = r#"
 import http.server, ssl, sys
-BODY = b"\0\0\0\x18ftypisom" + bytes(range(256)) * 40
+BODY = b"\0\0\0\x0cftypisom" + (8 + 256 * 40).to_bytes(4, "big") + b"mdat" + bytes(range(256)) * 40
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
@@ -153,5 +153,5 @@ fn an_operators_ca_is_trusted_through_ssl_cert_file_and_unknown_issuers_are_not(
     let _d = env.start_with_env("daemon.log", &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
     env.insert_sqlite3(&["video_tls"]);
     let row = env.wait_state("video_tls", "done");
-    assert_eq!(row.bytes, Some(12 + 256 * 40));
+    assert_eq!(row.bytes, Some(12 + 8 + 256 * 40));
 }
