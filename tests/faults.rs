@@ -602,7 +602,9 @@ fn four_producers_and_a_killed_daemon_lose_no_id() {
     for (child, _) in &mut producers {
         assert!(child.wait().unwrap().success(), "a producer failed");
     }
-    wait_until("every ID done", DEADLINE * 3, || {
+    // Each download is a few fsyncs (file, directory, two commits): the wait scales with them.
+    let deadline = DEADLINE + Duration::from_millis(50 * n_ids as u64);
+    wait_until("every ID done", deadline, || {
         count(&env, "done") as usize == n_ids
     });
     drop(d);

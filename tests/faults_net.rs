@@ -16,12 +16,12 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::canary;
 use support::harness::{DEADLINE, Env, Settings, file_sha256};
 use support::standin::{Host, Request, StandIn, Step, Video, sha256_hex, video_content};
+use support::tls::{HttpsServer, make_certs};
 
 // ---------------------------------------------------------------------------------------------
 // The frame every test shares
@@ -1130,78 +1130,8 @@ fn the_token_never_reaches_the_cdn_on_chains_that_leave_and_return() {
     );
 }
 
-/// The contract's certificates, made with the `openssl` command (as `tests/tls.rs` does).
-fn make_certs(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the openssl command is needed (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=hingnetd faults CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext",
-    ]);
-}
-
 /// An HTTPS API stand-in that answers every request with a 302 to `argv[3]`, and counts them.
 const TLS_REDIRECTOR: &str = r#"
-import http.server, ssl, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(302)
@@ -1210,21 +1140,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
     def log_message(self, *a):
         pass
-s = http.server.HTTPServer(("127.0.0.1", 0), H)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(sys.argv[1], sys.argv[2])
-s.socket = ctx.wrap_socket(s.socket, server_side=True)
-print(s.server_address[1], flush=True)
-s.serve_forever()
 "#;
-
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// An https API that redirects to a plain-http signed URL: refused, nothing is requested from
 /// the http host, and the signed URL appears nowhere.
@@ -1244,22 +1160,8 @@ fn a_redirect_from_https_to_http_is_refused() {
         run.api.cdn_addr(),
         run.seed
     );
-    let mut child = Command::new("python3")
-        .args(["-c", TLS_REDIRECTOR])
-        .arg(certs.path().join("srv.pem"))
-        .arg(certs.path().join("srv.key"))
-        .arg(&location)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 is needed");
-    let mut port = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut port,
-    )
-    .unwrap();
-    let _server = Server(child);
-    run.env.settings.base_url = format!("https://127.0.0.1:{}", port.trim());
+    let server = HttpsServer::start(certs.path(), TLS_REDIRECTOR, &[&location]);
+    run.env.settings.base_url = format!("https://127.0.0.1:{}", server.port);
     run.env.write_config();
     run.api.add_video("video_tls_down", 5000);
     let ca = certs.path().join("ca.pem");
