@@ -27,7 +27,7 @@ import json
 import os
 import platform
 import random
-import select
+import re
 import shlex
 import shutil
 import signal
@@ -47,7 +47,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 PROFILES = {
     "full": dict(
-        rounds=3,
+        # 3 rounds of everything take about 16 minutes on the 2-core machine; the medium
+        # workload (3 tools × 6.25 GiB written and fsynced per round) gets 2 to stay under 15.
+        rounds={"large": 3, "small": 3, "medium": 2},
         large=2 * GiB,
         small=(2000, 1 * MiB),
         medium=(200, 32 * MiB),
@@ -64,7 +66,7 @@ PROFILES = {
         scale_idle_seconds=10,
     ),
     "smoke": dict(
-        rounds=1,
+        rounds={"large": 1, "small": 1, "medium": 1},
         large=8 * MiB,
         small=(40, 64 * KiB),
         medium=(8, 1 * MiB),
@@ -190,6 +192,17 @@ def proc_hwm_kib(pid):
     return None
 
 
+def proc_threads(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def alive(pid):
     """Whether a child has not exited, without reaping it."""
     try:
@@ -205,6 +218,8 @@ def alive(pid):
 
 FTYP = struct.pack(">I4s4sI4s4s4s", 28, b"ftyp", b"isom", 0x200, b"isom", b"iso2", b"mp41")
 CHUNK, SLACK = 16 * MiB, 1 * MiB
+# Bumped when the files' shape changes, so that cached files of an older shape are remade.
+LAYOUT = 2
 
 
 class Files:
@@ -221,7 +236,7 @@ class Files:
         try:
             with open(self.manifest_path) as f:
                 m = json.load(f)
-            if m.get("seed") == seed:
+            if m.get("seed") == seed and m.get("layout") == LAYOUT:
                 self.meta = m["files"]
         except (OSError, ValueError, KeyError):
             pass
@@ -246,13 +261,22 @@ class Files:
             made += size
         if made:
             with open(self.manifest_path, "w") as f:
-                json.dump({"seed": self.seed, "files": self.meta}, f)
+                json.dump({"seed": self.seed, "layout": LAYOUT, "files": self.meta}, f)
         return made
 
     def _write(self, path, name, size):
         pool = self.pool()
         tag = f"hingnetd-bench seed={self.seed} {name}".encode()
-        head = (FTYP + struct.pack(">I4s", 8 + len(tag), b"free") + tag)[:size]
+        # ftyp, a `free` box naming the file, then one `mdat` box to the end: the daemon walks
+        # the top-level boxes and accepts only a file they tile exactly.
+        prefix = FTYP + struct.pack(">I4s", 8 + len(tag), b"free") + tag
+        rest = size - len(prefix)
+        if rest >= 1 << 32:
+            mdat = struct.pack(">I4sQ", 1, b"mdat", rest)
+        else:
+            mdat = struct.pack(">I4s", rest, b"mdat")
+        assert rest >= len(mdat), f"{name}: {size} bytes is too small for a bench file"
+        head = prefix + mdat
         h = hashlib.sha256(head)
         base = zlib.crc32(name.encode())
         with open(path, "wb", buffering=0) as f:
@@ -500,6 +524,7 @@ class Daemon:
         self.proc = None
         self.notify = None
         self.hwm_kib = None
+        self.max_threads = 0
         token_file = os.path.join(self.dir, "token")
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(fd, bench.token.encode() + b"\n")
@@ -558,7 +583,7 @@ format = "text"
     def start(self):
         sock = os.path.join(self.dir, "notify.sock")
         self.notify = Notify(sock)
-        env = dict(self.bench.env, NOTIFY_SOCKET=sock)
+        env = dict(self.bench.daemon_env, NOTIFY_SOCKET=sock)
         self.logf = open(self.log_path, "ab")
         self.t_spawn = time.time()
         self.proc = subprocess.Popen(
@@ -593,6 +618,14 @@ format = "text"
                 ).fetchone()[0]
                 if n == 0:
                     return
+                # Nothing in these workloads should need a second attempt: stop at the first one.
+                retry = con.execute(
+                    "SELECT video_id, attempts, last_error FROM queue WHERE state = 'pending' "
+                    "AND last_error IS NOT NULL AND " + where + " LIMIT 1"
+                ).fetchone()
+                if retry:
+                    raise RuntimeError(f"{self.name}: hingnetd will retry {retry[0]} (attempt {retry[1]}): {retry[2]}")
+                self.max_threads = max(self.max_threads, proc_threads(self.proc.pid))
                 if not alive(self.proc.pid):
                     raise RuntimeError(f"{self.name}: hingnetd exited with {n} rows left: {self.log_tail()}")
                 if time.time() > deadline:
@@ -643,7 +676,7 @@ class Bench:
         self.args = args
         self.profile = dict(PROFILES["smoke" if args.smoke else "full"])
         if args.rounds:
-            self.profile["rounds"] = args.rounds
+            self.profile["rounds"] = {w: args.rounds for w in self.profile["rounds"]}
             self.profile["scale_rounds"] = min(args.rounds, self.profile["scale_rounds"])
         self.bin = os.path.abspath(args.bin)
         self.seed = args.seed
@@ -667,6 +700,10 @@ class Bench:
             and k not in ("HINGNET_TOKEN", "HINGNETD_CONFIG", "RUST_LOG", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")
         }
         self.env["NO_PROXY"] = self.env["no_proxy"] = "127.0.0.1,127.0.0.2"
+        self.daemon_env = dict(self.env)
+        for kv in args.daemon_env:
+            k, _, v = kv.partition("=")
+            self.daemon_env[k] = v
         self.runs = []  # throughput samples
         self.results = {}
         self.anomalies = []
@@ -742,6 +779,7 @@ class Bench:
             "sqlite3": cmd_out(["sqlite3", "--version"]).split(" ")[0],
             "nginx": self.server.version if self.server else "?",
             "python": platform.python_version(),
+            "daemon_env": " ".join(self.args.daemon_env) or "none",
             "loadavg_start": open("/proc/loadavg").read().split()[:3],
         }
 
@@ -803,6 +841,7 @@ class Bench:
             extra["ready_s"] = d.notify.ready_at - t0 if d.notify.ready_at else None
         except RuntimeError as e:
             err = str(e)
+        extra["threads_max"] = d.max_threads
         code, ru = d.stop()
         con = d.ro()
         rows = {r[0]: r[1:] for r in con.execute("SELECT video_id, state, sha256, bytes, last_error, finished_at FROM queue")}
@@ -881,7 +920,7 @@ class Bench:
     def throughput(self, workload, ids, concurrency):
         peers = PEERS[PEER_OF[workload]] if PEER_OF[workload] else {}
         tools = ["hingnetd", *peers]
-        rounds = self.profile["rounds"] if peers else 1
+        rounds = self.profile["rounds"].get(workload, 1) if peers else 1
         self.files.prewarm(ids)
         for rnd in range(1, rounds + 1):
             k = (rnd - 1) % len(tools)
@@ -890,6 +929,130 @@ class Bench:
                     self.run_hingnetd(workload, rnd, ids, concurrency)
                 else:
                     self.run_peer(workload, rnd, tool, peers[tool], ids)
+
+    # -- profiling (--profile): where hingnetd's time goes, not part of the timed run --
+
+    def observe(self, workload, ids, concurrency, tool, out):
+        """One hingnetd batch with an observer attached once the daemon is READY and before the
+        rows are inserted. Returns (seconds, observer command)."""
+        d = Daemon(self, f"profile-{workload}-{tool}", concurrency=concurrency)
+        self.settle()
+        d.start()
+        d.wait_ready()
+        pid = str(d.proc.pid)
+        if tool == "strace-summary":
+            cmd = ["strace", "-c", "-f", "-p", pid, "-o", out]
+        elif tool == "strace-io":
+            cmd = ["strace", "-f", "-y", "-qq", "-p", pid, "-o", out, "-e",
+                   "trace=read,recvfrom,recvmsg,readv,write,writev,pwrite64,pwritev,sendto,sendmsg,"
+                   "fsync,fdatasync,sync_file_range,openat,rename,renameat,renameat2,flock,ftruncate,fallocate"]
+        else:
+            cmd = ["perf", "record", "-F", "999", "-g", "-p", pid, "-o", out, "--quiet"]
+        obs = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=open(out + ".stderr", "w"))
+        time.sleep(1.5)  # attached to every thread
+        t0 = time.time()
+        d.enqueue(ids)
+        err = None
+        try:
+            d.wait_drained(timeout=self.args.timeout)
+        except RuntimeError as e:
+            err = str(e)
+        con = d.ro()
+        last = con.execute("SELECT max(finished_at) FROM queue").fetchone()[0]
+        con.close()
+        secs = parse_ts(last) - t0 if last else None
+        obs.send_signal(signal.SIGINT)
+        try:
+            obs.wait(60)
+        except subprocess.TimeoutExpired:
+            obs.kill()
+            obs.wait()
+        d.stop()
+        d.remove()
+        if err:
+            raise RuntimeError(err)
+        return secs, " ".join(cmd)
+
+    @staticmethod
+    def io_histogram(trace):
+        """Counts, bytes and size distribution per (syscall, kind of file descriptor)."""
+        rx = re.compile(r"^\d+\s+(\w+)\((\d+)<([^>]*)>.*\)\s+=\s+(-?\d+)")
+        stats = {}
+        pending = {}  # pid -> start of a call another thread's line interrupted
+        for line in open(trace, errors="replace"):
+            line = line.rstrip("\n")
+            pid = line.split(" ", 1)[0]
+            if line.endswith("<unfinished ...>"):
+                pending[pid] = line[: -len("<unfinished ...>")].rstrip()
+                continue
+            if "resumed>" in line and pid in pending:
+                line = pending.pop(pid) + line.split("resumed>", 1)[1]
+            m = rx.match(line)
+            if not m:
+                continue
+            call, target, ret = m.group(1), m.group(3), int(m.group(4))
+            if target.startswith(("socket:", "TCP:", "TCPv6:", "UNIX:")) or "TCP" in target:
+                kind = "socket"
+            elif target.endswith(".part") or target.endswith(".mp4"):
+                kind = "video file"
+            elif ".db" in target:
+                kind = "database"
+            elif target.startswith("/"):
+                kind = "directory/other file" if not target.endswith((".db", "-wal", "-shm")) else "database"
+            else:
+                kind = target.split(":")[0] or "?"
+            st = stats.setdefault((call, kind), {"calls": 0, "bytes": 0, "sizes": []})
+            st["calls"] += 1
+            if ret > 0 and call not in ("openat", "flock", "fsync", "fdatasync", "ftruncate"):
+                st["bytes"] += ret
+                st["sizes"].append(ret)
+        lines = [f"{'syscall':14} {'fd':22} {'calls':>9} {'MiB':>9} {'p50 B':>9} {'p90 B':>9} {'max B':>9}"]
+        for (call, kind), st in sorted(stats.items(), key=lambda kv: -kv[1]["calls"]):
+            sz = sorted(st["sizes"])
+            q = lambda p: sz[min(len(sz) - 1, int(len(sz) * p))] if sz else 0  # noqa: E731
+            lines.append(f"{call:14} {kind:22} {st['calls']:9d} {st['bytes'] / MiB:9.1f} {q(0.5):9d} {q(0.9):9d} {q(1.0) if sz else 0:9d}")
+        return "\n".join(lines)
+
+    def profile_workload(self, workload, ids, concurrency):
+        out_dir = self.args.results or os.path.join(HERE, "results")
+        os.makedirs(out_dir, exist_ok=True)
+        report = os.path.join(out_dir, f"profile-{workload}.txt")
+        nbytes = sum(self.files.size(i) for i in ids)
+        self.files.prewarm(ids)
+        text = [f"hingnetd profile: {workload}, {len(ids)} file(s), {nbytes / MiB:,.0f} MiB, concurrency {concurrency}",
+                f"binary {self.bin}; seed {self.seed}; observers attach after READY, before the rows are inserted.",
+                "Times under an observer are slower than the real thing: read the counts, not the speed.\n"]
+        for tool in ("strace-summary", "strace-io", "perf"):
+            exe = "perf" if tool == "perf" else "strace"
+            if not shutil.which(exe):
+                text.append(f"== {tool}: {exe} not installed\n")
+                continue
+            raw = os.path.join(self.work, f"profile-{workload}-{tool}.out")
+            log(f"  profile {workload}: {tool}")
+            secs, cmd = self.observe(workload, ids, concurrency, tool, raw)
+            text.append(f"== {tool}: {cmd}\n   batch took {secs:.2f} s under the observer\n")
+            if tool == "strace-summary":
+                text.append(open(raw, errors="replace").read())
+            elif tool == "strace-io":
+                text.append(self.io_histogram(raw))
+                text.append("")
+            else:
+                for sort in ("dso", "symbol"):
+                    r = subprocess.run(["perf", "report", "-i", raw, "--stdio", "--no-children", "-g", "none",
+                                        "--sort", sort, "--percent-limit", "0.7"], capture_output=True, text=True)
+                    keep = [re.sub(r"(\s+-)+\s*$", "", l).rstrip() for l in r.stdout.splitlines()
+                            if l.strip() and not l.startswith("#")]
+                    text.append("\n".join(keep)[:12000])
+                    text.append("")
+            for f in (raw, raw + ".stderr"):
+                try:
+                    os.remove(f)
+                except FileNotFoundError:
+                    pass
+        with open(report, "w") as fh:
+            fh.write("\n".join(text) + "\n")
+        log(f"written: {report}")
 
     # -- pickup latency --
 
@@ -933,6 +1096,10 @@ class Bench:
         missing = [v for v in ids if v not in first]
         if missing:
             err = err or f"{len(missing)} IDs never requested, e.g. {missing[0]}"
+        # The commit happened between sending the INSERT and reading the shell's marker: latency
+        # from the marker is the figure (it can come out slightly negative when the daemon is
+        # faster than this process reading the pipe); from the send, an upper bound.
+        lat_send = [(first[v] - sends[v]) * 1000 for v in ids if v in first]
         ack_ms = [(acks[v] - sends[v]) * 1000 for v in ids]
         r = {
             "inserts": n,
@@ -943,6 +1110,9 @@ class Bench:
             "min_ms": min(lat) if lat else None,
             "mean_ms": statistics.fmean(lat) if lat else None,
             "over_250ms": sum(1 for x in lat if x > 250),
+            "from_send_p50_ms": pct(lat_send, 50),
+            "from_send_p99_ms": pct(lat_send, 99),
+            "negative": sum(1 for x in lat if x < 0),
             "insert_ack_p50_ms": pct(ack_ms, 50),
             "insert_ack_p99_ms": pct(ack_ms, 99),
             "gap_ms_mean": statistics.fmean(gaps) * 1000,
@@ -1022,14 +1192,19 @@ class Bench:
         path = d.db
         t = time.time()
         # Mostly done (one in 110 failed), with the attempt_log row each of them left, then the
-        # pending ones. IDs look like real ones ('video_' + 48 hex digits).
-        # Built with a rollback journal, no syncs and a large cache (random-order IDs), then
-        # switched back to WAL as the daemon left it.
+        # pending ones. IDs look like real ones ('video_' + 48 hex digits) and, like ULID-based
+        # ones, sort in creation order. Timestamps go back 23 days, one per 500 rows.
+        # Built with a rollback journal, no syncs and a large cache, then switched back to WAL as
+        # the daemon left it.
+        blocks = old // 500 + 1
         sql = f"""
 PRAGMA journal_mode = DELETE;
 PRAGMA synchronous = OFF;
-PRAGMA cache_size = -1500000;
+PRAGMA cache_size = -1000000;
 BEGIN;
+CREATE TEMP TABLE stamp(k INTEGER PRIMARY KEY, t TEXT);
+WITH RECURSIVE c(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM c WHERE k < {blocks})
+INSERT INTO stamp SELECT k, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%d seconds', ({blocks} - k) * 1000 + 3600)) FROM c;
 WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {old})
 INSERT INTO queue(video_id, state, attempts, next_attempt_at, last_error, http_status, path, sha256,
                   bytes, enqueued_at, first_attempt_at, finished_at)
@@ -1045,11 +1220,11 @@ SELECT id, st, 1, ts,
        CASE st WHEN 'done' THEN 5000000 + (i * 7919) % 60000000 END,
        ts, ts, ts
 FROM (SELECT i,
-             printf('video_%08x%08x%08x%08x%08x%08x', (i * 2654435761 + {self.seed}) % 4294967296,
-                    (i * 2246822519) % 4294967296, (i * 3266489917) % 4294967296,
-                    (i * 668265263) % 4294967296, (i * 374761393) % 4294967296, i) AS id,
+             printf('video_%012x%08x%08x%08x%08x%04x', 1700000000000 + i * 2000,
+                    (i * 2654435761 + {self.seed}) % 4294967296, (i * 2246822519) % 4294967296,
+                    (i * 3266489917) % 4294967296, (i * 668265263) % 4294967296, i % 65536) AS id,
              CASE WHEN i % 110 = 0 THEN 'failed' ELSE 'done' END AS st,
-             strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%d seconds', ({old} - i) * 2 + 3600)) AS ts
+             (SELECT t FROM stamp WHERE k = i / 500) AS ts
       FROM c);
 INSERT INTO attempt_log(video_id, at, attempt, outcome, http_status, bytes, elapsed_ms, detail)
 SELECT video_id, finished_at, 1, CASE state WHEN 'done' THEN 'done' ELSE 'failed' END, http_status,
@@ -1075,7 +1250,6 @@ PRAGMA journal_mode = WAL;
     def scale(self):
         p = self.profile
         base, build_s = self.build_scale_db()
-        pending = [f"scale_p_{i:04d}" for i in range(p["scale_pending"])]
         probes = [f"scale_probe_{i:02d}" for i in range(p["scale_probes"])]
         rounds = []
         for rnd in range(1, p["scale_rounds"] + 1):
@@ -1139,7 +1313,8 @@ PRAGMA journal_mode = WAL;
                 f"insert→request p50 {r['insert_to_request_ms']['p50']:.1f} ms, idle {r['idle_cpu_pct']:.3f}% of a core")
             rounds.append(r)
             d.remove()
-        os.remove(base)
+        if not self.args.keep_data:
+            os.remove(base)
         self.results["scale"] = {
             "rows": p["scale_rows"],
             "pending": p["scale_pending"],
@@ -1164,7 +1339,7 @@ PRAGMA journal_mode = WAL;
         p = self.profile
         t_start = time.time()
         log(f"hingnetd benchmark ({'smoke' if self.args.smoke else 'full'}): seed {self.seed}, "
-            f"{p['rounds']} round(s), workloads {', '.join(self.args.only)}")
+            f"rounds {p['rounds']}, workloads {', '.join(self.args.only)}")
         self.check_space()
         self.server = Server(os.path.join(self.work, "nginx"), self.files.root, self.token)
         self.hdr_file = os.path.join(self.work, "auth-header")
@@ -1203,6 +1378,14 @@ PRAGMA journal_mode = WAL;
              f"{self.server.api}/v1/videos/notready_x/content"], capture_output=True, text=True, env=self.env)
         if not probe.stdout.startswith("400"):
             raise RuntimeError(f"server self-check (not ready) failed: {probe.stdout} {probe.stderr}")
+
+        if self.args.profile:
+            for w in WORKLOADS:
+                if w in self.args.only and w in sets:
+                    ids, _, conc = sets[w]
+                    self.profile_workload(w, ids, conc)
+            self.server.stop()
+            return True
 
         for w in WORKLOADS:
             if w not in self.args.only:
@@ -1311,13 +1494,16 @@ PRAGMA journal_mode = WAL;
         kind = "smoke" if self.args.smoke else "full"
         L = []
         L.append(f"# hingnetd benchmark ({kind} run)\n")
-        L.append(f"{env['date']}; seed {self.seed}; {p['rounds']} round(s) per throughput workload, medians shown; "
+        L.append(f"{env['date']}; seed {self.seed}; rounds per throughput workload: "
+                 f"{', '.join(f'{w} {n}' for w, n in p['rounds'].items())} (medians shown; tools alternate which goes "
+                 f"first); "
                  f"total {total_s:.0f} s (file generation {gen_s:.0f} s).\n")
         L.append(f"Machine: {env['cpu']}, {env['cores']} cores (SHA-NI: {env['sha_ni']}), {env['memory']} RAM, "
                  f"Linux {env['kernel']}, work dir on {env['filesystem']}. Load average at start "
                  f"{' '.join(env['loadavg_start'])}, at end {' '.join(env['loadavg_end'])}.\n")
         L.append(f"Binary: {env['hingnetd']}. Peers: {env['curl']}; {env['aria2c']}; {env['sha256sum']}. "
-                 f"Server: {env['nginx']} (1 worker, sendfile). sqlite3 {env['sqlite3']}.\n")
+                 f"Server: {env['nginx']} (1 worker, sendfile). sqlite3 {env['sqlite3']}. Extra environment for "
+                 f"hingnetd: {env['daemon_env']}.\n")
         L.append("## Throughput\n")
         L.append("Speed-up = peer's time ÷ hingnetd's time (above 1: hingnetd is faster). CPU = user+sys of the "
                  "whole process tree. Peak RSS = largest single process. Wall times of every round in brackets.\n")
@@ -1341,16 +1527,27 @@ PRAGMA journal_mode = WAL;
                     f"{f(r.get('hingnetd_cpu_ratio'), '.2f')} | {r['ok_runs']}/{r['runs']} "
                     f"[{', '.join(f(x, '.2f') for x in r['wall_s_all'])}] |"
                 )
+        thr = {}
+        for smp in self.runs:
+            if smp["tool"] == "hingnetd" and smp.get("threads_max"):
+                thr[smp["workload"]] = max(thr.get(smp["workload"], 0), smp["threads_max"])
+        if thr:
+            L.append("\nhingnetd's largest thread count seen while it worked: "
+                     + ", ".join(f"{w} {n}" for w, n in thr.items()) + ".")
         pk = self.results.get("pickup")
         if pk:
             L.append("\n## Pickup latency\n")
             L.append(f"{pk['inserts']:,} inserts from one `sqlite3` shell, {pk['gap_ms_mean']:.0f} ms apart on average "
                      "(uniform 20–50 ms), `poll_interval = \"60s\"`. Latency = the shell's acknowledgement of the "
                      "committed INSERT → the first `/content` request in nginx's access log (ms resolution).\n")
-            L.append("| p50 ms | p90 ms | p99 ms | max ms | min ms | > 250 ms | INSERT ack p50 ms |")
-            L.append("|---:|---:|---:|---:|---:|---:|---:|")
+            L.append("| p50 ms | p90 ms | p99 ms | max ms | min ms | > 250 ms | < 0 ms | from send p50 / p99 ms | INSERT ack p50 ms |")
+            L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             L.append(f"| {f(pk['p50_ms'], '.1f')} | {f(pk['p90_ms'], '.1f')} | {f(pk['p99_ms'], '.1f')} | {f(pk['max_ms'], '.1f')} | "
-                     f"{f(pk['min_ms'], '.1f')} | {pk['over_250ms']} | {f(pk['insert_ack_p50_ms'], '.2f')} |")
+                     f"{f(pk['min_ms'], '.1f')} | {pk['over_250ms']} | {pk['negative']} | "
+                     f"{f(pk['from_send_p50_ms'], '.1f')} / {f(pk['from_send_p99_ms'], '.1f')} | {f(pk['insert_ack_p50_ms'], '.2f')} |")
+            L.append("\nA negative latency means the daemon requested the video before this process had read the "
+                     "shell's acknowledgement (the commit precedes it); \"from send\" counts from writing the INSERT "
+                     "to the shell, an upper bound.")
         idle = self.results.get("idle")
         if idle:
             L.append("\n## Idle cost\n")
@@ -1472,9 +1669,17 @@ def main():
     ap.add_argument("--tmpdir", default=None, help="parent of the default work dir (default $TMPDIR or /tmp)")
     ap.add_argument("--keep-data", action="store_true", help="keep the generated files for the next run (with --workdir)")
     ap.add_argument("--results", help="directory for the report (default bench/results)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds a single hingnetd batch may take")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the benchmark: run hingnetd once per selected throughput workload under "
+                    "strace -c, strace (I/O sizes) and perf record, into bench/results/profile-WORKLOAD.txt")
+    ap.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for every hingnetd run (experiments, e.g. MALLOC_ARENA_MAX=2); "
+                    "named in the report")
+    ap.add_argument("--timeout", type=float, help="seconds a single hingnetd batch may take (default 900; smoke 60)")
     args = ap.parse_args()
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    if args.timeout is None:
+        args.timeout = 60 if args.smoke else 900
     unknown = set(args.only) - set(WORKLOADS)
     if unknown:
         ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")

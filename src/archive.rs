@@ -613,10 +613,14 @@ impl Partial {
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), ArchiveError> {
         fill_head(&mut self.head, data);
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= WRITE_BUFFER {
+        if self.buf.len() + data.len() > WRITE_BUFFER {
             self.flush()?;
         }
+        if data.len() >= WRITE_BUFFER {
+            // Large enough on its own: written from where it is, not copied first.
+            return self.write_out(data);
+        }
+        self.buf.extend_from_slice(data);
         Ok(())
     }
 
@@ -625,15 +629,22 @@ impl Partial {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let r = self.file.write_all(&self.buf);
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.write_out(&buf);
+        self.buf = buf;
+        self.buf.clear();
+        r
+    }
+
+    fn write_out(&mut self, data: &[u8]) -> Result<(), ArchiveError> {
+        let r = self.file.write_all(data);
         r.map_err(|e| self.err(e))?;
-        self.hasher.update(&self.buf);
-        let n = self.buf.len() as u64;
+        self.hasher.update(data);
+        let n = data.len() as u64;
         self.written += n;
         let done = n.min(self.reserved);
         self.reserved -= done;
         self.reservations.fetch_sub(done, Ordering::Relaxed);
-        self.buf.clear();
         self.checkpoint()
     }
 

@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, Action, Answer, ApiClient, Host, VideoState};
 use crate::archive::{Archive, ArchiveError, Partial, Published, VideoId};
 
-/// Chunks queued between the network and the writer thread: bounds memory per download.
-const SINK_DEPTH: usize = 8;
+/// Chunks queued between the network and the writer thread: bounds memory per download. A
+/// chunk is what hyper read at once (up to about 400 KiB on a fast link), so two keep the
+/// writer busy while memory stays under about 1.5 MiB a download, buffers included.
+const SINK_DEPTH: usize = 2;
 /// A download that the server will not resume properly starts over at most this many times
 /// within one attempt.
 const MAX_RESTARTS: u32 = 2;
