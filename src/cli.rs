@@ -291,7 +291,7 @@ fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
 fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
     let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     let s = q.status(5).map_err(queue_failure)?;
-    let archived = q.archived_bytes().map_err(queue_failure)?;
+    let archived = s.archived_bytes;
     let age = match &s.oldest_pending {
         Some((_, at)) => q.age_of(at).map_err(queue_failure)?,
         None => None,
@@ -618,10 +618,23 @@ fn not_claimed(cfg: &Config, q: &mut Queue, id: &str, state: &str) -> Result<(),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    flat_memory();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start the runtime: {e}")))
+}
+
+/// Buffers of 128 KiB and more (hyper's read buffers are about 400 KiB, one or more per download)
+/// get their own mappings, returned to the kernel when freed. By default glibc raises this
+/// threshold after the first such free and keeps later buffers in its heaps, where freed memory
+/// stays resident: peak RSS then grows with concurrency (measured in BENCHMARKS.md).
+fn flat_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt(3) only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// `hingnetd run`: every check that can fail on bad configuration happens before any work, and

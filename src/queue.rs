@@ -31,6 +31,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_claimed_by.sql",
         include_str!("../migrations/0003_claimed_by.sql"),
     ),
+    (
+        "0004_state_bytes_index.sql",
+        include_str!("../migrations/0004_state_bytes_index.sql"),
+    ),
 ];
 
 /// Attempt-log entries kept per video.
@@ -174,6 +178,9 @@ pub struct Status {
     pub downloading: u64,
     pub done: u64,
     pub failed: u64,
+    /// Bytes recorded for done rows: the archive's size as the queue knows it.
+    #[serde(skip)]
+    pub archived_bytes: u64,
     pub oldest_pending: Option<(String, String)>,
     #[serde(skip)]
     pub next_due_in: Option<Duration>,
@@ -663,24 +670,31 @@ impl Queue {
         Ok(out)
     }
 
-    /// Rows per state (the `failures`, `oldest_pending` and `next_due_in` fields left empty).
+    /// Rows per state and the archived bytes, in one pass over the `(state, bytes)` index (the
+    /// `failures`, `oldest_pending` and `next_due_in` fields left empty).
     pub fn counts(&self) -> Result<Status, QueueError> {
         let mut s = Status::default();
         let mut stmt = self
             .conn
-            .prepare("SELECT state, count(*) FROM queue GROUP BY state")
+            .prepare_cached(
+                "SELECT state, count(*), coalesce(sum(bytes), 0) FROM queue GROUP BY state",
+            )
             .map_err(sql("count rows"))?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
             })
             .map_err(sql("count rows"))?;
         for row in rows {
-            let (state, n) = row.map_err(sql("count rows"))?;
+            let (state, n, bytes) = row.map_err(sql("count rows"))?;
             match state.as_str() {
                 "pending" => s.pending = n,
                 "downloading" => s.downloading = n,
-                "done" => s.done = n,
+                "done" => (s.done, s.archived_bytes) = (n, bytes),
                 "failed" => s.failed = n,
                 _ => {}
             }
@@ -1225,7 +1239,8 @@ mod tests {
                  ORDER BY next_attempt_at LIMIT 4"
             ),
             "SELECT min(next_attempt_at) FROM queue WHERE state = 'pending'".into(),
-            "SELECT state, count(*) FROM queue GROUP BY state".into(),
+            "SELECT state, count(*), coalesce(sum(bytes), 0) FROM queue GROUP BY state".into(),
+            "SELECT coalesce(sum(bytes), 0) FROM queue WHERE state = 'done'".into(),
         ] {
             let plan: Vec<String> = q
                 .conn
@@ -1236,7 +1251,10 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap();
             let plan = plan.join("; ");
-            assert!(plan.contains("queue_state_due"), "{sql}: {plan}");
+            assert!(
+                plan.contains("COVERING INDEX queue_state_"),
+                "{sql}: {plan}"
+            );
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
         }
     }
