@@ -102,8 +102,10 @@ pub fn decide(
             delay: retry_after.unwrap_or(backoff),
             error: Some("waiting: rate limited (429)".into()),
         },
+        // Given back, but not due at once: the row is written before the loop hears of the
+        // outage and pauses, and a look in between must not retry it straight away.
         Outcome::Unreachable { reason } => Finish::Release {
-            delay: Duration::ZERO,
+            delay: backoff,
             error: Some(format!("waiting: API unreachable: {reason}")),
         },
         Outcome::Interrupted { .. } => Finish::Release {
