@@ -180,7 +180,7 @@ impl Archive {
             tracing::warn!(path = %path.display(), "a symlink sits at the archive path; it will be replaced, not followed");
             return Ok(None);
         }
-        let file = match open_nofollow(&path, false) {
+        let mut file = match open_nofollow(&path, false) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(ArchiveError::File { path, source }),
@@ -189,10 +189,17 @@ impl Archive {
             path: path.clone(),
             source,
         };
-        if !file.metadata().map_err(ferr)?.is_file() {
+        let meta = file.metadata().map_err(ferr)?;
+        if !meta.is_file() {
             return Err(ferr(io::Error::other("not a regular file")));
         }
-        let (sha256, bytes, head) = hash_reader(&file).map_err(ferr)?;
+        let bytes = meta.len();
+        let Some((hasher, head)) = hash_prefix(&mut file, bytes).map_err(ferr)? else {
+            return Err(ferr(io::Error::other(
+                "the file shrank while it was hashed",
+            )));
+        };
+        let sha256 = hex(&hasher.finalize());
         if !looks_like_mp4(&head) {
             return Err(ArchiveError::NotMp4 { path });
         }
@@ -375,22 +382,6 @@ fn fill_head(head: &mut Vec<u8>, data: &[u8]) {
     if head.len() < 8 {
         let take = (8 - head.len()).min(data.len());
         head.extend_from_slice(&data[..take]);
-    }
-}
-
-fn hash_reader(mut r: impl Read) -> io::Result<(String, u64, Vec<u8>)> {
-    let mut hasher = Sha256::new();
-    let mut head = Vec::with_capacity(8);
-    let mut len = 0u64;
-    let mut buf = vec![0u8; WRITE_BUFFER];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hex(&hasher.finalize()), len, head));
-        }
-        hasher.update(&buf[..n]);
-        fill_head(&mut head, &buf[..n]);
-        len += n as u64;
     }
 }
 

@@ -18,8 +18,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use support::audit::{audit, rows};
 use support::canary;
-use support::harness::{DEADLINE, Env, Settings, file_sha256};
+use support::harness::{DEADLINE, Env, Settings};
 use support::standin::{Host, Request, StandIn, Step, Video, sha256_hex, video_content};
 use support::tls::{HttpsServer, make_certs};
 
@@ -70,50 +71,6 @@ fn setup(name: &'static str, default_seed: u64, tune: impl FnOnce(&mut Settings)
     }
 }
 
-#[derive(Debug, Clone)]
-struct DbRow {
-    id: String,
-    state: String,
-    attempts: i64,
-    last_error: Option<String>,
-    http_status: Option<i64>,
-    path: Option<String>,
-    sha256: Option<String>,
-    bytes: Option<i64>,
-}
-
-/// Every row, with BLOB or non-UTF-8 ids shown lossily.
-fn rows(env: &Env) -> Vec<DbRow> {
-    let db = env.open_db();
-    let mut stmt = db
-        .prepare(
-            "SELECT video_id, state, attempts, last_error, http_status, path, sha256, bytes \
-             FROM queue ORDER BY rowid",
-        )
-        .unwrap();
-    stmt.query_map([], |r| {
-        let id = match r.get_ref(0)? {
-            rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
-                String::from_utf8_lossy(t).into_owned()
-            }
-            other => format!("{other:?}"),
-        };
-        Ok(DbRow {
-            id,
-            state: r.get(1)?,
-            attempts: r.get(2)?,
-            last_error: r.get(3)?,
-            http_status: r.get(4)?,
-            path: r.get(5)?,
-            sha256: r.get(6)?,
-            bytes: r.get(7)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
-}
-
 fn count_where(env: &Env, cond: &str) -> i64 {
     env.open_db()
         .query_row(
@@ -148,71 +105,6 @@ fn wait_all(env: &Env, what: &str, deadline: Duration, cond: &str) {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The promise: a `done` row names a regular file (not a link) at the video's final path whose
-/// SHA-256 and size are the row's and the stand-in's video's; no published file without a
-/// `done` row. Returns one line per breach.
-fn audit(env: &Env, api: &StandIn) -> Vec<String> {
-    let mut bad = Vec::new();
-    let mut named = BTreeSet::new();
-    for r in rows(env) {
-        if r.state != "done" {
-            continue;
-        }
-        let final_path = env.final_path(&r.id);
-        named.insert(final_path.clone());
-        if r.path.as_deref() != final_path.to_str() {
-            bad.push(format!("{}: done with path {:?}", r.id, r.path));
-            continue;
-        }
-        match std::fs::symlink_metadata(&final_path) {
-            Ok(m) if m.is_file() => {}
-            Ok(m) => {
-                bad.push(format!(
-                    "{}: done, but {:?} is {:?}",
-                    r.id,
-                    final_path,
-                    m.file_type()
-                ));
-                continue;
-            }
-            Err(e) => {
-                bad.push(format!("{}: done, but its file: {e}", r.id));
-                continue;
-            }
-        }
-        let on_disk = file_sha256(&final_path);
-        let want = api
-            .video(&r.id)
-            .map(|v| (v.sha256.clone(), v.bytes.len() as i64));
-        if r.sha256.as_deref() != Some(on_disk.as_str()) {
-            bad.push(format!(
-                "{}: row sha256 {:?}, file {on_disk}",
-                r.id, r.sha256
-            ));
-        }
-        match want {
-            Some((sha, len)) if sha != on_disk || r.bytes != Some(len) => bad.push(format!(
-                "{}: WRONG FILE MARKED DONE: {} bytes sha256 {on_disk}, the video is {len} bytes {sha}",
-                r.id,
-                r.bytes.unwrap_or(-1)
-            )),
-            Some(_) => {}
-            None => bad.push(format!("{}: done, but the stand-in has no such video", r.id)),
-        }
-    }
-    if let Ok(rd) = std::fs::read_dir(&env.archive) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            // A link there was planted by a test, not published by the daemon.
-            let link = e.file_type().is_ok_and(|t| t.is_symlink());
-            if !name.starts_with('.') && !link && !named.contains(&e.path()) {
-                bad.push(format!("published file without a done row: {name}"));
-            }
-        }
-    }
-    bad
 }
 
 /// Operator commands whose output the leak sweep also reads.

@@ -1,0 +1,118 @@
+//! The archive's promise, checked from outside the way an operator would: every row as the
+//! queue holds it, and an audit of `done` rows against their files and the stand-in's videos.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+
+use super::harness::{Env, file_sha256};
+use super::standin::StandIn;
+
+#[derive(Debug, Clone)]
+pub struct DbRow {
+    pub id: String,
+    pub state: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub http_status: Option<i64>,
+    pub path: Option<String>,
+    pub sha256: Option<String>,
+    pub bytes: Option<i64>,
+}
+
+/// Every row, with BLOB or non-UTF-8 ids shown lossily.
+pub fn rows(env: &Env) -> Vec<DbRow> {
+    let db = env.open_db();
+    let mut stmt = db
+        .prepare(
+            "SELECT video_id, state, attempts, last_error, http_status, path, sha256, bytes \
+             FROM queue ORDER BY rowid",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        let id = match r.get_ref(0)? {
+            rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                String::from_utf8_lossy(t).into_owned()
+            }
+            other => format!("{other:?}"),
+        };
+        Ok(DbRow {
+            id,
+            state: r.get(1)?,
+            attempts: r.get(2)?,
+            last_error: r.get(3)?,
+            http_status: r.get(4)?,
+            path: r.get(5)?,
+            sha256: r.get(6)?,
+            bytes: r.get(7)?,
+        })
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// The promise: a `done` row names a regular file (not a link) at the video's final path whose
+/// SHA-256 and size are the row's and the stand-in's video's; no published file without a
+/// `done` row. Returns one line per breach.
+pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut named = BTreeSet::new();
+    for r in rows(env) {
+        if r.state != "done" {
+            continue;
+        }
+        let final_path = env.final_path(&r.id);
+        named.insert(final_path.clone());
+        if r.path.as_deref() != final_path.to_str() {
+            bad.push(format!("{}: done with path {:?}", r.id, r.path));
+            continue;
+        }
+        match std::fs::symlink_metadata(&final_path) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) => {
+                bad.push(format!(
+                    "{}: done, but {:?} is {:?}",
+                    r.id,
+                    final_path,
+                    m.file_type()
+                ));
+                continue;
+            }
+            Err(e) => {
+                bad.push(format!("{}: done, but its file: {e}", r.id));
+                continue;
+            }
+        }
+        let on_disk = file_sha256(&final_path);
+        let want = api
+            .video(&r.id)
+            .map(|v| (v.sha256.clone(), v.bytes.len() as i64));
+        if r.sha256.as_deref() != Some(on_disk.as_str()) {
+            bad.push(format!(
+                "{}: row sha256 {:?}, file {on_disk}",
+                r.id, r.sha256
+            ));
+        }
+        match want {
+            Some((sha, len)) if sha != on_disk || r.bytes != Some(len) => bad.push(format!(
+                "{}: WRONG FILE MARKED DONE: {} bytes sha256 {on_disk}, the video is {len} bytes {sha}",
+                r.id,
+                r.bytes.unwrap_or(-1)
+            )),
+            Some(_) => {}
+            None => bad.push(format!("{}: done, but the stand-in has no such video", r.id)),
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(&env.archive) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // A link there was planted by a test, not published by the daemon.
+            let link = e.file_type().is_ok_and(|t| t.is_symlink());
+            if !name.starts_with('.') && !link && !named.contains(&e.path()) {
+                bad.push(format!("published file without a done row: {name}"));
+            }
+        }
+    }
+    bad
+}
