@@ -919,8 +919,10 @@ class Bench:
 
     def throughput(self, workload, ids, concurrency):
         peers = PEERS[PEER_OF[workload]] if PEER_OF[workload] else {}
-        tools = ["hingnetd", *peers]
         rounds = self.profile["rounds"].get(workload, 1) if peers else 1
+        if self.args.no_peers:
+            peers = {}
+        tools = ["hingnetd", *peers]
         self.files.prewarm(ids)
         for rnd in range(1, rounds + 1):
             k = (rnd - 1) % len(tools)
@@ -1129,7 +1131,7 @@ class Bench:
 
     # -- idle cost --
 
-    def idle_one(self, label, rows):
+    def idle_one(self, label, rows, in_window):
         secs = self.profile["idle_seconds"]
         d = Daemon(self, f"idle-{label}", concurrency=8, poll="5s", initial_delay="10m")
         if rows:
@@ -1152,11 +1154,13 @@ class Bench:
         time.sleep(self.profile["idle_settle"])
         pid = d.proc.pid
         c0, s0, w0 = proc_cpu(pid), proc_ctxsw(pid), time.time()
+        in_window.set()
         time.sleep(secs)
         c1, s1, w1 = proc_cpu(pid), proc_ctxsw(pid), time.time()
         rss = proc_rss_kib(pid)
         code, ru = d.stop()
-        requests = len(self.server.first_requests(since))
+        # Only this daemon's IDs: pickup runs beside it. (The empty queue has none to ask for.)
+        requests = len(self.server.first_requests(since, "notready_"))
         cpu = c1 - c0
         r = {
             "rows": rows,
@@ -1176,11 +1180,36 @@ class Bench:
         d.remove()
         return r
 
-    def idle(self):
-        self.results["idle"] = {
-            "empty": self.idle_one("empty", 0),
-            "not_ready": self.idle_one("notready", self.profile["idle_rows"]),
-        }
+    def idle(self, during=None):
+        """Both idle daemons side by side, and `during` (pickup) run while their windows are
+        open: one minute for the three instead of three. Each idle daemon's CPU is its own,
+        read from /proc, and none of them shares a database or an ID with another."""
+        out, errors = {}, []
+        cases = [("empty", "empty", 0), ("not_ready", "notready", self.profile["idle_rows"])]
+        events = [threading.Event() for _ in cases]
+
+        def one(key, label, rows, ev):
+            try:
+                out[key] = self.idle_one(label, rows, ev)
+            except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
+                errors.append(e)
+            finally:
+                ev.set()
+
+        threads = [threading.Thread(target=one, args=(*c, ev)) for c, ev in zip(cases, events)]
+        for t in threads:
+            t.start()
+        for ev in events:
+            ev.wait()
+        try:
+            if during and not errors:
+                during()
+        finally:
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        self.results["idle"] = out
 
     # -- queue scale --
 
@@ -1341,6 +1370,11 @@ PRAGMA journal_mode = WAL;
         log(f"hingnetd benchmark ({'smoke' if self.args.smoke else 'full'}): seed {self.seed}, "
             f"rounds {p['rounds']}, workloads {', '.join(self.args.only)}")
         self.check_space()
+        build = None
+        if self.args.build:
+            # The build (minutes on 2 cores) runs while the files are generated (I/O mostly).
+            log(f"bench: {self.args.build} (while the files are generated)")
+            build = subprocess.Popen(shlex.split(self.args.build), cwd=self.args.repo or None)
         self.server = Server(os.path.join(self.work, "nginx"), self.files.root, self.token)
         self.hdr_file = os.path.join(self.work, "auth-header")
         self.aria_conf = os.path.join(self.work, "aria2.conf")
@@ -1349,7 +1383,6 @@ PRAGMA journal_mode = WAL;
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.write(fd, text.encode())
             os.close(fd)
-        env = self.environment()
         log(f"server: API {self.server.api}, CDN http://127.0.0.2:{self.server.cdn_port}; token file {self.hdr_file}")
 
         sets = {
@@ -1371,6 +1404,14 @@ PRAGMA journal_mode = WAL;
         os.sync()
         gen_s = time.time() - t
         log(f"files: {made / GiB:.2f} GiB written in {gen_s:.1f} s (seed {self.seed})")
+        if build:
+            tb = time.time()
+            if build.wait() != 0:
+                raise RuntimeError(f"the build failed: {self.args.build} exited {build.returncode}")
+            log(f"bench: build done ({time.time() - tb:.0f} s after the files)")
+        if not os.access(self.bin, os.X_OK):
+            raise RuntimeError(f"no hingnetd binary at {self.bin}")
+        env = self.environment()
 
         # The server answers as the daemon expects, before anything is timed.
         probe = subprocess.run(
@@ -1387,17 +1428,23 @@ PRAGMA journal_mode = WAL;
             self.server.stop()
             return True
 
+        together = "pickup" in self.args.only and "idle" in self.args.only
         for w in WORKLOADS:
-            if w not in self.args.only:
+            if w not in self.args.only or (w == "pickup" and together):
                 continue
-            log(f"== {w}")
+            name = "idle + pickup, side by side" if w == "idle" and together else w
+            log(f"== {name}")
             tw = time.time()
             if w in sets:
                 ids, _, conc = sets[w]
                 self.throughput(w, ids, conc)
+            elif w == "idle":
+                self.idle(during=self.pickup if together else None)
             else:
                 getattr(self, w)()
-            self.results.setdefault("phase_seconds", {})[w] = time.time() - tw
+            took = time.time() - tw
+            self.results.setdefault("phase_seconds", {})[name] = took
+            log(f"  ({name}: {took:.0f} s)")
         self.server.stop()
         env["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         report = self.report(env, gen_s, time.time() - t_start)
@@ -1675,6 +1722,10 @@ def main():
     ap.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for every hingnetd run (experiments, e.g. MALLOC_ARENA_MAX=2); "
                     "named in the report")
+    ap.add_argument("--build", metavar="COMMAND",
+                    help="build --bin with this command (in --repo) while the files are generated")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="run only hingnetd in the throughput workloads (experiments; no ratios)")
     ap.add_argument("--timeout", type=float, help="seconds a single hingnetd batch may take (default 900; smoke 60)")
     args = ap.parse_args()
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
