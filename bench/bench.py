@@ -63,7 +63,7 @@ PROFILES = {
         scale_rounds=3,
         scale_probes=20,
         status_reps=5,
-        scale_idle_seconds=10,
+        scale_idle_seconds=5,
     ),
     "smoke": dict(
         rounds={"large": 1, "small": 1, "medium": 1},
@@ -513,8 +513,9 @@ class Notify(threading.Thread):
 class Daemon:
     """One `hingnetd run` on a fresh queue database and a fresh archive directory."""
 
-    def __init__(self, bench, name, concurrency=8, poll="5s", initial_delay="30s", db=None):
+    def __init__(self, bench, name, concurrency=8, poll="5s", initial_delay="30s", db=None, env=None):
         self.bench = bench
+        self.env = env or {}
         self.name = name
         self.dir = bench.fresh_dir(name)
         self.db = os.path.join(self.dir, "queue.db")
@@ -583,7 +584,7 @@ format = "text"
     def start(self):
         sock = os.path.join(self.dir, "notify.sock")
         self.notify = Notify(sock)
-        env = dict(self.bench.daemon_env, NOTIFY_SOCKET=sock)
+        env = dict(self.bench.daemon_env, NOTIFY_SOCKET=sock, **self.env)
         self.logf = open(self.log_path, "ab")
         self.t_spawn = time.time()
         self.proc = subprocess.Popen(
@@ -1282,12 +1283,17 @@ PRAGMA journal_mode = WAL;
         probes = [f"scale_probe_{i:02d}" for i in range(p["scale_probes"])]
         rounds = []
         for rnd in range(1, p["scale_rounds"] + 1):
+            # The daemon logs each claim's own time (the UPDATE and its commit) at debug level.
+            d = Daemon(self, f"scale-r{rnd}", concurrency=8, poll="5s", db=base,
+                       env={"RUST_LOG": "info,hingnetd::daemon=debug"})
+            # After the copy: its 650 MiB of dirty pages would otherwise be written back by the
+            # daemon's first WAL checkpoint, and billed to one claim (a 559 ms one was seen).
             self.settle()
-            d = Daemon(self, f"scale-r{rnd}", concurrency=8, poll="5s", db=base)
             r = {"round": rnd}
             # `status` with no daemon running, straight after the copy (page cache warm).
             r["status_cold_s"] = d.timed("status")
             since = self.server.log_offset()
+            log_from = os.path.getsize(d.log_path) if os.path.exists(d.log_path) else 0
             t0 = d.start()
             d.wait_ready()
             r["ready_s"] = d.notify.ready_at - t0
@@ -1332,6 +1338,12 @@ PRAGMA journal_mode = WAL;
             lat = [(f2[v] - acks[v]) * 1000 for v in probes if v in f2]
             r["insert_to_request_ms"] = {"p50": pct(lat, 50), "max": max(lat) if lat else None, "n": len(lat)}
             code, ru = d.stop()
+            with open(d.log_path, errors="replace") as f:
+                f.seek(log_from)
+                claims = [int(m.group(1)) / 1000 for line in f if "claimed due rows" in line
+                          and "claimed=0" not in line for m in [re.search(r"took_us=(\d+)", line)] if m]
+            r["claim_ms"] = {"p50": pct(claims, 50), "p99": pct(claims, 99), "max": max(claims) if claims else None,
+                             "n": len(claims)}
             r["maxrss_kib"] = d.hwm_kib
             r["exit_code"] = code
             r["db_bytes"] = sum(
@@ -1339,7 +1351,8 @@ PRAGMA journal_mode = WAL;
             )
             log(f"  scale r{rnd}: READY {r['ready_s'] * 1000:.0f} ms, first request {r['first_request_s'] * 1000:.0f} ms, "
                 f"status {median(r['status_s']) * 1000:.0f} ms (cold {r['status_cold_s'] * 1000:.0f} ms), "
-                f"insert→request p50 {r['insert_to_request_ms']['p50']:.1f} ms, idle {r['idle_cpu_pct']:.3f}% of a core")
+                f"insert→request p50 {r['insert_to_request_ms']['p50']:.1f} ms, idle {r['idle_cpu_pct']:.3f}% of a core, "
+                f"claim p50 {r['claim_ms']['p50'] or 0:.2f} ms (n {r['claim_ms']['n']})")
             rounds.append(r)
             d.remove()
         if not self.args.keep_data:
@@ -1357,6 +1370,10 @@ PRAGMA journal_mode = WAL;
             "status_json_s": median([r["status_json_s"] for r in rounds]),
             "list_s": median([r["list_s"] for r in rounds]),
             "insert_to_request_p50_ms": median([r["insert_to_request_ms"]["p50"] for r in rounds]),
+            "claim_p50_ms": median([r["claim_ms"]["p50"] for r in rounds if r["claim_ms"]["n"]]),
+            "claim_p99_ms": median([r["claim_ms"]["p99"] for r in rounds if r["claim_ms"]["n"]]),
+            "claim_max_ms": max((r["claim_ms"]["max"] for r in rounds if r["claim_ms"]["n"]), default=None),
+            "claims": sum(r["claim_ms"]["n"] for r in rounds),
             "idle_cpu_pct": median([r["idle_cpu_pct"] for r in rounds]),
             "db_bytes": max(r["db_bytes"] for r in rounds),
             "maxrss_kib": max(r["maxrss_kib"] or 0 for r in rounds),
@@ -1527,9 +1544,13 @@ PRAGMA journal_mode = WAL;
             add(f"{n}: start-up < 1 s (spawn → READY=1)", sc["ready_s"] < 1, f"{sc['ready_s'] * 1000:.0f} ms")
             add(f"{n}: start-up < 1 s (spawn → first request)", sc["first_request_s"] < 1,
                 f"{sc['first_request_s'] * 1000:.0f} ms")
-            add(f"{n}: claim < 1 ms (not measurable from outside; bound: READY → first request)", None,
-                f"READY → first request {sc['ready_to_first_request_ms']:.1f} ms; insert → request p50 "
-                f"{sc['insert_to_request_p50_ms']:.1f} ms")
+            if sc.get("claim_p50_ms") is not None:
+                add(f"{n}: claim < 1 ms (the daemon's own timing of its claim: UPDATE + commit; p50)",
+                    sc["claim_p50_ms"] < 1,
+                    f"p50 {sc['claim_p50_ms']:.2f} ms, p99 {sc['claim_p99_ms']:.2f} ms, max {sc['claim_max_ms']:.2f} ms "
+                    f"over {sc['claims']} claims")
+            else:
+                add(f"{n}: claim < 1 ms", None, "no claim timings in the daemon's log")
             add(f"{n}: `hingnetd status` < 200 ms", sc["status_s"] < 0.2, f"{sc['status_s'] * 1000:.0f} ms")
         return t
 
@@ -1618,6 +1639,9 @@ PRAGMA journal_mode = WAL;
                 ("start-up: spawn → first request (first claim)", f"{sc['first_request_s'] * 1000:.0f} ms"),
                 ("READY=1 → first request", f"{sc['ready_to_first_request_ms']:.1f} ms"),
                 ("insert → first request on the big table (p50)", f"{sc['insert_to_request_p50_ms']:.1f} ms"),
+                ("claim (UPDATE + commit, timed by the daemon), p50 / p99 / max",
+                 f"{sc['claim_p50_ms']:.2f} / {sc['claim_p99_ms']:.2f} / {sc['claim_max_ms']:.2f} ms"
+                 if sc.get("claim_p50_ms") is not None else "-"),
                 ("`hingnetd status`, daemon running", f"{sc['status_s'] * 1000:.0f} ms"),
                 ("`hingnetd status`, daemon stopped", f"{sc['status_cold_s'] * 1000:.0f} ms"),
                 ("`hingnetd status --json`", f"{sc['status_json_s'] * 1000:.0f} ms"),
