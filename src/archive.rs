@@ -315,7 +315,8 @@ impl Archive {
             record_path,
             record_len,
             file,
-            // Allocated on first use: a download fed whole buffers never needs it.
+            // Allocated on first use: a download whose chunks are all `DIRECT_WRITE` or
+            // larger never needs it.
             buf: Vec::new(),
             hasher,
             written,
