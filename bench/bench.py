@@ -218,15 +218,17 @@ def alive(pid):
 
 
 FTYP = struct.pack(">I4s4sI4s4s4s", 28, b"ftyp", b"isom", 0x200, b"isom", b"iso2", b"mp41")
+# A whole MP4 has a movie box; the daemon refuses a file without one.
+MOOV = struct.pack(">I4s", 8 + 24, b"moov") + b"hingnetd-bench movie box"
 CHUNK, SLACK = 16 * MiB, 1 * MiB
 # Bumped when the files' shape changes, so that cached files of an older shape are remade.
-LAYOUT = 2
+LAYOUT = 3
 
 
 class Files:
     """Deterministic pseudo-random MP4-looking files: an ftyp box, a `free` box naming the file,
-    then slices of a seeded random pool at per-file offsets. Their SHA-256 is computed while they
-    are written, so every download can be checked."""
+    a small `moov` box, then slices of a seeded random pool at per-file offsets. Their SHA-256
+    is computed while they are written, so every download can be checked."""
 
     def __init__(self, root, seed):
         self.root = root
@@ -268,9 +270,9 @@ class Files:
     def _write(self, path, name, size):
         pool = self.pool()
         tag = f"hingnetd-bench seed={self.seed} {name}".encode()
-        # ftyp, a `free` box naming the file, then one `mdat` box to the end: the daemon walks
-        # the top-level boxes and accepts only a file they tile exactly.
-        prefix = FTYP + struct.pack(">I4s", 8 + len(tag), b"free") + tag
+        # ftyp, a `free` box naming the file, a `moov`, then one `mdat` box to the end: the
+        # daemon walks the top-level boxes and accepts only a file they tile exactly.
+        prefix = FTYP + struct.pack(">I4s", 8 + len(tag), b"free") + tag + MOOV
         rest = size - len(prefix)
         if rest >= 1 << 32:
             mdat = struct.pack(">I4sQ", 1, b"mdat", rest)

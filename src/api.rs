@@ -1,5 +1,6 @@
 //! The HingNet API client: the HTTP client's settings, who gets the token, redirect following,
-//! and — in `classify` — the one table that turns an HTTP status into what we do about it.
+//! the status object, what may be kept of an answer (`redact`), and — in `classify` — the one
+//! table that turns an HTTP status into what we do about it.
 
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
@@ -42,6 +43,8 @@ pub enum Action {
     AccountProblem,
     /// 429 anywhere: slow the whole client down.
     RateLimited,
+    /// 410 from the API: the file is gone (expired); never asked for again.
+    Expired,
     /// 401/403/404/410 from the CDN: the signed URL expired; start over from the API URL.
     SignedUrlExpired,
     /// 5xx, 408 and anything else unexpected: retry with backoff.
@@ -55,6 +58,7 @@ pub fn classify(host: Host, status: StatusCode) -> Action {
         (_, 429) => Action::RateLimited,
         (Host::Api, 400) => Action::NotReady,
         (Host::Api, 404) => Action::ConfirmMissing,
+        (Host::Api, 410) => Action::Expired,
         (Host::Api, 401..=403) => Action::AccountProblem,
         (Host::Cdn, 401 | 403 | 404 | 410) => Action::SignedUrlExpired,
         _ => Action::Transient,
@@ -102,12 +106,142 @@ pub enum ApiError {
     HeaderTimeout(Duration, String),
 }
 
+/// What is recorded instead of a CDN's error body.
+pub const CDN_BODY_NOT_KEPT: &str = "(body not kept: a CDN error page may echo the signed URL)";
+
+/// What `GET /v1/videos/{id}` said.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusRead {
+    Object(StatusObject),
+    /// A JSON 404 from the API host: the status endpoint does not know the video (which a
+    /// lagging replica also says for a moment).
+    Missing,
+    AccountProblem {
+        http_status: u16,
+        reason: String,
+    },
+    RateLimited {
+        retry_after: Option<Duration>,
+    },
+    /// No answer that says anything about the video: the network, a 5xx, a 404 that is not
+    /// the API's (an HTML page), a body that is not JSON.
+    Failed(String),
+}
+
+/// The status object: `status`, `expires_at` and the rest (model, prompt, seconds, size,
+/// created_at, completed_at), kept with the video.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusObject {
+    pub state: VideoState,
+    /// Unix seconds, when the object says.
+    pub expires_at: Option<i64>,
+    json: serde_json::Value,
+}
+
+impl StatusObject {
+    pub fn new(json: serde_json::Value) -> StatusObject {
+        let state = match json.get("status").and_then(|s| s.as_str()) {
+            Some(word) => classify_status_word(word),
+            None => VideoState::Unknown("(no status field)".into()),
+        };
+        let expires_at = json.get("expires_at").and_then(unix_seconds);
+        StatusObject {
+            state,
+            expires_at,
+            json,
+        }
+    }
+
+    /// The object as it may be kept: every string redacted (`redact`: tokens, and the query
+    /// strings of signed links such as Veo's `video_url`), as compact JSON.
+    pub fn to_metadata(&self) -> String {
+        fn clean(v: &serde_json::Value) -> serde_json::Value {
+            use serde_json::Value;
+            match v {
+                Value::String(s) => Value::String(redact(s)),
+                Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
+                Value::Object(o) => {
+                    Value::Object(o.iter().map(|(k, v)| (redact(k), clean(v))).collect())
+                }
+                other => other.clone(),
+            }
+        }
+        clean(&self.json).to_string()
+    }
+}
+
+/// A time the API gives in unix seconds (a number, or a number in a string; milliseconds are
+/// recognised by their size).
+fn unix_seconds(v: &serde_json::Value) -> Option<i64> {
+    let n = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    let secs = if n > 1e11 { n / 1000.0 } else { n };
+    (secs.is_finite() && secs > 0.0).then_some(secs as i64)
+}
+
 /// A response and where it came from. `hops` counts the redirects followed.
 pub struct Answer {
     pub response: Response,
     pub host: Host,
     /// The answering host's name and port, safe to log (no path, no query).
     pub origin: String,
+}
+
+/// Every token this process has used (a reload may have replaced the one in use): scrubbed from
+/// anything kept, whichever of them a server echoes.
+static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+fn remember_secret(secret: &str) {
+    let mut all = SECRETS.write().unwrap_or_else(|p| p.into_inner());
+    if !all.iter().any(|s| s == secret) {
+        all.push(secret.to_owned());
+    }
+}
+
+/// What may be kept (in `last_error`, the attempt log, a log line or the metadata) of text a
+/// server sent: every token this process has used is replaced by `<token>`, and every URL's
+/// query string is dropped (a signed URL's query is a credential, and an API error page reached
+/// through a redirect may echo it).
+pub fn redact(text: &str) -> String {
+    let mut out = text.to_owned();
+    for secret in SECRETS.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        if secret.len() >= 4 && out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), "<token>");
+        }
+    }
+    drop_queries(&out)
+}
+
+/// Drops the query string of everything in `text` that looks like a URL or a path (a `?` after
+/// a `/` in the same word), up to the end of that word.
+fn drop_queries(text: &str) -> String {
+    let ends_word =
+        |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '(' | ')' | '`');
+    let mut out = String::with_capacity(text.len());
+    let mut word_has_slash = false;
+    let mut skipping = false;
+    for c in text.chars() {
+        if ends_word(c) {
+            word_has_slash = false;
+            skipping = false;
+            out.push(c);
+            continue;
+        }
+        if skipping {
+            continue;
+        }
+        if c == '?' && word_has_slash {
+            out.push_str("?[query removed]");
+            skipping = true;
+            continue;
+        }
+        word_has_slash |= c == '/';
+        out.push(c);
+    }
+    out
 }
 
 pub struct ApiClient {
@@ -131,6 +265,7 @@ impl ApiClient {
             .https_only(false)
             .build()
             .map_err(|e| ApiError::Network(error_text(&e)))?;
+        remember_secret(token.expose());
         Ok(ApiClient {
             http,
             base,
@@ -145,6 +280,7 @@ impl ApiClient {
     }
 
     pub fn set_token(&self, token: Token) {
+        remember_secret(token.expose());
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
     }
 
@@ -153,16 +289,61 @@ impl ApiClient {
         read_limited(response, SMALL_BODY, self.read_timeout).await
     }
 
-    /// What to record about an error answer's body. From the API: its message, with the token
-    /// scrubbed should it echo it. From a CDN: nothing, because CDN error pages may echo the
-    /// signed URL, which is a credential.
+    /// What to record about an error answer's body. From the API: its message, redacted
+    /// (`redact`) before it is cut to length, so that no part of a secret survives the cut.
+    /// From a CDN: nothing, because CDN error pages may echo the signed URL, a credential.
     pub async fn error_reason(&self, answer: Answer) -> String {
         if answer.host == Host::Cdn {
-            return "(body not kept: a CDN error page may echo the signed URL)".into();
+            return CDN_BODY_NOT_KEPT.into();
         }
-        let summary = error_summary(&self.read_small(answer.response).await);
-        let token = self.token.read().unwrap_or_else(|p| p.into_inner());
-        summary.replace(token.expose(), "<token>")
+        error_summary(&self.read_small(answer.response).await)
+    }
+
+    /// `GET /v1/videos/{id}`: what the status endpoint says about the video.
+    pub async fn read_status(&self, id: &VideoId) -> StatusRead {
+        let answer = match self.get(self.status_url(id), None, None).await {
+            Ok(a) => a,
+            Err(e) => return StatusRead::Failed(e.to_string()),
+        };
+        let status = answer.response.status();
+        match (answer.host, status.as_u16()) {
+            (Host::Api, 200) => {
+                let body = self.read_small(answer.response).await;
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(v) if v.is_object() => StatusRead::Object(StatusObject::new(v)),
+                    _ => StatusRead::Failed(
+                        "the status endpoint answered 200 without a JSON object".into(),
+                    ),
+                }
+            }
+            (Host::Api, 404) => {
+                let body = self.read_small(answer.response).await;
+                if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
+                    StatusRead::Missing
+                } else {
+                    StatusRead::Failed(
+                        "the status endpoint answered 404 without JSON (a proxy's page, or a wrong api.base_url?)"
+                            .into(),
+                    )
+                }
+            }
+            (host, _) => match classify(host, status) {
+                Action::AccountProblem => StatusRead::AccountProblem {
+                    http_status: status.as_u16(),
+                    reason: self.error_reason(answer).await,
+                },
+                Action::RateLimited => StatusRead::RateLimited {
+                    retry_after: retry_after(answer.response.headers()),
+                },
+                _ => {
+                    let origin = answer.origin.clone();
+                    let reason = self.error_reason(answer).await;
+                    StatusRead::Failed(format!(
+                        "status endpoint {origin} answered {status}: {reason}"
+                    ))
+                }
+            },
+        }
     }
 
     /// `{base}/v1/videos/{id}` plus any extra segments, the ID pushed as one encoded segment.
@@ -350,7 +531,8 @@ pub fn error_text(e: &reqwest::Error) -> String {
 }
 
 /// The gist of an error body, for `last_error`: OpenAI-shaped JSON if it is, else the start of
-/// the text. Never assumes JSON (a proxy may answer HTML).
+/// the text, redacted (`redact`) and then cut to `ERROR_BODY_LIMIT`. Never assumes JSON (a
+/// proxy may answer HTML).
 pub fn error_summary(body: &[u8]) -> String {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
         let pick =
@@ -362,11 +544,10 @@ pub fn error_summary(body: &[u8]) -> String {
             .or_else(|| pick(&v, "message"))
             .or_else(|| pick(&v, "msg"));
         if let Some(m) = found {
-            return one_line(&m, ERROR_BODY_LIMIT);
+            return one_line(&redact(&m), ERROR_BODY_LIMIT);
         }
     }
-    let end = body.len().min(ERROR_BODY_LIMIT);
-    one_line(&String::from_utf8_lossy(&body[..end]), ERROR_BODY_LIMIT)
+    one_line(&redact(&String::from_utf8_lossy(body)), ERROR_BODY_LIMIT)
 }
 
 fn one_line(s: &str, max: usize) -> String {
@@ -493,6 +674,8 @@ mod tests {
         assert_eq!(classify(Host::Api, s(503)), Transient);
         assert_eq!(classify(Host::Cdn, s(400)), Transient);
         assert_eq!(classify(Host::Api, s(416)), RangeNotSatisfiable);
+        assert_eq!(classify(Host::Api, s(410)), Expired);
+        assert_eq!(classify(Host::Cdn, s(410)), SignedUrlExpired);
     }
 
     #[test]
@@ -522,6 +705,63 @@ mod tests {
             "<html> <b>Bad Gateway</b></html>"
         );
         assert_eq!(error_summary(&[b'x'; 2000]).len(), 512);
+    }
+
+    #[test]
+    fn nothing_of_a_secret_survives_the_cut() {
+        remember_secret("oh-old-token-0123456789");
+        remember_secret("oh-new-token-9876543210");
+        // A token straddling byte 512 of the message: scrubbed first, then cut.
+        let msg = format!("{} oh-new-token-9876543210 and more", "x".repeat(495));
+        let body = serde_json::json!({"error": {"message": msg}}).to_string();
+        let kept = error_summary(body.as_bytes());
+        assert!(kept.len() <= 512);
+        assert!(!kept.contains("oh-new"), "{kept}");
+        // Every token this process has used, not only the one in use.
+        let kept = error_summary(b"denied for oh-old-token-0123456789");
+        assert_eq!(kept, "denied for <token>");
+        // Query strings of anything that looks like a URL or a path, in text and in JSON.
+        let kept = error_summary(
+            br#"{"message":"signed URL /files/v?sig=SIGNED-abc&exp=1 expired; see https://x/y?a=b."}"#,
+        );
+        assert_eq!(
+            kept,
+            "signed URL /files/v?[query removed] expired; see https://x/y?[query removed]"
+        );
+        assert_eq!(redact("not ready? try later"), "not ready? try later");
+        assert_eq!(
+            redact("<a href=\"/files/x?sig=S\">x</a>"),
+            "<a href=\"/files/x?[query removed]\">x</a>"
+        );
+    }
+
+    #[test]
+    fn status_objects() {
+        let o = StatusObject::new(serde_json::json!({
+            "id": "video_1", "status": "completed", "expires_at": 1_900_000_000,
+            "model": "veo-3", "video_url": "https://gw.example/v/1.mp4?sig=SIGNED-1&exp=2",
+            "result": {"video_url": "https://gw.example/v/1.mp4?X-Amz-Signature=SIGNED-2"}
+        }));
+        assert_eq!(o.state, VideoState::Finished);
+        assert_eq!(o.expires_at, Some(1_900_000_000));
+        let kept = o.to_metadata();
+        assert!(!kept.contains("SIGNED"), "{kept}");
+        assert!(kept.contains("\"model\":\"veo-3\""), "{kept}");
+        assert!(
+            kept.contains("https://gw.example/v/1.mp4?[query removed]"),
+            "{kept}"
+        );
+        let ms = StatusObject::new(
+            serde_json::json!({"status": "queued", "expires_at": "1900000000123"}),
+        );
+        assert_eq!(
+            (ms.state, ms.expires_at),
+            (VideoState::Pending, Some(1_900_000_000))
+        );
+        assert_eq!(
+            StatusObject::new(serde_json::json!({"expires_at": null})).expires_at,
+            None
+        );
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The archive directory and its file discipline: which IDs may become file names, where a
-//! video's partial and final files live, hashing while writing, and the publish sequence
-//! (fsync file → rename → fsync directory) that makes a final file trustworthy.
+//! video's partial, final and sidecar files live, hashing while writing, and the publish
+//! sequence (fsync file → rename → fsync directory) that makes a final file trustworthy.
 //!
-//! Invariant: a file at a final path (`<dir>/<id>.mp4`) was complete, checked and fsynced
-//! before it got that name. Partial files are hidden (`<dir>/.<id>.mp4.part`) in the same
-//! directory, so the rename is atomic and needs one directory fsync.
+//! Invariant: a file at a final path (`<dir>/<id>.mp4`) whose row is `done` was complete,
+//! checked (`mp4::check`) and fsynced before it got that name. The one other file that gets a
+//! final name is an incomplete MP4 the API served twice (`Partial::keep_incomplete`): its row
+//! is `failed`, so `done` keeps meaning "complete and checked". Partial files are hidden
+//! (`<dir>/.<id>.mp4.part`) in the same directory, so the rename is atomic and needs one
+//! directory fsync.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -13,8 +16,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+
+use crate::mp4;
 
 /// Bytes buffered before a write(2): large enough that a fast link costs few syscalls, small
 /// enough that memory stays flat at any concurrency.
@@ -24,6 +30,12 @@ const DIRECT_WRITE: usize = 64 * 1024;
 /// Bytes a download writes before it has the kernel start putting them on disk (see
 /// `Partial::write_back`).
 const WRITEBACK_WINDOW: u64 = 8 * 1024 * 1024;
+/// How often (in bytes written) a download looks at the free space (`Partial::keep_free`): a
+/// statvfs(2) per MiB costs nothing next to the writes, and a body with no announced length
+/// overshoots `archive.min_free` by at most this much.
+const SPACE_CHECK: u64 = 1024 * 1024;
+/// A sidecar or resume record larger than this was not written by us.
+const SMALL_FILE: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -31,8 +43,6 @@ pub enum ArchiveError {
     Dir { path: PathBuf, source: io::Error },
     #[error("archive file {path}: {source}")]
     File { path: PathBuf, source: io::Error },
-    #[error("{path} is not a video (no MP4 ftyp box at the start)")]
-    NotMp4 { path: PathBuf },
     #[error("{path} is not a whole MP4 file: {why}")]
     Incomplete { path: PathBuf, why: String },
     #[error("{path} is being written by another process (a `hingnetd fetch`?)")]
@@ -43,6 +53,16 @@ pub enum ArchiveError {
     NoSpace {
         dir: PathBuf,
         need: u64,
+        free: u64,
+        min_free: u64,
+    },
+    /// Free space fell below the reserve while a download was writing: the partial is kept
+    /// (it is not damaged), and the download waits for room.
+    #[error(
+        "disk short while writing: {free} bytes free in {dir} (after what other downloads need), below archive.min_free ({min_free}); partial file kept"
+    )]
+    DiskShort {
+        dir: PathBuf,
         free: u64,
         min_free: u64,
     },
@@ -70,6 +90,13 @@ impl VideoId {
         }
     }
 
+    /// An ID as a producer queued it: surrounding ASCII whitespace (the newline of an `echo`)
+    /// is not part of it. Says whether any was trimmed, so that the caller can log it.
+    pub fn from_queued(raw: &str) -> Result<(VideoId, bool), InvalidId> {
+        let trimmed = raw.trim_matches(|c: char| c.is_ascii_whitespace());
+        VideoId::parse(trimmed).map(|id| (id, trimmed.len() != raw.len()))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -79,11 +106,6 @@ impl fmt::Display for VideoId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Whether the bytes start like an ISO-BMFF (MP4) file: a box whose type is `ftyp`.
-pub fn looks_like_mp4(head: &[u8]) -> bool {
-    head.len() >= 8 && &head[4..8] == b"ftyp"
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -102,6 +124,22 @@ pub struct Published {
     pub path: PathBuf,
     pub sha256: String,
     pub bytes: u64,
+    /// The status object kept beside it (`<id>.json`), when there is one.
+    pub metadata: Option<String>,
+}
+
+/// What sits at a video's final path before it is downloaded.
+#[derive(Debug, PartialEq)]
+pub enum Existing {
+    /// Nothing (or a planted symlink, which the publish renames over without following).
+    Absent,
+    /// A whole MP4 that an earlier run published but did not record: taken as it is.
+    Adopted(Published),
+    /// A regular file that is not a whole MP4 (empty, short, something else): renamed aside to
+    /// this hidden path, never deleted (it may be someone's), and the video downloaded afresh.
+    SetAside { path: PathBuf, why: String },
+    /// Not a regular file (a directory, a socket): nothing of ours can go there.
+    Blocked(String),
 }
 
 #[derive(Debug, Clone)]
@@ -176,43 +214,71 @@ impl Archive {
         self.dir.join(format!(".{id}.mp4.part.validator"))
     }
 
-    /// A final file already there means an earlier run published it but died before the row
-    /// said so: hash it and take it, instead of downloading again.
-    pub fn existing(&self, id: &VideoId) -> Result<Option<Published>, ArchiveError> {
+    /// Beside the video: what the API said about it (the status object, without any URL
+    /// query string).
+    pub fn sidecar_path(&self, id: &VideoId) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Where the sidecar is written before it is renamed into place.
+    fn sidecar_temp_path(&self, id: &VideoId) -> PathBuf {
+        self.dir.join(format!(".{id}.json.part"))
+    }
+
+    /// Looks at the video's final path before downloading: a whole MP4 there means an earlier
+    /// run published it but died before the row said so (hash it and take it); anything else
+    /// that is a regular file is renamed aside; anything that is not a regular file blocks the
+    /// video.
+    pub fn existing(&self, id: &VideoId) -> Result<Existing, ArchiveError> {
         let path = self.final_path(id);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            // Not ours, and not followed: publishing renames over the link itself.
-            tracing::warn!(path = %path.display(), "a symlink sits at the archive path; it will be replaced, not followed");
-            return Ok(None);
-        }
-        let mut file = match open_nofollow(&path, false) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(ArchiveError::File { path, source }),
-        };
         let ferr = |source| ArchiveError::File {
             path: path.clone(),
             source,
         };
-        let meta = file.metadata().map_err(ferr)?;
-        if !meta.is_file() {
-            return Err(ferr(io::Error::other("not a regular file")));
-        }
-        let bytes = meta.len();
-        let Some((hasher, head)) = hash_prefix(&mut file, bytes).map_err(ferr)? else {
-            return Err(ferr(io::Error::other(
-                "the file shrank while it was hashed",
-            )));
+        let meta = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Absent),
+            Err(source) => return Err(ArchiveError::File { path, source }),
+            Ok(m) => m,
         };
-        let sha256 = hex(&hasher.finalize());
-        if !looks_like_mp4(&head) {
-            return Err(ArchiveError::NotMp4 { path });
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            // Not ours, and not followed: publishing renames over the link itself.
+            tracing::warn!(path = %path.display(), "a symlink sits at the archive path; it will be replaced, not followed");
+            return Ok(Existing::Absent);
         }
-        if let Err(why) = check_boxes(&file, bytes) {
-            // Not something a publish of ours left: downloaded again, and renamed over.
-            tracing::warn!(path = %path.display(), why = %why, "a file at the archive path is not a whole MP4; downloading again");
-            return Ok(None);
+        if !kind.is_file() {
+            let what = if kind.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            };
+            return Ok(Existing::Blocked(format!(
+                "the archive path {} is {what}; move it away, then `hingnetd retry {id}`",
+                path.display()
+            )));
         }
+        let mut file = match open_nofollow(&path, false) {
+            Ok(f) => f,
+            // Gone meanwhile, or replaced by a link: nothing to take.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
+                return Ok(Existing::Absent);
+            }
+            Err(source) => return Err(ArchiveError::File { path, source }),
+        };
+        let bytes = file.metadata().map_err(ferr)?.len();
+        let whole = match hash_prefix(&mut file, bytes).map_err(ferr)? {
+            None => Err("it shrank while it was read".to_owned()),
+            Some(_) if bytes == 0 => Err("it is empty".to_owned()),
+            Some((hasher, _)) => mp4::check(&file, bytes).map(|()| hasher),
+        };
+        let hasher = match whole {
+            Ok(h) => h,
+            Err(why) => {
+                let aside = self.set_aside(id)?;
+                tracing::warn!(video_id = %id, path = %path.display(), renamed_to = %aside.display(), why = %why, "a file at the archive path is not a whole MP4: renamed aside (not deleted); downloading the video again");
+                return Ok(Existing::SetAside { path: aside, why });
+            }
+        };
         // The run that renamed it may have died before (or failed at) the fsyncs: make the
         // file and its name durable before a row says done. If that fails, the file is not
         // trusted (a second fsync could report success over lost pages): it goes.
@@ -224,11 +290,46 @@ impl Archive {
             let _ = remove_if_exists(&path);
             return Err(e);
         }
-        Ok(Some(Published {
+        let _ = remove_if_exists(&self.sidecar_temp_path(id));
+        Ok(Existing::Adopted(Published {
             path,
-            sha256,
+            sha256: hex(&hasher.finalize()),
             bytes,
+            metadata: self.read_sidecar(id),
         }))
+    }
+
+    /// Renames whatever is at the final path to `.<id>.mp4.replaced-<UTC time>`, a name no
+    /// other file has, and makes the rename durable.
+    fn set_aside(&self, id: &VideoId) -> Result<PathBuf, ArchiveError> {
+        let from = self.final_path(id);
+        let stamp = utc_stamp(SystemTime::now());
+        let mut n = 1;
+        let to = loop {
+            let name = match n {
+                1 => format!(".{id}.mp4.replaced-{stamp}"),
+                n => format!(".{id}.mp4.replaced-{stamp}-{n}"),
+            };
+            let to = self.dir.join(name);
+            if std::fs::symlink_metadata(&to).is_err() {
+                break to;
+            }
+            n += 1;
+        };
+        std::fs::rename(&from, &to).map_err(|source| ArchiveError::File { path: from, source })?;
+        sync_dir(&self.dir)?;
+        Ok(to)
+    }
+
+    /// The sidecar an earlier run left beside an adopted video, if it is one of ours.
+    fn read_sidecar(&self, id: &VideoId) -> Option<String> {
+        let file = open_nofollow(&self.sidecar_path(id), false).ok()?;
+        let mut text = String::new();
+        file.take(SMALL_FILE).read_to_string(&mut text).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .filter(serde_json::Value::is_object)
+            .map(|_| text)
     }
 
     /// Whether a live process is writing this video's partial file (it holds the file's lock).
@@ -237,6 +338,33 @@ impl Archive {
             return false;
         };
         matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+    }
+
+    /// Removes what a download of this video left (its partial, resume record and sidecar
+    /// draft) once its row has failed: nothing will resume it. A partial another process holds
+    /// (a `hingnetd fetch` that has just started) is left to it.
+    pub fn remove_leftovers(&self, id: &VideoId) -> Result<(), ArchiveError> {
+        let path = self.partial_path(id);
+        match open_nofollow(&path, false) {
+            Ok(file) => match file.try_lock() {
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
+                // Held while removing, so that no one starts on it in between.
+                _ => remove_if_exists(&path).map_err(|source| ArchiveError::File {
+                    path: path.clone(),
+                    source,
+                })?,
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // A planted link, or an unreadable file: still not ours to keep.
+            Err(_) => remove_if_exists(&path).map_err(|source| ArchiveError::File {
+                path: path.clone(),
+                source,
+            })?,
+        }
+        for p in [self.validator_path(id), self.sidecar_temp_path(id)] {
+            remove_if_exists(&p).map_err(|source| ArchiveError::File { path: p, source })?;
+        }
+        Ok(())
     }
 
     /// Opens the video's partial file, creating it or picking up what an earlier attempt left.
@@ -277,15 +405,18 @@ impl Archive {
         // hundred bytes; a planted huge file is not read whole.
         let _ = (&mut record).take(4096).read_to_string(&mut text);
         let record_len = text.len() as u64;
+        let parsed = ResumeRecord::parse(&text);
+        // What earlier downloads of this video were refused for, whatever happens to the bytes.
+        let rejected = parsed.as_ref().and_then(|r| r.rejected.clone());
         let on_disk = file.metadata().map_err(ferr)?.len();
         let mut resumed = None;
         if on_disk > 0 {
-            match ResumeRecord::parse(&text) {
+            match parsed {
                 Some(r) if r.len > 0 && r.len <= on_disk => {
                     match hash_prefix(&mut file, r.len).map_err(ferr)? {
                         Some((hasher, head))
                             if hex(&hasher.clone().finalize()) == r.sha256
-                                && (head.len() < 8 || looks_like_mp4(&head)) =>
+                                && (head.len() < 8 || mp4::looks_like_mp4(&head)) =>
                         {
                             if r.len < on_disk {
                                 tracing::info!(path = %path.display(), kept = r.len, dropped = on_disk - r.len, "dropping partial bytes written after the last checkpoint");
@@ -311,6 +442,7 @@ impl Archive {
         let mut partial = Partial {
             validator,
             total,
+            rejected,
             record,
             record_path,
             record_len,
@@ -327,15 +459,55 @@ impl Archive {
             head,
             path,
             final_path: self.final_path(id),
+            sidecar_path: self.sidecar_path(id),
+            sidecar_temp: self.sidecar_temp_path(id),
             dir: self.dir.clone(),
             reserved: 0,
             reservations: self.reservations.clone(),
+            floor: None,
+            space_checked: written,
         };
         if written == 0 {
             partial.checkpoint()?;
         }
         Ok(partial)
     }
+}
+
+/// What the archive's hidden files belong to, by name: the video ID of a partial
+/// (`.<id>.mp4.part`), its resume record (`...part.validator`) or a sidecar draft
+/// (`.<id>.json.part`); `None` for any other name (a set-aside `.replaced-` file included).
+pub fn leftover_of(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix('.')?;
+    [".mp4.part.validator", ".mp4.part", ".json.part"]
+        .iter()
+        .find_map(|suffix| rest.strip_suffix(suffix))
+        .filter(|id| VideoId::parse(id).is_ok())
+}
+
+/// `YYYYMMDDTHHMMSSZ` (UTC), for file names: sorts in time order, no characters a shell or a
+/// file manager minds.
+fn utc_stamp(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    // Howard Hinnant's days-to-civil, for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Free space the filesystem gives an unprivileged writer, in bytes.
@@ -400,7 +572,9 @@ fn fill_head(head: &mut Vec<u8>, data: &[u8]) {
 /// checkpoint (a length and the SHA-256 of that many leading bytes) rewritten after every
 /// write to the file. A resume trusts exactly the checkpointed bytes, after re-hashing them:
 /// bytes changed on disk, or written after the last checkpoint by a process that died, are
-/// never spliced into a published file.
+/// never spliced into a published file. It also remembers how many whole downloads of the
+/// video were refused as incomplete MP4s, and the last one's SHA-256, so that the rule "the
+/// same incomplete bytes twice are what the API has" holds across attempts and restarts.
 #[derive(Debug, Default, PartialEq)]
 struct ResumeRecord {
     validator: Option<String>,
@@ -408,19 +582,29 @@ struct ResumeRecord {
     total: Option<u64>,
     len: u64,
     sha256: String,
+    /// Whole downloads refused so far, and the SHA-256 of the last one.
+    rejected: Option<(u32, String)>,
 }
 
 const RECORD_MAGIC: &str = "hingnetd-partial 1";
 
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 impl ResumeRecord {
     fn render(&self) -> String {
-        format!(
+        let mut text = format!(
             "{RECORD_MAGIC}\nvalidator {}\ntotal {}\ncheckpoint {} {}\n",
             self.validator.as_deref().unwrap_or(""),
             self.total.map_or("-".to_owned(), |t| t.to_string()),
             self.len,
             self.sha256
-        )
+        );
+        if let Some((n, sha)) = &self.rejected {
+            text.push_str(&format!("rejected {n} {sha}\n"));
+        }
+        text
     }
 
     fn parse(text: &str) -> Option<ResumeRecord> {
@@ -432,62 +616,22 @@ impl ResumeRecord {
             t => Some(t.parse().ok()?),
         };
         let (len, sha256) = lines.next()?.strip_prefix("checkpoint ")?.split_once(' ')?;
-        let sha256 = (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| sha256.to_owned())?;
+        let sha256 = is_sha256_hex(sha256).then(|| sha256.to_owned())?;
+        // Optional: records written before it existed have no such line.
+        let rejected = lines
+            .next()
+            .and_then(|l| l.strip_prefix("rejected "))
+            .and_then(|l| l.split_once(' '))
+            .and_then(|(n, sha)| Some((n.parse().ok()?, sha.to_owned())))
+            .filter(|(_, sha)| is_sha256_hex(sha));
         Some(ResumeRecord {
             validator: Some(validator.to_owned()).filter(|v| !v.is_empty()),
             total,
             len: len.parse().ok()?,
             sha256,
+            rejected,
         })
     }
-}
-
-/// Whether the file is whole as an ISO-BMFF (MP4) file: starting with `ftyp`, its top-level
-/// boxes, walked by their sizes, end exactly at its length. A body cut short (a server that
-/// announced too few bytes, a 416 that lied about the total) almost never ends on a box
-/// boundary; nothing at the HTTP level can tell.
-fn check_boxes(file: &File, len: u64) -> Result<(), String> {
-    use std::os::unix::fs::FileExt;
-    let mut at = 0u64;
-    while at < len {
-        if len - at < 8 {
-            return Err(format!("{} stray bytes after the last box", len - at));
-        }
-        let mut h = [0u8; 16];
-        file.read_exact_at(&mut h[..8], at)
-            .map_err(|e| format!("reading the box at byte {at}: {e}"))?;
-        if at == 0 && &h[4..8] != b"ftyp" {
-            return Err("it does not start with an ftyp box".into());
-        }
-        let (size, header) = match u32::from_be_bytes([h[0], h[1], h[2], h[3]]) {
-            // The last box, running to the end of the file.
-            0 => return Ok(()),
-            1 => {
-                if len - at < 16 {
-                    return Err(format!("the box at byte {at} is cut short"));
-                }
-                file.read_exact_at(&mut h[8..16], at + 8)
-                    .map_err(|e| format!("reading the box at byte {at}: {e}"))?;
-                let mut big = [0u8; 8];
-                big.copy_from_slice(&h[8..16]);
-                (u64::from_be_bytes(big), 16)
-            }
-            n => (u64::from(n), 8),
-        };
-        if size < header {
-            return Err(format!(
-                "the box at byte {at} has an impossible size {size}"
-            ));
-        }
-        at = at.saturating_add(size);
-    }
-    if at != len {
-        return Err(format!(
-            "its last box ends at byte {at}, but the file has {len} bytes"
-        ));
-    }
-    Ok(())
 }
 
 /// Reads the first `n` bytes of `file`: their hash and head, or `None` if the file is shorter.
@@ -516,6 +660,8 @@ pub struct Partial {
     validator: Option<String>,
     /// The file's size as announced when its first byte was received, if it was.
     total: Option<u64>,
+    /// Whole downloads refused as incomplete MP4s, and the last one's SHA-256.
+    rejected: Option<(u32, String)>,
     record: File,
     record_path: PathBuf,
     /// Length of the record file's current contents (rewritten in place).
@@ -537,10 +683,23 @@ pub struct Partial {
     head: Vec<u8>,
     path: PathBuf,
     final_path: PathBuf,
+    sidecar_path: PathBuf,
+    sidecar_temp: PathBuf,
     dir: PathBuf,
     /// Disk space promised to this download and not yet written (see `reserve`).
     reserved: u64,
     reservations: Arc<AtomicU64>,
+    /// `archive.min_free` while writing (see `keep_free`).
+    floor: Option<u64>,
+    /// `written` when the free space was last looked at.
+    space_checked: u64,
+}
+
+/// Proof that a partial's bytes were checked to be a whole MP4 (`Partial::check_whole`): the
+/// only way to give a file a final name with a `done` row behind it.
+#[derive(Debug)]
+pub struct Whole {
+    len: u64,
 }
 
 impl Partial {
@@ -572,6 +731,7 @@ impl Partial {
             total: self.total,
             len: self.written,
             sha256: hex(&self.hasher.clone().finalize()),
+            rejected: self.rejected.clone(),
         }
         .render();
         let r = self.record.write_all_at(text.as_bytes(), 0).and_then(|()| {
@@ -608,7 +768,7 @@ impl Partial {
         self.checkpoint()
     }
 
-    /// Starts over from byte zero (the server would not resume).
+    /// Starts over from byte zero (the server would not resume, or sent something else).
     pub fn restart(&mut self) -> Result<(), ArchiveError> {
         self.buf.clear();
         let f = &mut self.file;
@@ -622,7 +782,15 @@ impl Partial {
         self.submitted = 0;
         self.previous = 0;
         self.settled = 0;
+        self.space_checked = 0;
         self.set_version(None, None)
+    }
+
+    /// While writing, stop with `ArchiveError::DiskShort` once the free space, less what other
+    /// downloads in flight were promised, falls below `min_free` (`archive.min_free`). A body
+    /// without a length reserved nothing up front, and another process may fill the disk.
+    pub fn keep_free(&mut self, min_free: u64) {
+        self.floor = Some(min_free).filter(|m| *m > 0);
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), ArchiveError> {
@@ -660,7 +828,34 @@ impl Partial {
         self.reserved -= done;
         self.reservations.fetch_sub(done, Ordering::Relaxed);
         self.checkpoint()?;
-        self.write_back()
+        self.write_back()?;
+        self.check_space()
+    }
+
+    /// See `keep_free`. The bytes written so far are checkpointed: the file can be resumed.
+    fn check_space(&mut self) -> Result<(), ArchiveError> {
+        let Some(min_free) = self.floor else {
+            return Ok(());
+        };
+        if self.written - self.space_checked < SPACE_CHECK {
+            return Ok(());
+        }
+        self.space_checked = self.written;
+        let available = available_bytes(&self.dir).map_err(|source| ArchiveError::Dir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        // Our own promise shrinks as we write, and so does the free space: what is left of it
+        // is still ours to write.
+        let free = available.saturating_sub(self.reservations.load(Ordering::Relaxed));
+        if free < min_free {
+            return Err(ArchiveError::DiskShort {
+                dir: self.dir.clone(),
+                free,
+                min_free,
+            });
+        }
+        Ok(())
     }
 
     /// Streams the file to disk while it downloads instead of all at the final fsync: every
@@ -742,7 +937,7 @@ impl Partial {
     /// Whether what has been written so far could be the start of an MP4 (undecided below
     /// 8 bytes).
     pub fn head_is_plausible(&self) -> bool {
-        self.head.len() < 8 || looks_like_mp4(&self.head)
+        self.head.len() < 8 || mp4::looks_like_mp4(&self.head)
     }
 
     /// Writes out the buffer so a later attempt can resume from every byte received. An empty
@@ -754,7 +949,7 @@ impl Partial {
             return Err(e);
         }
         let written = self.written;
-        if written == 0 {
+        if written == 0 && self.rejected.is_none() {
             self.discard()?;
         }
         Ok(written)
@@ -774,29 +969,75 @@ impl Partial {
         })
     }
 
-    /// The publish sequence: flush → fsync file → rename → fsync directory. Any error here
-    /// means the file is not trusted: it is removed (after a failed fsync the kernel may have
-    /// dropped the very pages a retry would read back), and the caller downloads again rather
-    /// than marking anything done.
-    pub fn publish(mut self) -> Result<Published, ArchiveError> {
+    /// Flushes, then checks that the bytes are a whole MP4 (`mp4::check`): `Ok(Err(why))` if
+    /// they are not. A flush error removes the file, as every write error does.
+    pub fn check_whole(&mut self) -> Result<Result<Whole, String>, ArchiveError> {
         if let Err(e) = self.flush() {
             self.remove_files();
             return Err(e);
         }
-        if !looks_like_mp4(&self.head) {
-            // Worthless: nothing of it is kept.
-            self.remove_files();
-            return Err(ArchiveError::NotMp4 {
-                path: self.path.clone(),
-            });
-        }
-        if let Err(why) = check_boxes(&self.file, self.written) {
+        Ok(mp4::check(&self.file, self.written).map(|()| Whole { len: self.written }))
+    }
+
+    /// The SHA-256 of the bytes written (call after `check_whole`, which flushes).
+    pub fn sha256(&self) -> String {
+        hex(&self.hasher.clone().finalize())
+    }
+
+    /// How many whole downloads of this video were refused as incomplete, and the SHA-256 of
+    /// the last one.
+    pub fn rejections(&self) -> Option<(u32, &str)> {
+        self.rejected.as_ref().map(|(n, sha)| (*n, sha.as_str()))
+    }
+
+    /// Refuses these bytes as an incomplete MP4: remembers their SHA-256 (in the resume record,
+    /// so it outlives this attempt) and starts over from byte zero. Returns the refusals so far.
+    pub fn reject(&mut self) -> Result<u32, ArchiveError> {
+        let n = self.rejected.as_ref().map_or(0, |(n, _)| *n) + 1;
+        self.rejected = Some((n, self.sha256()));
+        self.restart()?;
+        Ok(n)
+    }
+
+    /// The publish sequence for a checked file: the sidecar (if any) is written and renamed
+    /// into place first, then fsync the video → rename → fsync the directory, once for both
+    /// names. Any error on the video means it is not trusted: it is removed (after a failed
+    /// fsync the kernel may have dropped the very pages a retry would read back), and the
+    /// caller downloads again rather than marking anything done.
+    pub fn publish(self, whole: Whole, sidecar: Option<&str>) -> Result<Published, ArchiveError> {
+        if whole.len != self.len() {
+            // Written after the check: check again.
             self.remove_files();
             return Err(ArchiveError::Incomplete {
                 path: self.path.clone(),
-                why,
+                why: "bytes were written after the check".into(),
             });
         }
+        self.install(sidecar)
+    }
+
+    /// Gives an incomplete MP4 its final name as it is, with the same care as `publish`: the
+    /// API served these very bytes twice, so they are what there is, and they are kept; the
+    /// row that records them is `failed`, never `done`.
+    pub fn keep_incomplete(self, sidecar: Option<&str>) -> Result<Published, ArchiveError> {
+        self.install(sidecar)
+    }
+
+    fn install(mut self, sidecar: Option<&str>) -> Result<Published, ArchiveError> {
+        if let Err(e) = self.flush() {
+            self.remove_files();
+            return Err(e);
+        }
+        let metadata = sidecar.map(|text| {
+            if let Err(e) = self.write_sidecar(text) {
+                // The status object is in the row too: a sidecar that cannot be written costs
+                // the video nothing.
+                tracing::warn!(path = %self.sidecar_path.display(), error = %e, "cannot write the metadata file");
+            }
+            text.to_owned()
+        });
+        // A draft a killed run left, or the one that just failed.
+        let _ = remove_if_exists(&self.sidecar_temp);
         if let Err(e) = self.file.sync_all() {
             self.remove_files();
             return Err(self.err(e));
@@ -814,9 +1055,23 @@ impl Partial {
         }
         Ok(Published {
             path: self.final_path.clone(),
-            sha256: hex(&self.hasher.clone().finalize()),
+            sha256: self.sha256(),
             bytes: self.written,
+            metadata,
         })
+    }
+
+    /// `<id>.json`, atomically: a hidden draft, fsynced, renamed into place (the directory
+    /// fsync that follows in `install` makes the name durable with the video's).
+    fn write_sidecar(&self, text: &str) -> io::Result<()> {
+        let mut f = open_own(&self.sidecar_temp)?;
+        f.set_len(0)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        if std::fs::symlink_metadata(&self.sidecar_path).is_ok_and(|m| m.is_dir()) {
+            return Err(io::Error::other("a directory is in the way"));
+        }
+        std::fs::rename(&self.sidecar_temp, &self.sidecar_path)
     }
 }
 
@@ -838,18 +1093,25 @@ mod tests {
         fn no_id_can_leave_the_archive(
             s in proptest::prop_oneof![
                 proptest::arbitrary::any::<String>(),
-                "(\\.\\.|/|\\\\|\\x00|%2[eEfF]|[\\x00-\\x1f]|\\.|[A-Za-z0-9_-]|\\p{Cyrillic}){0,140}",
+                "(\\.\\.|/|\\\\|\\x00|%2[eEfF]|[\\x00-\\x1f]|\\.|[A-Za-z0-9_-]|\\p{Cyrillic}|[ \\t\\n\\r]){0,140}",
             ]
         ) {
-            if let Ok(id) = VideoId::parse(&s) {
+            if let Ok((id, _)) = VideoId::from_queued(&s) {
                 let a = Archive {
                     dir: PathBuf::from("/srv/archive"),
                     reservations: Arc::default(),
                 };
-                for p in [a.final_path(&id), a.partial_path(&id), a.validator_path(&id)] {
+                for p in [
+                    a.final_path(&id),
+                    a.partial_path(&id),
+                    a.validator_path(&id),
+                    a.sidecar_path(&id),
+                    a.sidecar_temp_path(&id),
+                ] {
                     proptest::prop_assert_eq!(p.parent(), Some(Path::new("/srv/archive")));
                     let name = p.file_name().unwrap().to_str().unwrap();
                     proptest::prop_assert!(!name.contains('/') && name != "." && name != "..");
+                    proptest::prop_assert!(!name.bytes().any(|b| b.is_ascii_whitespace()));
                 }
             }
         }
@@ -871,46 +1133,40 @@ mod tests {
             "é",
             "a\\b",
             "%2e%2e",
+            " x",
             &"x".repeat(129),
         ] {
             assert_eq!(VideoId::parse(bad), Err(InvalidId), "{bad:?}");
         }
+        let (id, trimmed) = VideoId::from_queued("video_x\n").unwrap();
+        assert_eq!((id.as_str(), trimmed), ("video_x", true));
+        let (id, trimmed) = VideoId::from_queued(" \tvideo_y\r\n").unwrap();
+        assert_eq!((id.as_str(), trimmed), ("video_y", true));
+        assert!(!VideoId::from_queued("video_z").unwrap().1);
+        for bad in ["", " \n", "a b\n", "\u{a0}video_x"] {
+            assert_eq!(VideoId::from_queued(bad), Err(InvalidId), "{bad:?}");
+        }
     }
 
-    /// An `ftyp` box, then an `mdat` box holding `n` bytes.
-    fn mp4(n: usize) -> Vec<u8> {
-        let mut v = b"\0\0\0\x10ftypisom\0\0\0\0".to_vec();
-        v.extend_from_slice(&(n as u32 + 8).to_be_bytes());
-        v.extend_from_slice(b"mdat");
-        v.extend((0..n).map(|i| (i % 251) as u8));
+    fn boxed(kind: &[u8; 4], body: usize) -> Vec<u8> {
+        let mut v = ((body + 8) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(kind);
+        v.extend((0..body).map(|i| (i % 251) as u8));
         v
     }
 
-    #[test]
-    fn only_whole_box_sequences_pass() {
-        let dir = tempfile::tempdir().unwrap();
-        let check = |bytes: &[u8]| {
-            let p = dir.path().join("f");
-            std::fs::write(&p, bytes).unwrap();
-            check_boxes(&File::open(&p).unwrap(), bytes.len() as u64)
-        };
-        let whole = mp4(1000);
-        assert_eq!(check(&whole), Ok(()));
-        for cut in [9, 15, 20, 23, 500, 1023] {
-            assert!(check(&whole[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut longer = whole.clone();
-        longer.extend_from_slice(b"xx");
-        assert!(check(&longer).is_err());
-        // 64-bit sizes, and a last box that runs to the end (size 0).
-        let mut big = b"\0\0\0\x10ftypisom\0\0\0\0\0\0\0\x01mdat".to_vec();
-        big.extend_from_slice(&(16u64 + 100).to_be_bytes());
-        big.extend_from_slice(&[7; 100]);
-        assert_eq!(check(&big), Ok(()));
-        let mut open_ended = b"\0\0\0\x10ftypisom\0\0\0\0\0\0\0\0mdat".to_vec();
-        open_ended.extend_from_slice(&[7; 100]);
-        assert_eq!(check(&open_ended), Ok(()));
-        assert!(check(b"\0\0\0\x10moovisom\0\0\0\0").is_err());
+    /// `ftyp`, `moov`, then an `mdat` box holding `n` bytes: a whole MP4.
+    fn mp4(n: usize) -> Vec<u8> {
+        let mut v = boxed(b"ftyp", 8);
+        v.extend(boxed(b"moov", 16));
+        v.extend(boxed(b"mdat", n));
+        v
+    }
+
+    /// The daemon's way to publish: check, then publish with the proof.
+    fn publish(mut p: Partial, sidecar: Option<&str>) -> Result<Published, ArchiveError> {
+        let whole = p.check_whole()?.expect("a whole MP4");
+        p.publish(whole, sidecar)
     }
 
     #[test]
@@ -925,22 +1181,27 @@ mod tests {
         let mut p = a.begin(&id).unwrap();
         assert_eq!(p.len(), 300_000);
         p.write(&data[300_000..]).unwrap();
-        let pubd = p.publish().unwrap();
+        let meta = r#"{"id":"video_1","model":"sora-2"}"#;
+        let pubd = publish(p, Some(meta)).unwrap();
         assert_eq!(pubd.sha256, hex(&Sha256::digest(&data)));
         assert_eq!(std::fs::read(&pubd.path).unwrap(), data);
+        assert_eq!(std::fs::read_to_string(a.sidecar_path(&id)).unwrap(), meta);
         assert!(!a.partial_path(&id).exists());
-        assert_eq!(a.existing(&id).unwrap(), Some(pubd));
+        assert!(!a.sidecar_temp_path(&id).exists());
+        // Found again by a later run, with its sidecar.
+        assert_eq!(a.existing(&id).unwrap(), Existing::Adopted(pubd));
     }
 
     #[test]
-    fn refuses_non_mp4_and_symlinks() {
+    fn refuses_incomplete_files_and_symlinks() {
         let dir = tempfile::tempdir().unwrap();
         let a = Archive::open(dir.path()).unwrap();
         let id = VideoId::parse("v").unwrap();
         let mut p = a.begin(&id).unwrap();
         p.write(b"{\"error\": \"nope\"}").unwrap();
         assert!(!p.head_is_plausible());
-        assert!(matches!(p.publish(), Err(ArchiveError::NotMp4 { .. })));
+        assert!(p.check_whole().unwrap().is_err());
+        drop(p);
         assert!(!a.final_path(&id).exists());
 
         let outside = dir.path().join("outside");
@@ -949,17 +1210,145 @@ mod tests {
         std::os::unix::fs::symlink(&outside, a.partial_path(&id2)).unwrap();
         std::os::unix::fs::symlink(&outside, a.validator_path(&id2)).unwrap();
         std::os::unix::fs::symlink(&outside, a.final_path(&id2)).unwrap();
+        std::os::unix::fs::symlink(&outside, a.sidecar_temp_path(&id2)).unwrap();
         // Planted links are removed or replaced, never written through.
-        assert_eq!(a.existing(&id2).unwrap(), None);
+        assert_eq!(a.existing(&id2).unwrap(), Existing::Absent);
         let mut p = a.begin(&id2).unwrap();
         p.write(&mp4(1000)).unwrap();
-        p.publish().unwrap();
+        publish(p, Some("{}")).unwrap();
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
         assert!(
             std::fs::symlink_metadata(a.final_path(&id2))
                 .unwrap()
                 .is_file()
         );
+    }
+
+    #[test]
+    fn what_sits_at_the_final_path_is_adopted_set_aside_or_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let whole = mp4(5000);
+        let mut cut = whole.clone();
+        cut.truncate(3000);
+        for (name, bytes) in [
+            ("empty", Vec::new()),
+            ("text", b"not a video at all\n".to_vec()),
+            ("cut", cut),
+        ] {
+            let id = VideoId::parse(name).unwrap();
+            std::fs::write(a.final_path(&id), &bytes).unwrap();
+            let Existing::SetAside { path, why } = a.existing(&id).unwrap() else {
+                panic!("{name}: not set aside");
+            };
+            assert!(!a.final_path(&id).exists(), "{name}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: kept whole");
+            let file = path.file_name().unwrap().to_str().unwrap();
+            assert!(
+                file.starts_with(&format!(".{name}.mp4.replaced-")),
+                "{file}"
+            );
+            assert!(!why.is_empty());
+            // A second one the same second gets a name of its own.
+            std::fs::write(a.final_path(&id), b"again").unwrap();
+            let Existing::SetAside { path: second, .. } = a.existing(&id).unwrap() else {
+                panic!("{name}: not set aside twice");
+            };
+            assert_ne!(second, path);
+            assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        }
+        let id = VideoId::parse("dir").unwrap();
+        std::fs::create_dir(a.final_path(&id)).unwrap();
+        let Existing::Blocked(why) = a.existing(&id).unwrap() else {
+            panic!("a directory does not block");
+        };
+        assert!(why.contains(a.final_path(&id).to_str().unwrap()), "{why}");
+        assert!(why.contains("directory"), "{why}");
+        let id = VideoId::parse("ok").unwrap();
+        std::fs::write(a.final_path(&id), &whole).unwrap();
+        let Existing::Adopted(p) = a.existing(&id).unwrap() else {
+            panic!("a whole file is not adopted");
+        };
+        assert_eq!((p.bytes, p.metadata), (whole.len() as u64, None));
+    }
+
+    #[test]
+    fn refusals_outlive_the_attempt_and_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let id = VideoId::parse("v").unwrap();
+        let mut bad = mp4(2000);
+        bad.extend_from_slice(b"stray");
+        let mut p = a.begin(&id).unwrap();
+        p.write(&bad).unwrap();
+        let why = p.check_whole().unwrap().unwrap_err();
+        assert!(why.contains("stray"), "{why}");
+        let sha = p.sha256();
+        assert_eq!(p.reject().unwrap(), 1);
+        assert_eq!(p.len(), 0);
+        p.park().unwrap();
+        let p = a.begin(&id).unwrap();
+        assert_eq!(p.rejections(), Some((1, sha.as_str())));
+        let kept = p.keep_incomplete(None).unwrap();
+        assert_eq!(kept.bytes, 0);
+        assert!(!a.validator_path(&id).exists());
+    }
+
+    #[test]
+    fn leftovers_are_named_and_removed() {
+        assert_eq!(leftover_of(".video_1.mp4.part"), Some("video_1"));
+        assert_eq!(leftover_of(".video_1.mp4.part.validator"), Some("video_1"));
+        assert_eq!(leftover_of(".video_1.json.part"), Some("video_1"));
+        for other in [
+            "video_1.mp4",
+            ".video_1.mp4.replaced-20261201T120000Z",
+            "..mp4.part",
+            ".a/b.mp4.part",
+            ".hingnetd-probe-1",
+        ] {
+            assert_eq!(leftover_of(other), None, "{other}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let id = VideoId::parse("v").unwrap();
+        parked(&a, &id, &mp4(1000), 500);
+        let held = a.begin(&id).unwrap();
+        a.remove_leftovers(&id).unwrap();
+        assert!(a.partial_path(&id).exists(), "a held partial is left alone");
+        drop(held);
+        a.remove_leftovers(&id).unwrap();
+        assert!(!a.partial_path(&id).exists() && !a.validator_path(&id).exists());
+    }
+
+    #[test]
+    fn stamps() {
+        let t = |s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        assert_eq!(utc_stamp(t(0)), "19700101T000000Z");
+        assert_eq!(utc_stamp(t(951_782_400)), "20000229T000000Z");
+        assert_eq!(utc_stamp(t(1_796_083_200 + 3661)), "20261201T010101Z");
+    }
+
+    #[test]
+    fn writing_stops_when_the_disk_is_short_and_the_partial_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let id = VideoId::parse("v").unwrap();
+        let data = mp4(3 << 20);
+        let mut p = a.begin(&id).unwrap();
+        p.keep_free(u64::MAX);
+        let e = data
+            .chunks(256 * 1024)
+            .find_map(|c| p.write(c).err())
+            .expect("stops");
+        assert!(matches!(e, ArchiveError::DiskShort { .. }), "{e}");
+        assert!(e.to_string().contains("archive.min_free"), "{e}");
+        let have = p.park().unwrap();
+        assert!(have >= SPACE_CHECK, "{have}");
+        let mut p = a.begin(&id).unwrap();
+        assert_eq!(p.len(), have);
+        p.write(&data[have as usize..]).unwrap();
+        let pubd = publish(p, None).unwrap();
+        assert_eq!(pubd.sha256, hex(&Sha256::digest(&data)));
     }
 
     /// Parks `n` bytes of `data` as a partial, as a shutdown would.
@@ -1019,7 +1408,7 @@ mod tests {
         assert!(p.settled >= 2 * WRITEBACK_WINDOW, "settled {}", p.settled);
         assert!(p.settled < p.previous && p.previous < p.submitted);
         assert!(p.submitted <= p.written);
-        let pubd = p.publish().unwrap();
+        let pubd = publish(p, None).unwrap();
         assert_eq!(pubd.sha256, hex(&Sha256::digest(&data)));
         assert_eq!(std::fs::read(&pubd.path).unwrap(), data);
     }
@@ -1040,7 +1429,7 @@ mod tests {
         let mut p = a.begin(&id).unwrap();
         assert_eq!(p.len(), 300_000);
         p.write(&data[300_000..]).unwrap();
-        let pubd = p.publish().unwrap();
+        let pubd = publish(p, None).unwrap();
         assert_eq!(pubd.sha256, hex(&Sha256::digest(&data)));
     }
 

@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio::sync::Notify;
@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::ApiClient;
 use crate::archive::{Archive, VideoId};
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogConfig, LogFormat};
-use crate::daemon::{Scheduler, Settings, decide};
-use crate::fetch::{Fetcher, Outcome};
+use crate::daemon::{Scheduler, Settings, attempt};
+use crate::fetch::{Fetcher, Limits, Outcome};
 use crate::queue::{InstanceLock, Queue, QueueError, SharedQueue};
 use crate::service::Service;
 
@@ -230,6 +230,7 @@ fn migrate(cfg: &Config) -> Result<(), Failure> {
 }
 
 fn check_config(cfg: &Config, path: &Path) -> Result<(), Failure> {
+    no_core_dumps();
     let (_token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let text = toml::to_string(cfg).map_err(|e| Failure::new(exit::FAILURE, e))?;
@@ -255,7 +256,7 @@ fn read_ids(args: Vec<String>) -> Result<(Vec<String>, usize), Failure> {
                 }
             }
         } else {
-            ids.push(a);
+            ids.push(a.trim().to_owned());
         }
     }
     let (good, bad): (Vec<_>, Vec<_>) = ids.into_iter().partition(|id| VideoId::parse(id).is_ok());
@@ -326,6 +327,15 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
             )
         });
         let _ = writeln!(o, "oldest pending: {id} (enqueued {at}{age})");
+    }
+    if s.expiring_soon > 0 || s.expired_pending > 0 {
+        let _ = writeln!(
+            o,
+            "expiring: {} pending video(s) expire within {}; {} already expired undownloaded",
+            s.expiring_soon,
+            config::format_duration(crate::queue::EXPIRING_SOON),
+            s.expired_pending
+        );
     }
     if let Some(d) = s.next_due_in {
         let _ = writeln!(
@@ -517,9 +527,12 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>) -> Result<(), Failure> {
 }
 
 fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
-    let Ok(vid) = VideoId::parse(id) else {
+    let Ok((vid, _)) = VideoId::from_queued(id) else {
         return Err(Failure::new(exit::DATA, format!("invalid video id {id:?}")));
     };
+    let id = vid.as_str().to_owned();
+    let id = id.as_str();
+    no_core_dumps();
     let (token, _) = config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = Archive::open(&cfg.archive.dir)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
@@ -548,7 +561,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         }
     };
     let bar = progress_bar(0, id);
-    let mut fetcher = Fetcher::new(api, archive, cfg.download.max_bytes, cfg.archive.min_free);
+    let mut fetcher = Fetcher::new(api, archive, Limits::of(&cfg));
     if let Some(bar) = bar.clone() {
         fetcher = fetcher.with_progress(Arc::new(move |have, total| {
             if let Some(t) = total {
@@ -559,21 +572,20 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     }
     let fetcher = Arc::new(fetcher);
     let runtime = runtime()?;
-    let started = Instant::now();
-    let outcome = runtime.block_on(async {
+    let ended = runtime.block_on(async {
         // Ctrl-C, a closing terminal or a kill park the download and give the row back. (A
         // SIGKILL leaves it `downloading`: the daemon's orphan check recovers it.)
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone(), None)?;
-        Ok::<_, Failure>(fetcher.download_into(vid, partial, &cancel).await)
+        let held = Some((vid, partial));
+        Ok::<_, Failure>(attempt(&fetcher, &claimed, held, &cfg.retry, &cancel).await)
     });
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let outcome = outcome?;
-    let finish = decide(&claimed, &outcome, &cfg.retry, started.elapsed());
+    let (ended, finish, elapsed) = ended?;
     let recorded = q
-        .finish(&claimed, &finish, started.elapsed())
+        .finish(&claimed, &finish, elapsed, ended.expires_at)
         .map_err(queue_failure)?;
     if !recorded {
         eprintln!(
@@ -581,7 +593,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         );
     }
     let mut o = out();
-    match (&outcome, &finish) {
+    match (&ended.outcome, &finish) {
         (Outcome::Archived { published, .. }, _) => {
             let _ = writeln!(
                 o,
@@ -637,10 +649,9 @@ fn flat_memory() {
     }
 }
 
-/// `hingnetd run`: every check that can fail on bad configuration happens before any work, and
-/// systemd hears READY=1 only once the database is open and migrated and the token read.
-fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
-    // A core dump would hold the token and signed URLs in the clear.
+/// Every command that reads the token first turns core dumps off: one would hold the token
+/// (and signed URLs) in the clear.
+fn no_core_dumps() {
     let no_core = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -649,6 +660,12 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
     if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot turn core dumps off");
     }
+}
+
+/// `hingnetd run`: every check that can fail on bad configuration happens before any work, and
+/// systemd hears READY=1 only once the database is open and migrated and the token read.
+fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
+    no_core_dumps();
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = Archive::open(&cfg.archive.dir)
@@ -665,12 +682,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         let shutdown = CancellationToken::new();
         let reload = Arc::new(Notify::new());
         spawn_signal_handler(shutdown.clone(), Some(reload.clone()))?;
-        let fetcher = Arc::new(Fetcher::new(
-            api,
-            archive,
-            cfg.download.max_bytes,
-            cfg.archive.min_free,
-        ));
+        let fetcher = Arc::new(Fetcher::new(api, archive, Limits::of(&cfg)));
         tracing::info!(
             database = %cfg.queue.database.display(),
             archive = %fetcher.archive.dir().display(),

@@ -57,6 +57,10 @@ pub struct ApiConfig {
     /// Longest silence allowed while a response (headers or body) is streaming.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub read_timeout: Duration,
+    /// A plain `http://` base URL for a host that is not loopback sends the token in clear:
+    /// refused unless this says the operator's own network carries it (a TLS-terminating
+    /// gateway on the LAN).
+    pub allow_plain_http: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -76,6 +80,8 @@ pub struct ArchiveConfig {
     /// a file is started only if it fits above it.
     #[serde(deserialize_with = "size", serialize_with = "ser_size")]
     pub min_free: u64,
+    /// Write what the API says about each video (its status object) beside it as `<id>.json`.
+    pub sidecar: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -88,6 +94,13 @@ pub struct DownloadConfig {
     /// A body larger than this is refused (a broken or hostile server must not fill the disk).
     #[serde(deserialize_with = "size", serialize_with = "ser_size")]
     pub max_bytes: u64,
+    /// A body slower than this many bytes a second for `low_speed_time` ends the attempt
+    /// (resumably), as curl's `--speed-limit`/`--speed-time` do: a trickle just under
+    /// `read_timeout` must not hold a slot for ever. 0 turns the check off.
+    #[serde(deserialize_with = "size", serialize_with = "ser_size")]
+    pub low_speed_limit: u64,
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    pub low_speed_time: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -135,6 +148,7 @@ impl Default for ApiConfig {
             token_file: "/etc/hingnetd/token".into(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            allow_plain_http: false,
         }
     }
 }
@@ -153,6 +167,7 @@ impl Default for ArchiveConfig {
         ArchiveConfig {
             dir: "/var/lib/hingnetd/videos".into(),
             min_free: 1 << 30,
+            sidecar: true,
         }
     }
 }
@@ -163,6 +178,8 @@ impl Default for DownloadConfig {
             concurrency: 4,
             shutdown_grace: Duration::from_secs(10),
             max_bytes: 16 << 30,
+            low_speed_limit: 1 << 10,
+            low_speed_time: Duration::from_secs(60),
         }
     }
 }
@@ -228,6 +245,33 @@ impl Config {
                     .into(),
             ));
         }
+        // What SDK docs call the base URL ends in /v1; ours is the host's, and hingnetd adds
+        // /v1/videos itself: with /v1 here every request would 404 and every video fail.
+        let path = url.path().trim_end_matches('/');
+        if path.ends_with("/v1") || path.ends_with("/v1/videos") {
+            let root = format!(
+                "{}{}",
+                crate::api::origin_of(&url),
+                &path[..path.rfind("/v1").unwrap_or(0)]
+            );
+            return Err(bad(
+                "api.base_url",
+                format!(
+                    "{:?} ends in {}: give the address without it ({root:?}); hingnetd adds /v1/videos/ID/content itself",
+                    self.api.base_url,
+                    &path[path.rfind("/v1").unwrap_or(0)..]
+                ),
+            ));
+        }
+        if url.scheme() == "http" && !is_loopback(&url) && !self.api.allow_plain_http {
+            return Err(bad(
+                "api.base_url",
+                format!(
+                    "{:?} is plain http to a host that is not loopback: the token would travel in clear; use https, or set api.allow_plain_http = true for your own gateway on a trusted network",
+                    self.api.base_url
+                ),
+            ));
+        }
         for (key, d) in [
             ("api.connect_timeout", self.api.connect_timeout),
             ("api.read_timeout", self.api.read_timeout),
@@ -235,6 +279,7 @@ impl Config {
             ("retry.initial_delay", self.retry.initial_delay),
             ("retry.max_delay", self.retry.max_delay),
             ("retry.give_up_after", self.retry.give_up_after),
+            ("download.low_speed_time", self.download.low_speed_time),
         ] {
             if d.is_zero() {
                 return Err(bad(key, "must be greater than zero".into()));
@@ -278,6 +323,21 @@ impl Config {
     /// The base URL as parsed; `validate` has already proven it parses.
     pub fn base_url(&self) -> reqwest::Url {
         reqwest::Url::parse(&self.api.base_url).expect("validated at load")
+    }
+}
+
+/// Whether a URL names this machine: 127.0.0.0/8, ::1 or `localhost`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let d = bare.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
     }
 }
 
@@ -578,7 +638,7 @@ mod tests {
             .values()
             .map(|v| v.as_table().map_or(0, |t| t.len()))
             .sum();
-        assert_eq!(keys, 16, "hingnetd.toml.example should document every key");
+        assert_eq!(keys, 20, "hingnetd.toml.example should document every key");
     }
 
     #[test]
@@ -605,6 +665,52 @@ mod tests {
             Config::parse("[retry]\nmax_delay = \"1s\"\n", p).unwrap_err(),
         ] {
             assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn base_urls_that_would_fail_every_video_or_leak_the_token_are_refused() {
+        let p = Path::new("c.toml");
+        let parse = |url: &str, plain: bool| {
+            Config::parse(
+                &format!("[api]\nbase_url = {url:?}\nallow_plain_http = {plain}\n"),
+                p,
+            )
+        };
+        for url in [
+            "https://models.hingnet.com.cn/v1",
+            "https://models.hingnet.com.cn/v1/",
+            "https://gw.example/hingnet/v1/videos",
+            "https://gw.example/v1/videos/",
+        ] {
+            let e = parse(url, false).unwrap_err().to_string();
+            assert!(
+                e.contains("api.base_url") && e.contains("ends in /v1"),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = parse("https://gw.example/hingnet/v1", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"https://gw.example/hingnet\""), "{e}");
+        let e = parse("http://hingnet.internal", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("in clear") && e.contains("allow_plain_http"),
+            "{e}"
+        );
+        parse("http://hingnet.internal", true).unwrap();
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://127.1.2.3",
+            "http://[::1]:80",
+            "http://localhost",
+            "https://models.hingnet.com.cn",
+            "https://gw.example/v1beta",
+        ] {
+            parse(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
 

@@ -1,23 +1,23 @@
 //! The daemon loop: claiming due rows, running downloads up to the concurrency limit, turning
-//! each attempt's `Outcome` into the row's next state (`decide`), client-wide pauses (429,
-//! rejected token), and shutdown.
+//! each attempt's `Outcome` into the row's next state (`decide`), client-wide pauses (429, an
+//! unreachable API host, a refused token, a short disk), telling a refused token from one
+//! refused video, and shutdown.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use std::path::PathBuf;
-
 use crate::api::ApiClient;
-use crate::archive::VideoId;
+use crate::archive::{Partial, VideoId};
 use crate::config::{self, Config, RetryConfig, format_duration};
-use crate::fetch::{Fetcher, Outcome};
-use crate::queue::{Claimed, Finish, SharedQueue};
+use crate::fetch::{Ended, Fetcher, Limits, Outcome, expired_words, status_interval};
+use crate::queue::{Claimed, FileRecord, Finish, SharedQueue};
 use crate::service::{Service, thousands};
 use crate::watch::Recheck;
 
@@ -28,15 +28,33 @@ pub struct Settings {
     pub config_path: PathBuf,
 }
 
-/// The row's next state after an attempt. The whole retry policy is here.
+/// Refusals (401/402/403) of one video, each while the API accepted the token for another,
+/// after which the video fails with the API's message.
+pub const REFUSALS_TO_FAIL: u32 = 3;
+
+/// The row's next state after an attempt. The whole retry policy is here: backoff, the give-up
+/// deadline, and the video's expiry (past it, retrying is pointless).
 pub fn decide(
     claimed: &Claimed,
-    outcome: &Outcome,
+    ended: &Ended,
     retry: &RetryConfig,
     held_for: Duration,
+    now: SystemTime,
 ) -> Finish {
     let backoff = backoff(retry, claimed.attempts);
-    let retry_or_give_up = |http_status: Option<u16>, reason: &str| {
+    let expires_at = ended.expires_at.or(claimed.expires_at);
+    let unix_now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let until_expiry = expires_at.map(|t| t as f64 - unix_now);
+    let retry_or_give_up = |http_status: Option<u16>, reason: &str, at_least: Duration| {
+        if until_expiry.is_some_and(|left| left <= 0.0) {
+            return Finish::Failed {
+                error: format!("{}: {reason}", expired_words(expires_at)),
+                http_status,
+                kept: None,
+            };
+        }
         let elapsed = claimed.since_first_attempt + held_for;
         let Some(left) = retry
             .give_up_after
@@ -49,57 +67,93 @@ pub fn decide(
                     format_duration(retry.give_up_after)
                 ),
                 http_status,
+                kept: None,
             };
         };
-        // The last try lands on the deadline rather than after it.
+        // The last try lands on the deadline, or on the expiry, rather than after it.
+        let mut delay = backoff.max(at_least).min(left);
+        if let Some(left) = until_expiry {
+            delay = delay.min(Duration::from_secs_f64(left));
+        }
         Finish::Retry {
-            delay: backoff.min(left),
+            delay,
             error: reason.to_owned(),
             http_status,
         }
     };
-    match outcome {
+    let file = |p: &crate::archive::Published| FileRecord {
+        path: p.path.display().to_string(),
+        sha256: p.sha256.clone(),
+        bytes: p.bytes,
+        metadata: p.metadata.clone(),
+    };
+    match &ended.outcome {
         Outcome::Archived {
             published,
             http_status,
             ..
         } => Finish::Done {
-            path: published.path.display().to_string(),
-            sha256: published.sha256.clone(),
-            bytes: published.bytes,
+            file: file(published),
             http_status: *http_status,
+        },
+        // Failed, so that `done` keeps meaning "complete and checked"; kept, so that nothing
+        // the API has is thrown away.
+        Outcome::Kept {
+            published,
+            http_status,
+            reason,
+        } => Finish::Failed {
+            error: reason.clone(),
+            http_status: Some(*http_status),
+            kept: Some(file(published)),
         },
         Outcome::NotReady {
             http_status,
             reason,
-        } => retry_or_give_up(Some(*http_status), reason),
+        } => retry_or_give_up(Some(*http_status), reason, Duration::ZERO),
+        // The second confirmation must come at least `retry.initial_delay` later, and when the
+        // status object may be read again.
+        Outcome::MaybeMissing { reason } => retry_or_give_up(
+            Some(404),
+            reason,
+            retry.initial_delay.max(status_interval(retry)),
+        ),
         Outcome::Transient {
             http_status,
             reason,
-        } => retry_or_give_up(*http_status, reason),
+        } => retry_or_give_up(*http_status, reason, Duration::ZERO),
         Outcome::Gone {
             http_status,
             reason,
         } => Finish::Failed {
             error: reason.clone(),
             http_status: Some(*http_status),
+            kept: None,
+        },
+        Outcome::Blocked { reason } => Finish::Failed {
+            error: reason.clone(),
+            http_status: None,
+            kept: None,
         },
         Outcome::InvalidId => Finish::Failed {
             error: "invalid video id".into(),
             http_status: None,
+            kept: None,
         },
-        // Not the video's fault: its row keeps its schedule and nothing counts against it.
+        // The token's fault or the video's: the scheduler finds out which (`Scheduler::absorb`)
+        // and fails the video itself when it is the video's. Meanwhile nothing counts against
+        // it; the probe goes to another video (`Queue::claim`'s `except`).
         Outcome::AccountProblem {
             http_status,
             reason,
         } => Finish::Release {
             delay: Duration::ZERO,
             error: Some(format!(
-                "waiting: API rejected the token ({http_status}): {reason}"
+                "waiting: the API refused the token or this video ({http_status}): {reason}"
             )),
         },
         Outcome::RateLimited { retry_after } => Finish::Release {
-            delay: retry_after.unwrap_or(backoff),
+            delay: rate_limit_wait(retry, *retry_after, backoff).0,
             error: Some("waiting: rate limited (429)".into()),
         },
         // Given back, but not due at once: the row is written before the loop hears of the
@@ -112,11 +166,28 @@ pub fn decide(
             delay: Duration::ZERO,
             error: None,
         },
-        Outcome::Storage { reason } => Finish::Release {
+        Outcome::Storage { reason } | Outcome::DiskShort { reason } => Finish::Release {
             delay: backoff,
             error: Some(format!("archive error: {reason}")),
         },
     }
+}
+
+/// How long the whole client waits after a 429: `Retry-After` (or, without one, `otherwise`),
+/// never less than `retry.initial_delay` (0, or a date in the past, is no invitation to
+/// hammer) and never more than `retry.max_delay` (a wait longer than a video lives is not
+/// obeyed blindly). Also says whether it was cut short, in which case one request probes
+/// before the others follow.
+pub fn rate_limit_wait(
+    retry: &RetryConfig,
+    retry_after: Option<Duration>,
+    otherwise: Duration,
+) -> (Duration, bool) {
+    let asked = retry_after.unwrap_or(otherwise);
+    (
+        asked.clamp(retry.initial_delay, retry.max_delay),
+        asked > retry.max_delay,
+    )
 }
 
 /// Exponential backoff with jitter: `initial * 2^(attempt-1)`, capped, then drawn uniformly
@@ -129,6 +200,41 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
         .min(retry.max_delay);
     let half = base / 2;
     half + half.mul_f64(fastrand::f64())
+}
+
+/// One claimed video, from the download to the row's next state, the way both the daemon and
+/// `hingnetd fetch` run it: the download (into `partial` if the caller already holds it), the
+/// verdict (`decide`), its log line, and the removal of what a failed video left behind. The
+/// caller records the `Finish`.
+pub async fn attempt(
+    fetcher: &Arc<Fetcher>,
+    claimed: &Claimed,
+    partial: Option<(VideoId, Partial)>,
+    retry: &RetryConfig,
+    cancel: &CancellationToken,
+) -> (Ended, Finish, Duration) {
+    let started = Instant::now();
+    let ended = match partial {
+        Some((id, p)) => {
+            fetcher
+                .download_into(id, p, claimed.expires_at, cancel)
+                .await
+        }
+        None => {
+            fetcher
+                .download(&claimed.video_id, claimed.expires_at, cancel)
+                .await
+        }
+    };
+    let elapsed = started.elapsed();
+    let finish = decide(claimed, &ended, retry, elapsed, SystemTime::now());
+    log_decision(claimed, &ended.outcome, &finish, elapsed);
+    if matches!(finish, Finish::Failed { .. })
+        && let Ok((id, _)) = VideoId::from_queued(&claimed.video_id)
+    {
+        fetcher.remove_leftovers(&id).await;
+    }
+    (ended, finish, elapsed)
 }
 
 /// The shortest wait before claiming again when the clock and the claim disagree.
@@ -152,14 +258,36 @@ struct StoragePause {
 
 /// What a finished download task reports to the loop.
 struct Report {
+    claimed: Claimed,
     outcome: Outcome,
+    /// When the task started (its request was sent after this).
+    started: Instant,
 }
 
-/// The client-wide pause after the API rejected the token: one probe at a time, backing off.
+/// The API refused (401/402/403): the token, or only the videos it was refused for? Until a
+/// probe tells, every download pauses and one probe runs at a time, on another video than the
+/// suspects when there is one. A refusal of another video confirms an account problem (probes
+/// then back off, and the token is re-read before each); an answer that is not a refusal ends
+/// the pause, and if no other video was refused meanwhile, each suspect's refusal counts
+/// against that video (`Scheduler::refusals`).
 struct AccountPause {
-    /// `None` while a probe is in flight.
-    next_probe: Option<Instant>,
+    /// When the first refusal was heard.
+    since: Instant,
+    next_probe: Instant,
     delay: Duration,
+    /// A video other than the first suspects was refused: the token itself.
+    confirmed: bool,
+    /// The probe in flight.
+    probe: Option<tokio::task::Id>,
+    /// The videos refused since the pause began, and what the API said.
+    suspects: HashMap<String, (Claimed, u16, String)>,
+}
+
+impl AccountPause {
+    /// A probe may go now: on another video at once while unconfirmed, on any at its time.
+    fn probe_now(&self, now: Instant) -> bool {
+        self.probe.is_none() && (!self.confirmed || self.next_probe <= now)
+    }
 }
 
 pub struct Scheduler {
@@ -179,10 +307,16 @@ pub struct Scheduler {
     /// 429s without a success in between: the client-wide wait grows with them when the
     /// server gives no `Retry-After`.
     rate_limits_in_a_row: u32,
+    /// A `Retry-After` longer than `retry.max_delay` was cut short: when the wait ends, one
+    /// request goes first, and the rest follow once it is answered with something else.
+    rate_probe: bool,
     /// The API host could not be reached: nothing is requested until then.
     unreachable_until: Option<Instant>,
     unreachable_in_a_row: u32,
     account: Option<AccountPause>,
+    /// Refusals of a video while the API accepted the token for others (see `AccountPause`),
+    /// by video; in memory, so a restart starts the count again.
+    refusals: HashMap<String, u32>,
     storage: Option<StoragePause>,
     /// Fired by SIGHUP.
     reload: Arc<Notify>,
@@ -212,9 +346,11 @@ impl Scheduler {
             downloads: CancellationToken::new(),
             rate_limited_until: None,
             rate_limits_in_a_row: 0,
+            rate_probe: false,
             unreachable_until: None,
             unreachable_in_a_row: 0,
             account: None,
+            refusals: HashMap::new(),
             storage: None,
             reload,
             service,
@@ -287,7 +423,8 @@ impl Scheduler {
                 // (and for a rate-limit pause to end, which is its own deadline).
                 self.account
                     .as_ref()
-                    .and_then(|a| a.next_probe)
+                    .filter(|a| a.probe.is_none())
+                    .map(|a| a.next_probe)
                     .filter(|_| self.tasks.is_empty() && self.rate_limited_until.is_none()),
             ]
             .into_iter()
@@ -313,22 +450,17 @@ impl Scheduler {
                     match joined {
                         Ok((task, report)) => {
                             self.in_flight.remove(&task);
-                            self.absorb(report.outcome);
+                            self.absorb(task, report).await;
                         }
                         // The row stays `downloading`, no longer ours: the orphan check
                         // recovers it.
                         Err(e) => {
                             let video = self.in_flight.remove(&e.id()).unwrap_or_default();
                             tracing::error!(video_id = %video, error = %e, "download task panicked");
+                            if let Some(a) = self.account.as_mut().filter(|a| a.probe == Some(e.id())) {
+                                a.probe = None;
+                            }
                         }
-                    }
-                    // Paused, and nothing in flight said anything about the token (a 429, a
-                    // shutdown, a panic): the next probe may go as soon as the loop allows.
-                    if let Some(a) = self.account.as_mut()
-                        && a.next_probe.is_none()
-                        && self.tasks.is_empty()
-                    {
-                        a.next_probe = Some(Instant::now());
                     }
                     self.counts_stale = true;
                     look = true;
@@ -392,8 +524,12 @@ impl Scheduler {
         if let Some(s) = &self.storage {
             text.push_str("; paused: ");
             text.push_str(&s.reason);
-        } else if self.account.is_some() {
-            text.push_str("; paused: API rejected the token");
+        } else if let Some(a) = &self.account {
+            text.push_str(if a.confirmed {
+                "; paused: API rejected the token"
+            } else {
+                "; paused: API refused a video; probing whether it is the token"
+            });
         } else if self.rate_limited_until.is_some() {
             text.push_str("; paused: rate limited (429)");
         } else if self.unreachable_until.is_some() {
@@ -413,9 +549,7 @@ impl Scheduler {
                 // the current backoff.
                 if let Some(a) = &mut self.account {
                     a.delay = self.settings.config.retry.initial_delay;
-                    if a.next_probe.is_some() {
-                        a.next_probe = Some(Instant::now());
-                    }
+                    a.next_probe = Instant::now();
                 }
             }
             Err(e) => {
@@ -450,8 +584,7 @@ impl Scheduler {
         }
         // Downloads in flight keep the client they started with.
         self.fetcher.replace_api(api);
-        self.fetcher
-            .set_limits(new.download.max_bytes, new.archive.min_free);
+        self.fetcher.set_limits(Limits::of(&new));
         tracing::info!(token_from = %source, concurrency = new.download.concurrency, "token and settings re-read");
         self.settings.config = new;
         Ok(())
@@ -480,7 +613,7 @@ impl Scheduler {
             let fetcher = self.fetcher.clone();
             let id = held.video_id.clone();
             let live = tokio::task::spawn_blocking(move || {
-                VideoId::parse(&id).is_ok_and(|v| fetcher.archive.partial_in_use(&v))
+                VideoId::from_queued(&id).is_ok_and(|(v, _)| fetcher.archive.partial_in_use(&v))
             })
             .await
             .unwrap_or(false);
@@ -500,17 +633,20 @@ impl Scheduler {
     /// when the next pending row falls due (if none is due now).
     async fn fill_slots(&mut self) -> Result<Option<Instant>, crate::queue::QueueError> {
         let now = Instant::now();
-        let free = match &self.account {
-            _ if self.rate_limited_until.is_some() || self.unreachable_until.is_some() => 0,
-            // Paused: one probe at a time, when its time comes.
-            Some(a) if a.next_probe.is_some_and(|t| t <= now) && self.tasks.is_empty() => 1,
-            Some(_) => 0,
-            None => self
-                .settings
+        let free = if self.rate_limited_until.is_some() || self.unreachable_until.is_some() {
+            0
+        } else if let Some(a) = &self.account {
+            // One probe at a time, when its time comes, and only once the downloads in flight
+            // have said what they had to say about the token.
+            usize::from(self.tasks.is_empty() && a.probe_now(now))
+        } else if self.rate_probe {
+            usize::from(self.tasks.is_empty())
+        } else {
+            self.settings
                 .config
                 .download
                 .concurrency
-                .saturating_sub(self.tasks.len()),
+                .saturating_sub(self.tasks.len())
         };
         if free == 0 {
             // Nothing to claim with: a finished download, or the end of a pause, looks again.
@@ -539,15 +675,25 @@ impl Scheduler {
                 }
             }
         }
-        if let Some(a) = &mut self.account {
-            a.next_probe = None;
-            self.reload_token();
-        }
-        let (claimed, took) = self
+        // A probe goes to another video than those refused, if one is due; to any video only
+        // at the probe's time. Nothing here changes the pause until a probe is under way, so
+        // an error (the database) leaves the probe scheduled.
+        let (except, any_at) = match &self.account {
+            Some(a) => (
+                a.suspects.keys().cloned().collect::<Vec<_>>(),
+                a.next_probe <= now,
+            ),
+            None => (Vec::new(), true),
+        };
+        let (mut claimed, took) = self
             .queue
             .call(move |q| {
                 let t = std::time::Instant::now();
-                q.claim(free).map(|c| (c, t.elapsed()))
+                let mut c = q.claim(free, &except)?;
+                if c.is_empty() && !except.is_empty() && any_at {
+                    c = q.claim(free, &[])?;
+                }
+                Ok((c, t.elapsed()))
             })
             .await?;
         let got = claimed.len();
@@ -558,6 +704,26 @@ impl Scheduler {
             took_us = took.as_micros() as u64,
             "claimed due rows"
         );
+        if self.account.is_some() {
+            // The operator may have fixed the token: the probe goes with what is there now.
+            let probe = claimed.pop().map(|c| {
+                self.reload_token();
+                self.spawn(c)
+            });
+            let a = self.account.as_mut().expect("checked above");
+            match probe {
+                Some(task) => {
+                    a.probe = Some(task);
+                    self.counts_stale = true;
+                }
+                // Nothing to probe with now; look again at the next backoff step.
+                None if any_at => a.next_probe = now + a.delay,
+                None => {}
+            }
+            // The next look is the probe's time, a new row, or a download's end: the rows due
+            // now are the suspects, which are not to be claimed before then.
+            return Ok(None);
+        }
         for c in claimed {
             self.spawn(c);
             self.counts_stale = true;
@@ -566,10 +732,6 @@ impl Scheduler {
             // Every slot was filled; the next completion triggers the next look.
             return Ok(None);
         }
-        if let Some(a) = self.account.as_mut().filter(|_| got == 0) {
-            // Nothing to probe with; look again at the next backoff step.
-            a.next_probe = Some(now + a.delay);
-        }
         let due = self.queue.call(|q| q.next_due_in()).await?;
         // A row that is due by the clock but was not claimed has a timestamp that compares
         // differently as text (a producer's own format); look again soon, without spinning.
@@ -577,7 +739,7 @@ impl Scheduler {
         Ok(due.map(|d| now + d))
     }
 
-    fn spawn(&mut self, claimed: Claimed) {
+    fn spawn(&mut self, claimed: Claimed) -> tokio::task::Id {
         let fetcher = self.fetcher.clone();
         let queue = self.queue.clone();
         let retry = self.settings.config.retry.clone();
@@ -585,57 +747,74 @@ impl Scheduler {
         let video_id = claimed.video_id.clone();
         let task = self.tasks.spawn(async move {
             let started = Instant::now();
-            let outcome = fetcher.download(&claimed.video_id, &cancel).await;
-            let finish = decide(&claimed, &outcome, &retry, started.elapsed());
-            log_decision(&claimed, &outcome, &finish, started.elapsed());
-            let (c, f) = (claimed.clone(), finish.clone());
-            let elapsed = started.elapsed();
-            match queue.call(move |q| q.finish(&c, &f, elapsed)).await {
+            let (ended, finish, elapsed) =
+                attempt(&fetcher, &claimed, None, &retry, &cancel).await;
+            let (c, f) = (claimed.clone(), finish);
+            let expires_at = ended.expires_at;
+            match queue
+                .call(move |q| q.finish(&c, &f, elapsed, expires_at))
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(video_id = %claimed.video_id, "row changed or vanished while downloading; outcome not recorded"),
                 Err(e) => tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until restart"),
             }
-            Report { outcome }
+            Report {
+                claimed,
+                outcome: ended.outcome,
+                started,
+            }
         });
-        self.in_flight.insert(task.id(), video_id);
+        let id = task.id();
+        self.in_flight.insert(id, video_id);
+        id
     }
 
     /// Client-wide consequences of one attempt.
-    fn absorb(&mut self, outcome: Outcome) {
+    async fn absorb(&mut self, task: tokio::task::Id, report: Report) {
+        let Report {
+            claimed,
+            outcome,
+            started,
+        } = report;
+        let retry = self.settings.config.retry.clone();
+        let probe = self.account.as_ref().is_some_and(|a| a.probe == Some(task));
+        if probe && let Some(a) = &mut self.account {
+            a.probe = None;
+            // Whatever it says (a 429, a shutdown, no request at all), the next probe may go
+            // as soon as the loop allows, unless the answer below says otherwise.
+            a.next_probe = a.next_probe.min(Instant::now());
+        }
         match outcome {
             Outcome::AccountProblem {
                 http_status,
                 reason,
-            } => {
-                let delay = match &self.account {
-                    Some(a) => (a.delay * 2).min(self.settings.config.retry.max_delay),
-                    None => self.settings.config.retry.initial_delay,
-                };
-                tracing::error!(
-                    http_status,
-                    reason = %reason,
-                    probe_in = %format_duration(delay),
-                    "API rejected the token: ALL DOWNLOADS PAUSED; fix the token (it is re-read before each probe)"
-                );
-                self.account = Some(AccountPause {
-                    next_probe: Some(Instant::now() + delay),
-                    delay,
-                });
-            }
+            } => self.refused(claimed, probe, http_status, reason),
             Outcome::RateLimited { retry_after } => {
                 self.rate_limits_in_a_row += 1;
-                let wait = retry_after.unwrap_or_else(|| {
-                    backoff(&self.settings.config.retry, self.rate_limits_in_a_row)
-                });
+                let (wait, cut) = rate_limit_wait(
+                    &retry,
+                    retry_after,
+                    backoff(&retry, self.rate_limits_in_a_row),
+                );
                 let until = Instant::now() + wait;
                 if self.rate_limited_until.is_none_or(|t| t < until) {
-                    tracing::warn!(wait = %format_duration(wait), "rate limited (429): pausing all requests");
+                    if cut {
+                        tracing::warn!(
+                            retry_after = %format_duration(retry_after.unwrap_or_default()),
+                            wait = %format_duration(wait),
+                            "rate limited (429) for longer than retry.max_delay: pausing all requests that long, then probing with one"
+                        );
+                    } else {
+                        tracing::warn!(wait = %format_duration(wait), "rate limited (429): pausing all requests");
+                    }
                     self.rate_limited_until = Some(until);
                 }
+                self.rate_probe |= cut;
             }
             Outcome::Unreachable { reason } => {
                 self.unreachable_in_a_row += 1;
-                let wait = backoff(&self.settings.config.retry, self.unreachable_in_a_row);
+                let wait = backoff(&retry, self.unreachable_in_a_row);
                 let until = Instant::now() + wait;
                 if self.unreachable_until.is_none_or(|t| t < until) {
                     tracing::warn!(reason = %reason, wait = %format_duration(wait), "API host unreachable: pausing all requests");
@@ -643,20 +822,136 @@ impl Scheduler {
                     self.counts_stale = true;
                 }
             }
+            Outcome::DiskShort { reason } => {
+                if self.storage.is_none() {
+                    tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive has room again");
+                }
+                self.storage = Some(StoragePause {
+                    reason,
+                    next_check: Instant::now() + STORAGE_RECHECK,
+                });
+                self.counts_stale = true;
+            }
             // Any other answer means the token was accepted.
             Outcome::Archived { .. }
+            | Outcome::Kept { .. }
             | Outcome::NotReady { .. }
+            | Outcome::MaybeMissing { .. }
             | Outcome::Gone { .. }
             | Outcome::Transient { .. } => {
                 self.rate_limits_in_a_row = 0;
+                self.rate_probe = false;
+                self.refusals.remove(&claimed.video_id);
                 if std::mem::take(&mut self.unreachable_in_a_row) > 0 {
                     tracing::info!("API host reachable again");
                 }
-                if self.account.take().is_some() {
-                    tracing::info!("API accepts the token again: downloads resumed");
+                if let Some(a) = self.account.take() {
+                    // An answer to a request sent before the refusal proves less: the token
+                    // may have been revoked in between.
+                    let after = started >= a.since;
+                    self.accepted(a, after).await;
                 }
             }
-            Outcome::InvalidId | Outcome::Interrupted { .. } | Outcome::Storage { .. } => {}
+            Outcome::InvalidId
+            | Outcome::Blocked { .. }
+            | Outcome::Interrupted { .. }
+            | Outcome::Storage { .. } => {}
+        }
+    }
+
+    /// The API refused a video (401/402/403). A refusal only pauses: it is the token's when
+    /// another video is refused too, the video's when others are not (`accepted`).
+    fn refused(&mut self, claimed: Claimed, probe: bool, http_status: u16, reason: String) {
+        let retry = &self.settings.config.retry;
+        let video = claimed.video_id.clone();
+        let Some(a) = &mut self.account else {
+            tracing::error!(
+                video_id = %video,
+                http_status,
+                reason = %reason,
+                "API refused a download: ALL DOWNLOADS PAUSED while one probe on another video tells whether the token or this video is refused"
+            );
+            let suspects = HashMap::from([(video, (claimed, http_status, reason))]);
+            self.account = Some(AccountPause {
+                since: Instant::now(),
+                next_probe: Instant::now() + retry.initial_delay,
+                delay: retry.initial_delay,
+                confirmed: false,
+                probe: None,
+                suspects,
+            });
+            self.counts_stale = true;
+            return;
+        };
+        let another = !a.suspects.contains_key(&video);
+        if another && !a.confirmed {
+            a.confirmed = true;
+            tracing::error!(
+                http_status,
+                reason = %reason,
+                probe_in = %format_duration(a.delay),
+                "API rejected the token for another video too: ALL DOWNLOADS PAUSED; fix the token ({})",
+                token_advice()
+            );
+            self.counts_stale = true;
+        }
+        // Only a probe's refusal moves the next probe back: the downloads that were in flight
+        // when the pause began are refused too, and say nothing new.
+        if probe {
+            a.delay = (a.delay * 2).min(retry.max_delay);
+            a.next_probe = Instant::now() + a.delay;
+            tracing::warn!(video_id = %video, http_status, probe_in = %format_duration(a.delay), "token probe refused");
+        }
+        a.suspects
+            .entry(video)
+            .or_insert((claimed, http_status, reason));
+    }
+
+    /// An answer that is not a refusal ended the pause. If no second video was refused, the
+    /// refusals were about the videos themselves: each counts against its video, which fails
+    /// at `REFUSALS_TO_FAIL` with the API's message.
+    async fn accepted(&mut self, pause: AccountPause, after_pause: bool) {
+        self.counts_stale = true;
+        if pause.confirmed {
+            tracing::info!("API accepts the token again: downloads resumed");
+            return;
+        }
+        if !after_pause {
+            tracing::info!("API accepted a request sent before the refusal: downloads resumed");
+            return;
+        }
+        tracing::info!(
+            refused = pause.suspects.len(),
+            "API accepts the token for other videos: the refusal was about the video; downloads resumed"
+        );
+        for (video, (claimed, http_status, reason)) in pause.suspects {
+            let n = self.refusals.entry(video.clone()).or_default();
+            *n += 1;
+            if *n < REFUSALS_TO_FAIL {
+                tracing::warn!(video_id = %video, http_status, refusals = *n, reason = %reason, "the API refused this video, not the token; it fails after {REFUSALS_TO_FAIL} such refusals");
+                continue;
+            }
+            self.refusals.remove(&video);
+            let error = format!(
+                "the API refused this video {REFUSALS_TO_FAIL} times ({http_status}) while it accepted the token for others: {reason}"
+            );
+            let (c, e) = (claimed.clone(), error.clone());
+            match self
+                .queue
+                .call(move |q| q.fail_released(&c, &e, Some(http_status)))
+                .await
+            {
+                Ok(true) => {
+                    tracing::warn!(video_id = %video, http_status, reason = %error, "failed for good");
+                    if let Ok((id, _)) = VideoId::from_queued(&video) {
+                        self.fetcher.remove_leftovers(&id).await;
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(video_id = %video, error = %e, "cannot fail the refused video; it is tried again")
+                }
+            }
         }
     }
 
@@ -749,7 +1044,32 @@ fn log_decision(claimed: &Claimed, outcome: &Outcome, finish: &Finish, elapsed: 
             reason = %error,
             "not downloaded yet; will retry"
         ),
-        (_, Finish::Failed { error, http_status }) => tracing::warn!(
+        (
+            _,
+            Finish::Failed {
+                error,
+                http_status,
+                kept: Some(kept),
+            },
+        ) => tracing::warn!(
+            video_id = id,
+            attempt,
+            http_status = http_status.map(i64::from),
+            bytes = kept.bytes,
+            path = %kept.path,
+            sha256 = %kept.sha256,
+            elapsed_ms,
+            reason = %error,
+            "failed for good; the bytes the API served are kept"
+        ),
+        (
+            _,
+            Finish::Failed {
+                error,
+                http_status,
+                kept: None,
+            },
+        ) => tracing::warn!(
             video_id = id,
             attempt,
             http_status = http_status.map(i64::from),
@@ -776,6 +1096,15 @@ fn log_decision(claimed: &Claimed, outcome: &Outcome, finish: &Finish, elapsed: 
     }
 }
 
+/// How an operator gets a fixed token to the daemon, where it runs.
+fn token_advice() -> &'static str {
+    if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
+        "systemd copies the credential only at start: after changing it, run `systemctl restart hingnetd`"
+    } else {
+        "it is re-read before each probe"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -786,6 +1115,28 @@ mod tests {
             max_delay: Duration::from_secs(600),
             give_up_after: Duration::from_secs(3600),
         }
+    }
+
+    fn claimed(attempts: u32, since: u64, expires_at: Option<i64>) -> Claimed {
+        Claimed {
+            key: rusqlite::types::Value::Text("v".into()),
+            video_id: "v".into(),
+            token: "t".into(),
+            attempts,
+            since_first_attempt: Duration::from_secs(since),
+            expires_at,
+        }
+    }
+
+    fn decide_now(c: &Claimed, o: Outcome) -> Finish {
+        decide(c, &o.into(), &retry(), Duration::ZERO, SystemTime::now())
+    }
+
+    fn unix_now() -> i64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
     }
 
     #[test]
@@ -803,28 +1154,22 @@ mod tests {
 
     #[test]
     fn not_ready_retries_until_the_deadline() {
-        let r = retry();
-        let c = |since| Claimed {
-            key: rusqlite::types::Value::Text("v".into()),
-            video_id: "v".into(),
-            token: "t".into(),
-            attempts: 3,
-            since_first_attempt: Duration::from_secs(since),
-        };
-        let o = Outcome::NotReady {
+        let o = || Outcome::NotReady {
             http_status: 400,
             reason: "not ready".into(),
         };
         assert!(matches!(
-            decide(&c(0), &o, &r, Duration::ZERO),
+            decide_now(&claimed(3, 0, None), o()),
             Finish::Retry { .. }
         ));
-        match decide(&c(3590), &o, &r, Duration::ZERO) {
+        match decide_now(&claimed(3, 3590, None), o()) {
             Finish::Retry { delay, .. } => assert!(delay <= Duration::from_secs(10)),
             f => panic!("{f:?}"),
         }
-        match decide(&c(3600), &o, &r, Duration::ZERO) {
-            Finish::Failed { error, http_status } => {
+        match decide_now(&claimed(3, 3600, None), o()) {
+            Finish::Failed {
+                error, http_status, ..
+            } => {
                 assert!(error.contains("gave up after 1h"), "{error}");
                 assert_eq!(http_status, Some(400));
             }
@@ -833,37 +1178,151 @@ mod tests {
     }
 
     #[test]
-    fn gone_and_invalid_fail_account_problems_do_not() {
-        let r = retry();
-        let c = Claimed {
-            key: rusqlite::types::Value::Text("v".into()),
-            video_id: "v".into(),
-            token: "t".into(),
-            attempts: 1,
-            since_first_attempt: Duration::from_secs(99_999),
+    fn past_its_expiry_a_video_fails_and_before_it_the_last_try_lands_on_it() {
+        let o = || Outcome::NotReady {
+            http_status: 400,
+            reason: "video not ready".into(),
         };
+        match decide_now(&claimed(1, 0, Some(unix_now() - 5)), o()) {
+            Finish::Failed {
+                error, http_status, ..
+            } => {
+                assert!(error.starts_with("expired at "), "{error}");
+                assert!(
+                    error.contains("before it could be downloaded: video not ready"),
+                    "{error}"
+                );
+                assert_eq!(http_status, Some(400));
+            }
+            f => panic!("{f:?}"),
+        }
+        match decide_now(&claimed(9, 0, Some(unix_now() + 10)), o()) {
+            Finish::Retry { delay, .. } => assert!(delay <= Duration::from_secs(10), "{delay:?}"),
+            f => panic!("{f:?}"),
+        }
+        // What the attempt learned counts over what the row said.
+        let ended = Ended {
+            outcome: o(),
+            expires_at: Some(unix_now() - 1),
+        };
+        let f = decide(
+            &claimed(1, 0, Some(unix_now() + 3600)),
+            &ended,
+            &retry(),
+            Duration::ZERO,
+            SystemTime::now(),
+        );
+        assert!(matches!(f, Finish::Failed { .. }), "{f:?}");
+        // A download that completes is never failed for its expiry.
+        let published = crate::archive::Published {
+            path: "/a/v.mp4".into(),
+            sha256: "00".into(),
+            bytes: 1,
+            metadata: None,
+        };
+        let done = Outcome::Archived {
+            published,
+            http_status: 200,
+            received: 1,
+            resumed_from: 0,
+        };
+        assert!(matches!(
+            decide_now(&claimed(1, 0, Some(unix_now() - 5)), done),
+            Finish::Done { .. }
+        ));
+    }
+
+    #[test]
+    fn a_first_404_confirmation_waits_until_the_status_may_be_read_again() {
+        for _ in 0..20 {
+            match decide_now(
+                &claimed(1, 0, None),
+                Outcome::MaybeMissing { reason: "x".into() },
+            ) {
+                Finish::Retry {
+                    delay, http_status, ..
+                } => {
+                    // retry.initial_delay is 30 s; the status object is read once a minute.
+                    assert!(delay >= Duration::from_secs(60), "{delay:?}");
+                    assert_eq!(http_status, Some(404));
+                }
+                f => panic!("{f:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn rate_limit_waits_are_floored_and_capped() {
+        let r = retry();
+        let b = Duration::from_secs(45);
+        assert_eq!(
+            rate_limit_wait(&r, Some(Duration::ZERO), b),
+            (r.initial_delay, false)
+        );
+        assert_eq!(
+            rate_limit_wait(&r, Some(Duration::from_secs(3600)), b),
+            (r.max_delay, true)
+        );
+        assert_eq!(
+            rate_limit_wait(&r, Some(Duration::from_secs(90)), b),
+            (Duration::from_secs(90), false)
+        );
+        assert_eq!(rate_limit_wait(&r, None, b), (b, false));
+    }
+
+    #[test]
+    fn gone_kept_blocked_and_invalid_fail_account_problems_do_not() {
+        let c = claimed(1, 99_999, None);
         let gone = Outcome::Gone {
             http_status: 404,
             reason: "x".into(),
         };
         assert!(matches!(
-            decide(&c, &gone, &r, Duration::ZERO),
+            decide_now(&c, gone),
             Finish::Failed {
                 http_status: Some(404),
+                kept: None,
                 ..
             }
         ));
         assert!(matches!(
-            decide(&c, &Outcome::InvalidId, &r, Duration::ZERO),
+            decide_now(&c, Outcome::InvalidId),
             Finish::Failed { .. }
         ));
+        assert!(matches!(
+            decide_now(
+                &c,
+                Outcome::Blocked {
+                    reason: "dir".into()
+                }
+            ),
+            Finish::Failed { .. }
+        ));
+        let kept = Outcome::Kept {
+            published: crate::archive::Published {
+                path: "/a/v.mp4".into(),
+                sha256: "ab".into(),
+                bytes: 7,
+                metadata: None,
+            },
+            http_status: 200,
+            reason: "the API served an incomplete MP4 twice: x".into(),
+        };
+        match decide_now(&c, kept) {
+            Finish::Failed {
+                kept: Some(f),
+                error,
+                ..
+            } => assert_eq!(
+                (f.path.as_str(), f.bytes, &error[..7]),
+                ("/a/v.mp4", 7, "the API")
+            ),
+            f => panic!("{f:?}"),
+        }
         let auth = Outcome::AccountProblem {
             http_status: 401,
             reason: "bad".into(),
         };
-        assert!(matches!(
-            decide(&c, &auth, &r, Duration::ZERO),
-            Finish::Release { .. }
-        ));
+        assert!(matches!(decide_now(&c, auth), Finish::Release { .. }));
     }
 }

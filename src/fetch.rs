@@ -1,18 +1,20 @@
 //! One download attempt of one video, from the API request to a published archive file, and
 //! the `Outcome` it ends in. Decisions about the row (when to retry, when to give up) are the
-//! daemon's; this module only says what happened.
+//! daemon's; this module only says what happened, and what the status endpoint said about the
+//! video when the content endpoint did not give it (`Attempt::not_served`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::StatusCode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, Action, Answer, ApiClient, Host, VideoState};
-use crate::archive::{Archive, ArchiveError, Partial, Published, VideoId};
+use crate::api::{self, Action, Answer, ApiClient, StatusObject, StatusRead, VideoState};
+use crate::archive::{Archive, ArchiveError, Existing, Partial, Published, VideoId};
+use crate::config::{Config, format_duration, format_size};
 
 /// Chunks queued between the network and the writer thread: bounds memory per download. A
 /// chunk is what hyper read at once (up to about 400 KiB on a fast link), so two keep the
@@ -21,6 +23,16 @@ const SINK_DEPTH: usize = 2;
 /// A download that the server will not resume properly starts over at most this many times
 /// within one attempt.
 const MAX_RESTARTS: u32 = 2;
+/// Whole downloads of a file that is complete by HTTP but not a whole MP4, at most: the second
+/// (or third) bringing the same bytes again means they are what the API has.
+const MAX_FULL_DOWNLOADS: u32 = 3;
+/// Ranges requested one after another within one attempt from a server that caps the size of
+/// a 206 (see `StreamEnd::Continue`); past this the attempt ends, resumably.
+const MAX_PIECES: u32 = 10_000;
+/// The status object is read at most this often per video (see `status_interval`).
+const STATUS_EVERY: Duration = Duration::from_secs(60);
+/// What a video's entry in `Fetcher::seen` is forgotten after, once the map grows.
+const SEEN_FOR: Duration = Duration::from_secs(3600);
 
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,18 +44,30 @@ pub enum Outcome {
         received: u64,
         resumed_from: u64,
     },
+    /// A body complete by HTTP that is not a whole MP4, served the same way twice (or three
+    /// different ways): what the API has. Kept in the archive; the row fails.
+    Kept {
+        published: Published,
+        http_status: u16,
+        reason: String,
+    },
     /// Not downloadable yet (400, or 404 while the status endpoint says pending).
     NotReady { http_status: u16, reason: String },
+    /// Content and status both a JSON 404, once: perhaps a lagging replica. Confirmed again at
+    /// least `retry.initial_delay` later before the video fails.
+    MaybeMissing { reason: String },
     /// Worth retrying with backoff: network trouble, 5xx, truncated or non-video bodies.
     Transient {
         http_status: Option<u16>,
         reason: String,
     },
-    /// The video does not exist or failed upstream: never request it again.
+    /// The video does not exist, failed upstream or expired: never request it again.
     Gone { http_status: u16, reason: String },
+    /// Something that is not a regular file sits at the video's archive path.
+    Blocked { reason: String },
     /// The ID can never be requested.
     InvalidId,
-    /// The API refused our credentials: the whole client pauses.
+    /// The API refused (401/402/403): the token, or this one video; the daemon finds out which.
     AccountProblem { http_status: u16, reason: String },
     /// 429: the whole client waits.
     RateLimited { retry_after: Option<Duration> },
@@ -53,43 +77,117 @@ pub enum Outcome {
     Interrupted { parked_bytes: u64 },
     /// The archive could not be written (disk, permissions): not the video's fault.
     Storage { reason: String },
+    /// The disk's free space fell below `archive.min_free` while writing: the partial is kept,
+    /// and new downloads wait for room.
+    DiskShort { reason: String },
+}
+
+/// An attempt's outcome, and what it learned about the video on the way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ended {
+    pub outcome: Outcome,
+    /// When the video's file expires (unix seconds), if the status object said.
+    pub expires_at: Option<i64>,
+}
+
+impl From<Outcome> for Ended {
+    fn from(outcome: Outcome) -> Ended {
+        Ended {
+            outcome,
+            expires_at: None,
+        }
+    }
 }
 
 /// Told the bytes of the file so far and its total (when known) as a download streams.
 pub type Progress = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
+
+/// The settings a download runs with; replaced as a whole on reload.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// `download.max_bytes`.
+    pub max_bytes: u64,
+    /// `archive.min_free`.
+    pub min_free: u64,
+    /// `download.low_speed_limit` (bytes a second; 0: off) and `download.low_speed_time`.
+    pub low_speed: (u64, Duration),
+    /// `archive.sidecar`.
+    pub sidecar: bool,
+    /// How often a video's status object may be read.
+    pub status_every: Duration,
+    /// How far apart the two JSON 404s that fail a video as not found must be
+    /// (`retry.initial_delay`).
+    pub confirm_gap: Duration,
+}
+
+/// How often a video's status object may be read: once a minute, or once per
+/// `retry.max_delay` if that is shorter, so that every retry may look.
+pub fn status_interval(retry: &crate::config::RetryConfig) -> Duration {
+    STATUS_EVERY.min(retry.max_delay)
+}
+
+impl Limits {
+    pub fn of(config: &Config) -> Limits {
+        Limits {
+            max_bytes: config.download.max_bytes,
+            min_free: config.archive.min_free,
+            low_speed: (
+                config.download.low_speed_limit,
+                config.download.low_speed_time,
+            ),
+            sidecar: config.archive.sidecar,
+            status_every: status_interval(&config.retry),
+            confirm_gap: config.retry.initial_delay,
+        }
+    }
+}
+
+/// What the fetcher remembers of a video between attempts (in memory: a restart forgets, which
+/// costs at most one more status read or 404 confirmation).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    status_read: Option<Instant>,
+    /// The first of the two JSON 404 confirmations.
+    not_found: Option<Instant>,
+    at: Instant,
+}
 
 pub struct Fetcher {
     /// Replaced as a whole on reload; a download keeps the client it started with.
     api: RwLock<Arc<ApiClient>>,
     pub archive: Archive,
     progress: Option<Progress>,
-    /// `download.max_bytes`; changes on reload.
-    max_bytes: AtomicU64,
-    /// `archive.min_free`; changes on reload.
-    min_free: AtomicU64,
+    limits: RwLock<Limits>,
+    seen: Mutex<HashMap<VideoId, Seen>>,
 }
 
 impl Fetcher {
-    pub fn new(api: ApiClient, archive: Archive, max_bytes: u64, min_free: u64) -> Fetcher {
+    pub fn new(api: ApiClient, archive: Archive, limits: Limits) -> Fetcher {
         Fetcher {
             api: RwLock::new(Arc::new(api)),
             archive,
             progress: None,
-            max_bytes: AtomicU64::new(max_bytes),
-            min_free: AtomicU64::new(min_free),
+            limits: RwLock::new(limits),
+            seen: Mutex::default(),
         }
     }
 
-    /// `download.max_bytes` and `archive.min_free`, after a reload.
-    pub fn set_limits(&self, max_bytes: u64, min_free: u64) {
-        self.max_bytes.store(max_bytes, Ordering::Relaxed);
-        self.min_free.store(min_free, Ordering::Relaxed);
+    /// The settings, after a reload.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Why new downloads should wait for the archive's disk, if they should.
     pub async fn storage_problem(self: &Arc<Self>) -> Option<String> {
         let me = self.clone();
-        let min_free = self.min_free.load(Ordering::Relaxed);
+        let min_free = self.limits().min_free;
         tokio::task::spawn_blocking(move || me.archive.storage_problem(min_free))
             .await
             .expect("archive task panicked")
@@ -108,14 +206,23 @@ impl Fetcher {
         *self.api.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(api);
     }
 
-    /// Downloads one video. `cancel` parks the download as a resumable partial.
-    pub async fn download(self: &Arc<Self>, raw_id: &str, cancel: &CancellationToken) -> Outcome {
-        let Ok(id) = VideoId::parse(raw_id) else {
-            return Outcome::InvalidId;
+    /// Downloads one video, named as the queue holds it. `expires_at` is what the row knows of
+    /// its expiry. `cancel` parks the download as a resumable partial.
+    pub async fn download(
+        self: &Arc<Self>,
+        raw_id: &str,
+        expires_at: Option<i64>,
+        cancel: &CancellationToken,
+    ) -> Ended {
+        let Ok((id, trimmed)) = VideoId::from_queued(raw_id) else {
+            return Outcome::InvalidId.into();
         };
+        if trimmed {
+            tracing::info!(queued_as = ?raw_id, video_id = %id, "video id had whitespace around it; trimmed");
+        }
         match self.begin(&id).await {
-            Ok(partial) => self.download_into(id, partial, cancel).await,
-            Err(outcome) => outcome,
+            Ok(partial) => self.download_into(id, partial, expires_at, cancel).await,
+            Err(outcome) => outcome.into(),
         }
     }
 
@@ -123,14 +230,33 @@ impl Fetcher {
     /// video has a live downloader. `hingnetd fetch` does this before it claims the row, so the
     /// daemon never sees that claim without the lock.
     pub async fn begin(self: &Arc<Self>, id: &VideoId) -> Result<Partial, Outcome> {
-        let me = self.clone();
         let id = id.clone();
-        tokio::task::spawn_blocking(move || me.archive.begin(&id))
+        self.on_archive(move |a| a.begin(&id))
             .await
-            .expect("archive task panicked")
             .map_err(|e| Outcome::Storage {
                 reason: e.to_string(),
             })
+    }
+
+    /// Removes what a download of this video left, once its row has failed.
+    pub async fn remove_leftovers(self: &Arc<Self>, id: &VideoId) {
+        let id = id.clone();
+        self.forget(&id);
+        let video = id.clone();
+        if let Err(e) = self.on_archive(move |a| a.remove_leftovers(&id)).await {
+            tracing::warn!(video_id = %video, error = %e, "cannot remove the failed video's partial file");
+        }
+    }
+
+    /// Runs an archive operation on a blocking thread (file I/O must not stall the runtime).
+    async fn on_archive<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Archive) -> T + Send + 'static,
+    ) -> T {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me.archive))
+            .await
+            .expect("archive task panicked")
     }
 
     /// Downloads into a partial from `begin`.
@@ -138,60 +264,168 @@ impl Fetcher {
         self: &Arc<Self>,
         id: VideoId,
         partial: Partial,
+        expires_at: Option<i64>,
         cancel: &CancellationToken,
-    ) -> Outcome {
-        let me = self.clone();
+    ) -> Ended {
         let id2 = id.clone();
-        let existing = tokio::task::spawn_blocking(move || me.archive.existing(&id2))
-            .await
-            .expect("archive task panicked");
+        let existing = match self.on_archive(move |a| a.existing(&id2)).await {
+            Ok(e) => e,
+            Err(e) => {
+                return Outcome::Storage {
+                    reason: e.to_string(),
+                }
+                .into();
+            }
+        };
         match existing {
-            Ok(Some(published)) => {
+            Existing::Adopted(published) => {
                 tracing::info!(video_id = %id, path = %published.path.display(), "found already archived file; not downloading again");
                 let _ = tokio::task::spawn_blocking(move || partial.discard()).await;
+                self.forget(&id);
                 return Outcome::Archived {
                     published,
                     http_status: 200,
                     received: 0,
                     resumed_from: 0,
-                };
+                }
+                .into();
             }
-            Ok(None) => {}
-            Err(e) => {
-                return Outcome::Storage {
-                    reason: e.to_string(),
-                };
+            Existing::Blocked(reason) => {
+                let _ = tokio::task::spawn_blocking(move || partial.discard()).await;
+                return Outcome::Blocked { reason }.into();
             }
+            // Logged where it was renamed; the download goes ahead.
+            Existing::SetAside { .. } | Existing::Absent => {}
         }
         let mut attempt = Attempt {
             api: self.api(),
             fetcher: self.clone(),
+            limits: self.limits(),
             id,
             partial: Some(partial),
-            resumed_from: 0,
+            resumed_from: None,
+            resume_failed: false,
+            status: None,
+            metadata_read: None,
+            expires_at,
+            learned_expiry: None,
             cancel,
         };
-        attempt.run().await
+        let outcome = attempt.run().await;
+        if matches!(
+            outcome,
+            Outcome::Archived { .. } | Outcome::Kept { .. } | Outcome::Gone { .. }
+        ) {
+            self.forget(&attempt.id);
+        }
+        if let Some(task) = attempt.metadata_read.take() {
+            task.abort();
+        }
+        Ended {
+            outcome,
+            expires_at: attempt.learned_expiry,
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<VideoId, Seen>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget(&self, id: &VideoId) {
+        self.seen().remove(id);
+    }
+
+    /// Whether the status object of `id` may be read now (at most every `status_every`); if it
+    /// may, the read is counted.
+    fn may_read_status(&self, id: &VideoId, every: Duration) -> bool {
+        let now = Instant::now();
+        let mut seen = self.seen();
+        if seen.len() > 4096 {
+            seen.retain(|_, s| s.at.elapsed() < SEEN_FOR);
+        }
+        let s = seen.entry(id.clone()).or_insert(Seen {
+            status_read: None,
+            not_found: None,
+            at: now,
+        });
+        s.at = now;
+        if s.status_read.is_some_and(|t| t.elapsed() < every) {
+            return false;
+        }
+        s.status_read = Some(now);
+        true
+    }
+
+    /// A JSON 404 from both endpoints: `Some(gap)` if it confirms one seen at least `gap` ago,
+    /// `None` if this is the first (now remembered).
+    fn confirm_missing(&self, id: &VideoId, gap: Duration) -> Option<Duration> {
+        let now = Instant::now();
+        let mut seen = self.seen();
+        let s = seen.entry(id.clone()).or_insert(Seen {
+            status_read: None,
+            not_found: None,
+            at: now,
+        });
+        match s.not_found {
+            Some(first) if first.elapsed() >= gap => Some(first.elapsed()),
+            Some(_) => None,
+            None => {
+                s.not_found = Some(now);
+                None
+            }
+        }
+    }
+
+    /// Anything but a 404 from the content endpoint: an earlier 404 proved nothing.
+    fn not_missing(&self, id: &VideoId) {
+        if let Some(s) = self.seen().get_mut(id) {
+            s.not_found = None;
+        }
     }
 }
 
 struct Attempt<'a> {
     api: Arc<ApiClient>,
     fetcher: Arc<Fetcher>,
+    limits: Limits,
     id: VideoId,
-    /// `None` only while the writer thread owns it.
+    /// `None` only while a blocking thread owns it.
     partial: Option<Partial>,
-    /// Where the body that completed the file started (non-zero for a resumed download).
-    resumed_from: u64,
+    /// Where this attempt's own bytes started (non-zero for a resumed download).
+    resumed_from: Option<u64>,
+    /// A resume request was answered with an error: the next attempt starts from zero.
+    resume_failed: bool,
+    /// The status object, when this attempt read it.
+    status: Option<StatusObject>,
+    /// The status read started alongside the body, for the metadata kept with the video.
+    metadata_read: Option<tokio::task::JoinHandle<StatusRead>>,
+    /// What the row knew of the expiry, and what this attempt learned.
+    expires_at: Option<i64>,
+    learned_expiry: Option<i64>,
     cancel: &'a CancellationToken,
 }
 
-/// Why streaming a body stopped early.
+/// Why streaming a body stopped.
 enum StreamEnd {
+    /// The file is complete by HTTP: check it, then publish it.
     Complete,
+    /// A 206 that covered only part of the rest (a CDN that caps ranges): ask for the next
+    /// range within the same attempt.
+    Continue,
     Outcome(Outcome),
     /// The server will not resume correctly: start again from byte zero.
     Restart(String),
+}
+
+/// What the content endpoint said instead of the video.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NotServed {
+    /// 400: not ready.
+    NotReady,
+    /// 404: "does not exist or is not finished yet".
+    Missing,
+    /// 410 from the API host: the file is gone.
+    Gone,
 }
 
 impl Attempt<'_> {
@@ -201,6 +435,7 @@ impl Attempt<'_> {
 
     async fn run(&mut self) -> Outcome {
         let mut restarts = 0;
+        let mut pieces = 0;
         loop {
             let offset = self.partial().len();
             let url = self.api.content_url(&self.id);
@@ -226,19 +461,28 @@ impl Attempt<'_> {
                 }
             };
             let status = answer.response.status();
+            if status != StatusCode::NOT_FOUND {
+                self.fetcher.not_missing(&self.id);
+            }
+            // A resume the server answers with an error may be the Range itself it chokes on:
+            // the next attempt asks for the whole file.
+            if offset > 0 && matches!(status.as_u16(), 400 | 404 | 500..=599) {
+                self.resume_failed = true;
+            }
             let end = match api::classify(answer.host, status) {
                 Action::Stream => self.stream(answer, offset).await,
                 Action::RangeNotSatisfiable => self.range_not_satisfiable(&answer, offset),
                 Action::NotReady => {
                     let reason = self.api.error_reason(answer).await;
-                    StreamEnd::Outcome(Outcome::NotReady {
-                        http_status: 400,
-                        reason,
-                    })
+                    StreamEnd::Outcome(self.not_served(NotServed::NotReady, reason).await)
                 }
                 Action::ConfirmMissing => {
                     let reason = self.api.error_reason(answer).await;
-                    StreamEnd::Outcome(self.confirm_missing(reason).await)
+                    StreamEnd::Outcome(self.not_served(NotServed::Missing, reason).await)
+                }
+                Action::Expired => {
+                    let reason = self.api.error_reason(answer).await;
+                    StreamEnd::Outcome(self.not_served(NotServed::Gone, reason).await)
                 }
                 Action::AccountProblem => {
                     let reason = self.api.error_reason(answer).await;
@@ -270,7 +514,22 @@ impl Attempt<'_> {
                 }
             };
             match end {
-                StreamEnd::Complete => return self.publish(status).await,
+                StreamEnd::Complete => match self.complete(status).await {
+                    Some(outcome) => return outcome,
+                    // Refused as an incomplete MP4: downloaded once more, from byte zero.
+                    None => continue,
+                },
+                StreamEnd::Continue if pieces < MAX_PIECES => pieces += 1,
+                StreamEnd::Continue => {
+                    return self
+                        .keep(Outcome::Transient {
+                            http_status: Some(206),
+                            reason: format!(
+                                "the server sent the file in more than {MAX_PIECES} ranges"
+                            ),
+                        })
+                        .await;
+                }
                 StreamEnd::Outcome(o) => return self.keep(o).await,
                 StreamEnd::Restart(why) if restarts < MAX_RESTARTS => {
                     restarts += 1;
@@ -293,14 +552,15 @@ impl Attempt<'_> {
         }
     }
 
-    /// 416: if the server's total is exactly what we hold, the partial is complete.
+    /// 416: if the server's total is exactly what we hold, the partial is complete (and is
+    /// checked like any other complete body).
     fn range_not_satisfiable(&mut self, answer: &Answer, offset: u64) -> StreamEnd {
         let had_total = self.partial().total();
         match api::unsatisfied_range_total(answer.response.headers()) {
             Some(total)
                 if total == offset && offset > 0 && had_total.is_none_or(|h| h == total) =>
             {
-                self.resumed_from = offset;
+                self.resumed_from.get_or_insert(offset);
                 StreamEnd::Complete
             }
             total => StreamEnd::Restart(format!(
@@ -310,109 +570,154 @@ impl Attempt<'_> {
         }
     }
 
-    /// The download page's 404 also means "not finished yet": ask the status endpoint before
-    /// failing a video for good.
-    async fn confirm_missing(&mut self, reason404: String) -> Outcome {
-        let url = self.api.status_url(&self.id);
-        let answer = tokio::select! {
-            r = self.api.get(url, None, None) => r,
-            _ = self.cancel.cancelled() => return Outcome::Interrupted { parked_bytes: 0 },
-        };
-        let answer = match answer {
-            Ok(a) => a,
-            Err(e) => {
-                return Outcome::Transient {
-                    http_status: Some(404),
-                    reason: format!("content 404, status check failed: {e}"),
-                };
+    /// The content endpoint did not give the video (400, 404, 410): what the status object
+    /// says decides. Read at most every `Limits::status_every` per video. A video fails as not
+    /// found only on two JSON 404s from both endpoints at least `retry.initial_delay` apart (a
+    /// lagging replica, or a proxy's own 404 page, must not fail it); an expiry the status
+    /// object gives is learned here and acted on by the retry policy (`daemon::decide`).
+    async fn not_served(&mut self, what: NotServed, reason: String) -> Outcome {
+        let read = if self
+            .fetcher
+            .may_read_status(&self.id, self.limits.status_every)
+        {
+            tokio::select! {
+                r = self.api.read_status(&self.id) => Some(r),
+                _ = self.cancel.cancelled() => return Outcome::Interrupted { parked_bytes: 0 },
             }
+        } else {
+            None
         };
-        let status = answer.response.status();
-        let state = match (answer.host, status) {
-            (Host::Api, StatusCode::NOT_FOUND) => VideoState::Missing,
-            (_, StatusCode::OK) => {
-                let body = self.api.read_small(answer.response).await;
-                match serde_json::from_slice::<serde_json::Value>(&body) {
-                    Ok(v) => match v.get("status").and_then(|s| s.as_str()) {
-                        Some(word) => api::classify_status_word(word),
-                        None => VideoState::Unknown("(no status field)".into()),
-                    },
-                    Err(_) => VideoState::Unknown("(status body is not JSON)".into()),
-                }
-            }
-            (host, s) => match api::classify(host, s) {
-                Action::AccountProblem => {
-                    return Outcome::AccountProblem {
-                        http_status: s.as_u16(),
-                        reason: self.api.error_reason(answer).await,
-                    };
-                }
-                Action::RateLimited => {
-                    return Outcome::RateLimited {
-                        retry_after: api::retry_after(answer.response.headers()),
-                    };
-                }
-                _ => {
-                    return Outcome::Transient {
-                        http_status: Some(404),
-                        reason: format!("content 404, status endpoint answered {s}"),
-                    };
-                }
-            },
-        };
-        match state {
-            VideoState::Missing => Outcome::Gone {
-                http_status: 404,
-                reason: format!("not found (content and status both 404): {reason404}"),
-            },
-            VideoState::Failed(word) => Outcome::Gone {
-                http_status: 404,
-                reason: format!("content 404 and status {word:?}"),
-            },
-            VideoState::Pending => Outcome::NotReady {
-                http_status: 404,
-                reason: "content 404 while status says still processing".into(),
-            },
-            VideoState::Finished => Outcome::Transient {
-                http_status: Some(404),
-                reason: "content 404 although status says finished".into(),
-            },
-            VideoState::Unknown(word) => {
-                tracing::warn!(video_id = %self.id, status_word = %word, "unknown video status; treating as pending");
-                Outcome::NotReady {
-                    http_status: 404,
-                    reason: format!("content 404, unknown status {word:?}"),
-                }
-            }
+        if let Some(StatusRead::Object(o)) = &read {
+            self.learn(o);
         }
+        let code = match what {
+            NotServed::NotReady => 400,
+            NotServed::Missing => 404,
+            NotServed::Gone => 410,
+        };
+        match (what, read) {
+            (NotServed::Gone, _) => Outcome::Gone {
+                http_status: 410,
+                reason: format!(
+                    "{} (the API answered 410 Gone): {reason}",
+                    expired_words(self.expiry())
+                ),
+            },
+            (
+                _,
+                Some(StatusRead::AccountProblem {
+                    http_status,
+                    reason,
+                }),
+            ) => Outcome::AccountProblem {
+                http_status,
+                reason,
+            },
+            (_, Some(StatusRead::RateLimited { retry_after })) => {
+                Outcome::RateLimited { retry_after }
+            }
+            (
+                _,
+                Some(StatusRead::Object(StatusObject {
+                    state: VideoState::Failed(word),
+                    ..
+                })),
+            ) => Outcome::Gone {
+                http_status: code,
+                reason: format!("content {code} and status {word:?}: {reason}"),
+            },
+            (NotServed::Missing, Some(StatusRead::Missing)) => {
+                match self
+                    .fetcher
+                    .confirm_missing(&self.id, self.limits.confirm_gap)
+                {
+                    Some(gap) => Outcome::Gone {
+                        http_status: 404,
+                        reason: format!(
+                            "not found (content and status both 404, confirmed {} apart): {reason}",
+                            format_duration(Duration::from_millis(gap.as_millis() as u64))
+                        ),
+                    },
+                    None => Outcome::MaybeMissing {
+                        reason: format!(
+                            "content and status both 404 (confirmed again before the video fails): {reason}"
+                        ),
+                    },
+                }
+            }
+            (NotServed::Missing, Some(StatusRead::Object(o))) => match o.state {
+                VideoState::Finished => Outcome::Transient {
+                    http_status: Some(404),
+                    reason: "content 404 although status says finished".into(),
+                },
+                VideoState::Unknown(word) => {
+                    tracing::warn!(video_id = %self.id, status_word = %word, "unknown video status; treating as pending");
+                    Outcome::NotReady {
+                        http_status: 404,
+                        reason: format!("content 404, unknown status {word:?}"),
+                    }
+                }
+                _ => Outcome::NotReady {
+                    http_status: 404,
+                    reason: "content 404 while status says still processing".into(),
+                },
+            },
+            (NotServed::Missing, Some(StatusRead::Failed(why))) => Outcome::Transient {
+                http_status: Some(404),
+                reason: format!("content 404, status check failed: {why}"),
+            },
+            (NotServed::Missing, None) => Outcome::NotReady {
+                http_status: 404,
+                reason: format!("content 404 (status read again at a later try): {reason}"),
+            },
+            (NotServed::NotReady, Some(StatusRead::Object(o)))
+                if o.state == VideoState::Finished =>
+            {
+                Outcome::NotReady {
+                    http_status: 400,
+                    reason: format!("{reason} (although the status endpoint says finished)"),
+                }
+            }
+            (NotServed::NotReady, _) => Outcome::NotReady {
+                http_status: 400,
+                reason,
+            },
+        }
+    }
+
+    fn learn(&mut self, o: &StatusObject) {
+        if o.expires_at.is_some() {
+            self.learned_expiry = o.expires_at;
+        }
+        self.status = Some(o.clone());
+    }
+
+    fn expiry(&self) -> Option<i64> {
+        self.learned_expiry.or(self.expires_at)
     }
 
     /// Streams a 200/206 body into the partial file through the writer thread.
     async fn stream(&mut self, answer: Answer, offset: u64) -> StreamEnd {
         let mut response = answer.response;
         let status = response.status();
-        if let Some(mime) = api::is_text_type(response.headers()) {
-            let origin = answer.origin.clone();
-            let reason = self.api.error_reason(Answer { response, ..answer }).await;
-            return StreamEnd::Outcome(Outcome::Transient {
-                http_status: Some(status.as_u16()),
-                reason: format!(
-                    "{} answered {status} with {mime}, not a video: {reason}",
-                    origin
-                ),
-            });
-        }
-        // Where this body starts in the file, and the file's expected total size.
+        // Where this body starts in the file, where it ends (a 206), and the file's size.
         let validator = api::validator(response.headers());
         let had_total = self.partial().total();
-        let (start, total) = if status == StatusCode::PARTIAL_CONTENT {
+        let (start, last, total) = if status == StatusCode::PARTIAL_CONTENT {
             match api::content_range(response.headers()) {
-                // The rest of the same file: where we asked, and the total the file started with.
+                // The rest (or the next piece) of the same file: where we asked, and the total
+                // the file started with. Without a Range (offset 0), the whole file or its
+                // first piece.
                 Some((s, e, Some(t)))
-                    if s == offset && e < t && offset > 0 && had_total.is_none_or(|h| h == t) =>
+                    if s == offset
+                        && s <= e
+                        && e < t
+                        && (offset == 0 || had_total.is_none_or(|h| h == t)) =>
                 {
-                    (s, Some(t))
+                    (s, Some(e), Some(t))
                 }
+                // The whole file as a 206, whatever was asked: a 200 by another name.
+                Some((0, e, Some(t))) if e + 1 == t => (0, Some(e), Some(t)),
                 other => {
                     return StreamEnd::Restart(format!(
                         "206 with Content-Range {other:?} for bytes={offset}-"
@@ -420,94 +725,159 @@ impl Attempt<'_> {
                 }
             }
         } else {
-            (0, response.content_length())
+            (0, None, response.content_length())
         };
-        // A 206 of another version of the file (the server ignored If-Range) would splice two
-        // versions together: start over instead.
-        if start > 0
-            && let (Some(had), Some(now)) = (self.partial().validator(), validator.as_deref())
-            && had != now
-        {
-            return StreamEnd::Restart(format!(
-                "the file changed on the server since byte {offset} was written"
-            ));
+        if start > 0 {
+            // The bytes cannot be looked at (they start mid-file): refuse an error page by its
+            // label, and another version of the file (the server ignored If-Range) rather than
+            // splice two versions together.
+            if let Some(mime) = api::is_text_type(response.headers()) {
+                self.resume_failed = true;
+                return transient(
+                    status,
+                    format!(
+                        "{} answered {status} with {mime}, not a video",
+                        answer.origin
+                    ),
+                );
+            }
+            if let (Some(had), Some(now)) = (self.partial().validator(), validator.as_deref())
+                && had != now
+            {
+                return StreamEnd::Restart(format!(
+                    "the file changed on the server since byte {offset} was written"
+                ));
+            }
+        }
+        // The first bytes decide whether this is a video, whatever Content-Type says.
+        let mut first = Vec::new();
+        if start == 0 {
+            match self.sniff(&mut response).await {
+                Ok(bytes) => first = bytes,
+                Err(Some(head)) => {
+                    let what = match api::is_text_type(response.headers()) {
+                        Some(mime) => format!("{mime}, not a video"),
+                        None => "a body that is not an MP4".into(),
+                    };
+                    let reason = match answer.host {
+                        api::Host::Api => {
+                            let mut body = head;
+                            body.extend(self.api.read_small(response).await);
+                            api::error_summary(&body)
+                        }
+                        api::Host::Cdn => api::CDN_BODY_NOT_KEPT.into(),
+                    };
+                    return transient(
+                        status,
+                        format!("{} answered {status} with {what}: {reason}", answer.origin),
+                    );
+                }
+                Err(None) => {
+                    return transient(status, "the body ended before 8 bytes".into());
+                }
+            }
         }
         if start == 0 && offset > 0 {
             tracing::info!(video_id = %self.id, had = offset, "server sent the whole file; discarding partial");
             if let Err(e) = self.restart_partial().await {
-                return StreamEnd::Outcome(Outcome::Storage {
-                    reason: e.to_string(),
-                });
+                return storage(e);
             }
         }
         if start == 0 {
             let p = self.partial.as_mut().expect("partial is home");
             if let Err(e) = p.set_version(validator.as_deref(), total) {
-                return StreamEnd::Outcome(Outcome::Storage {
-                    reason: e.to_string(),
-                });
+                return storage(e);
             }
         }
-        let max = self.fetcher.max_bytes.load(Ordering::Relaxed);
+        let max = self.limits.max_bytes;
         if let Some(t) = total.filter(|t| *t > max) {
             return transient(
                 status,
                 format!("the file is {t} bytes, over download.max_bytes ({max})"),
             );
         }
-        if let Some(t) = total {
-            let min_free = self.fetcher.min_free.load(Ordering::Relaxed);
-            if let Err(e) = self.on_partial(move |p| p.reserve(t, min_free)).await {
-                return StreamEnd::Outcome(Outcome::Storage {
-                    reason: e.to_string(),
-                });
-            }
+        let min_free = self.limits.min_free;
+        let reserve = total;
+        if let Err(e) = self
+            .on_partial(move |p| {
+                p.keep_free(min_free);
+                match reserve {
+                    Some(t) => p.reserve(t, min_free),
+                    None => Ok(()),
+                }
+            })
+            .await
+        {
+            return storage(e);
         }
-        self.resumed_from = start;
+        if start == 0 || self.resumed_from.is_none() {
+            self.resumed_from = Some(start);
+        }
+        if self.status.is_none() && self.metadata_read.is_none() {
+            // Read alongside the body, so the metadata costs no time of its own.
+            let (api, id) = (self.api.clone(), self.id.clone());
+            self.metadata_read = Some(tokio::spawn(async move { api.read_status(&id).await }));
+        }
         let (tx, writer) = self.spawn_writer();
         let read_timeout = self.api.read_timeout();
-        let mut sniff = Vec::with_capacity(8);
+        let (floor, floor_time) = self.limits.low_speed;
+        let mut window = (Instant::now(), 0u64);
         let mut worthless = false;
-        let mut received = 0u64;
+        let mut received = first.len() as u64;
         let mut end = StreamEnd::Complete;
+        let mut queued = (!first.is_empty()).then(|| Bytes::from(first));
         loop {
-            let chunk = tokio::select! {
-                c = tokio::time::timeout(read_timeout, response.chunk()) => c,
-                _ = self.cancel.cancelled() => { end = StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }); break }
+            let chunk = match queued.take() {
+                Some(c) => c,
+                None => {
+                    let slow_check = tokio::time::Instant::from_std(window.0 + floor_time);
+                    let chunk = tokio::select! {
+                        c = tokio::time::timeout(read_timeout, response.chunk()) => Some(c),
+                        _ = self.cancel.cancelled() => { end = StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }); break }
+                        _ = tokio::time::sleep_until(slow_check), if floor > 0 => None,
+                    };
+                    if floor > 0 && window.0.elapsed() >= floor_time {
+                        if (window.1 as f64) < floor as f64 * floor_time.as_secs_f64() {
+                            end = transient(
+                                status,
+                                format!(
+                                    "slower than {}/s for {} ({} bytes; download.low_speed_limit, download.low_speed_time)",
+                                    format_size(floor),
+                                    format_duration(floor_time),
+                                    window.1
+                                ),
+                            );
+                            break;
+                        }
+                        window = (Instant::now(), 0);
+                    }
+                    let Some(chunk) = chunk else { continue };
+                    match chunk {
+                        Err(_) => {
+                            end = transient(status, stalled(read_timeout));
+                            break;
+                        }
+                        Ok(Err(e)) if e.is_timeout() => {
+                            end = transient(status, stalled(read_timeout));
+                            break;
+                        }
+                        Ok(Err(e)) => {
+                            end = transient(
+                                status,
+                                format!("body cut short: {}", api::error_text(&e)),
+                            );
+                            break;
+                        }
+                        Ok(Ok(None)) => break,
+                        Ok(Ok(Some(c))) => {
+                            received += c.len() as u64;
+                            c
+                        }
+                    }
+                }
             };
-            let chunk: Bytes = match chunk {
-                Err(_) => {
-                    end = transient(status, stalled(read_timeout));
-                    break;
-                }
-                Ok(Err(e)) if e.is_timeout() => {
-                    end = transient(status, stalled(read_timeout));
-                    break;
-                }
-                Ok(Err(e)) => {
-                    end = transient(status, format!("body cut short: {}", api::error_text(&e)));
-                    break;
-                }
-                Ok(Ok(None)) => break,
-                Ok(Ok(Some(c))) => c,
-            };
-            // Refuse a non-video body as soon as its first 8 bytes are in.
-            if start == 0 && sniff.len() < 8 {
-                sniff.extend_from_slice(&chunk[..chunk.len().min(8 - sniff.len())]);
-                if sniff.len() == 8 && !crate::archive::looks_like_mp4(&sniff) {
-                    worthless = true;
-                    end = StreamEnd::Outcome(Outcome::Transient {
-                        http_status: Some(status.as_u16()),
-                        reason: format!(
-                            "{} answered {status} with a body that is not an MP4 (no ftyp box)",
-                            answer.origin
-                        ),
-                    });
-                    break;
-                }
-            }
-            received += chunk.len() as u64;
-            // A body without a length (chunked) is held to the limit as it arrives.
+            window.1 += chunk.len() as u64;
+            // A body without a length is held to the limit as it arrives.
             if start + received > max {
                 worthless = true;
                 end = transient(
@@ -517,7 +887,7 @@ impl Attempt<'_> {
                 break;
             }
             if tx.send(chunk).await.is_err() {
-                break; // the writer failed; its error is collected below
+                break; // the writer stopped; why is collected below
             }
             if let Some(progress) = &self.fetcher.progress {
                 progress(start + received, total);
@@ -525,50 +895,81 @@ impl Attempt<'_> {
         }
         drop(tx);
         match writer.await.expect("writer task panicked") {
-            Ok(p) => self.partial = Some(p),
-            Err(e) => {
-                return StreamEnd::Outcome(Outcome::Storage {
+            Written::All(p) => self.partial = Some(p),
+            Written::Short(p, e) => {
+                self.partial = Some(p);
+                return StreamEnd::Outcome(Outcome::DiskShort {
                     reason: e.to_string(),
                 });
             }
+            Written::Failed(e) => return storage(e),
         }
         if worthless {
             // Nothing of that body is worth resuming from.
             if let Err(e) = self.restart_partial().await {
-                return StreamEnd::Outcome(Outcome::Storage {
-                    reason: e.to_string(),
-                });
+                return storage(e);
             }
         }
         if matches!(end, StreamEnd::Complete) {
             let have = self.partial().len();
-            if let Some(t) = total
-                && have != t
-            {
-                return transient(status, format!("body ended at {have} of {t} bytes"));
+            match (last, total) {
+                (Some(last), _) if have != last + 1 => {
+                    return transient(
+                        status,
+                        format!("body ended at {have}, its range at {}", last + 1),
+                    );
+                }
+                (Some(last), Some(t)) if last + 1 < t => return StreamEnd::Continue,
+                (_, Some(t)) if have != t => {
+                    return transient(status, format!("body ended at {have} of {t} bytes"));
+                }
+                _ => {}
             }
         }
         end
     }
 
+    /// Reads a body's first chunks until there are 8 bytes to look at: `Ok` with them if they
+    /// start like an MP4, `Err(Some(head))` if they do not, `Err(None)` if the body ends (or
+    /// stalls) before 8 bytes.
+    async fn sniff(&self, response: &mut reqwest::Response) -> Result<Vec<u8>, Option<Vec<u8>>> {
+        let mut head = Vec::new();
+        while head.len() < 8 {
+            let chunk = tokio::select! {
+                c = tokio::time::timeout(self.api.read_timeout(), response.chunk()) => c,
+                _ = self.cancel.cancelled() => return Err(None),
+            };
+            match chunk {
+                Ok(Ok(Some(c))) => head.extend_from_slice(&c),
+                _ if head.is_empty() => return Err(None),
+                _ => return Err(Some(head)),
+            }
+        }
+        if crate::mp4::looks_like_mp4(&head) {
+            Ok(head)
+        } else {
+            Err(Some(head))
+        }
+    }
+
     /// Hashing and writing happen on a blocking thread, overlapping the network reads.
-    fn spawn_writer(
-        &mut self,
-    ) -> (
-        mpsc::Sender<Bytes>,
-        tokio::task::JoinHandle<Result<Partial, ArchiveError>>,
-    ) {
+    fn spawn_writer(&mut self) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<Written>) {
         let (tx, mut rx) = mpsc::channel::<Bytes>(SINK_DEPTH);
         let mut partial = self.partial.take().expect("partial is home");
         let writer = tokio::task::spawn_blocking(move || {
             while let Some(chunk) = rx.blocking_recv() {
-                if let Err(e) = partial.write(&chunk) {
-                    // A failed write (a full disk) may have left anything in the file.
-                    let _ = partial.discard();
-                    return Err(e);
+                match partial.write(&chunk) {
+                    Ok(()) => {}
+                    // Every byte written is checkpointed and sound: kept for a resume.
+                    Err(e @ ArchiveError::DiskShort { .. }) => return Written::Short(partial, e),
+                    Err(e) => {
+                        // A failed write (a full disk) may have left anything in the file.
+                        let _ = partial.discard();
+                        return Written::Failed(e);
+                    }
                 }
             }
-            Ok(partial)
+            Written::All(partial)
         });
         (tx, writer)
     }
@@ -578,10 +979,10 @@ impl Attempt<'_> {
     }
 
     /// Runs a file operation on the partial on a blocking thread.
-    async fn on_partial(
+    async fn on_partial<T: Send + 'static>(
         &mut self,
-        f: impl FnOnce(&mut Partial) -> Result<(), ArchiveError> + Send + 'static,
-    ) -> Result<(), ArchiveError> {
+        f: impl FnOnce(&mut Partial) -> T + Send + 'static,
+    ) -> T {
         let mut p = self.partial.take().expect("partial is home");
         let (p, r) = tokio::task::spawn_blocking(move || {
             let r = f(&mut p);
@@ -593,65 +994,161 @@ impl Attempt<'_> {
         r
     }
 
-    async fn publish(&mut self, status: StatusCode) -> Outcome {
-        let p = self.partial.take().expect("partial is home");
-        let resumed_from = self.resumed_from;
-        let received = p.len() - resumed_from;
-        match tokio::task::spawn_blocking(move || p.publish())
-            .await
-            .expect("archive task panicked")
-        {
-            Ok(published) => Outcome::Archived {
-                published,
-                http_status: status.as_u16(),
-                received,
-                resumed_from,
-            },
-            // `publish` has already discarded the worthless partial.
-            Err(ArchiveError::NotMp4 { .. }) => Outcome::Transient {
-                http_status: Some(status.as_u16()),
-                reason: "downloaded file is not an MP4 (no ftyp box); discarded".into(),
-            },
-            Err(ArchiveError::Incomplete { why, .. }) => Outcome::Transient {
-                http_status: Some(status.as_u16()),
-                reason: format!("downloaded file is not a whole MP4 ({why}); discarded"),
-            },
-            Err(e) => Outcome::Storage {
-                reason: e.to_string(),
-            },
+    /// The file is complete by HTTP. A whole MP4 is published (with its metadata); one that is
+    /// not is downloaded once more from zero (`None`), unless the same bytes came before, or
+    /// this was the last download allowed: then those bytes are what the API has, and they
+    /// are kept with the row failed.
+    async fn complete(&mut self, status: StatusCode) -> Option<Outcome> {
+        let checked = match self.on_partial(Partial::check_whole).await {
+            Ok(c) => c,
+            // The files are gone already.
+            Err(e) => {
+                self.partial = None;
+                return Some(storage_outcome(e));
+            }
+        };
+        let why = match checked {
+            Ok(whole) => {
+                let metadata = self.metadata().await;
+                let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
+                let p = self.partial.take().expect("partial is home");
+                let resumed_from = self.resumed_from.unwrap_or(0);
+                let received = p.len() - resumed_from;
+                let r = tokio::task::spawn_blocking(move || p.publish(whole, sidecar.as_deref()))
+                    .await
+                    .expect("archive task panicked");
+                return Some(match r {
+                    Ok(published) => Outcome::Archived {
+                        published: Published {
+                            metadata,
+                            ..published
+                        },
+                        http_status: status.as_u16(),
+                        received,
+                        resumed_from,
+                    },
+                    Err(e) => storage_outcome(e),
+                });
+            }
+            Err(why) => why,
+        };
+        let p = self.partial();
+        let sha = p.sha256();
+        let before = p.rejections().map(|(n, s)| (n, s.to_owned()));
+        let again = before.as_ref().is_some_and(|(_, s)| *s == sha);
+        let downloads = before.as_ref().map_or(0, |(n, _)| *n) + 1;
+        if !again && downloads < MAX_FULL_DOWNLOADS {
+            tracing::warn!(video_id = %self.id, why = %why, download = downloads, "the file is complete by HTTP but not a whole MP4; downloading it once more from byte 0");
+            return match self.on_partial(Partial::reject).await {
+                Ok(_) => None,
+                Err(e) => Some(storage_outcome(e)),
+            };
         }
+        let reason = if again {
+            format!("the API served an incomplete MP4 twice: {why}")
+        } else {
+            format!(
+                "the API served an incomplete MP4 {downloads} times, different each time: {why}"
+            )
+        };
+        let metadata = self.metadata().await;
+        let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
+        let p = self.partial.take().expect("partial is home");
+        let r = tokio::task::spawn_blocking(move || p.keep_incomplete(sidecar.as_deref()))
+            .await
+            .expect("archive task panicked");
+        Some(match r {
+            Ok(published) => Outcome::Kept {
+                published: Published {
+                    metadata,
+                    ..published
+                },
+                http_status: status.as_u16(),
+                reason,
+            },
+            Err(e) => storage_outcome(e),
+        })
+    }
+
+    /// The status object to keep with the video: the one this attempt read, the read started
+    /// alongside the body, or one read now (a file completed by a 416 had no body). `None` if
+    /// it could not be had.
+    async fn metadata(&mut self) -> Option<String> {
+        if self.status.is_none() {
+            let task = self.metadata_read.take().unwrap_or_else(|| {
+                let (api, id) = (self.api.clone(), self.id.clone());
+                tokio::spawn(async move { api.read_status(&id).await })
+            });
+            // A shutdown does not wait for it: the file is complete and is published without.
+            let read = tokio::select! {
+                r = task => r.ok(),
+                _ = self.cancel.cancelled() => None,
+            };
+            match read {
+                Some(StatusRead::Object(o)) => self.learn(&o),
+                other => {
+                    tracing::info!(video_id = %self.id, status = ?other, "no status object to keep with the video")
+                }
+            }
+        }
+        self.status.as_ref().map(StatusObject::to_metadata)
     }
 
     /// Ends the attempt: the partial file is parked for a later resume (flushed, or removed if
-    /// empty), or discarded when the video is gone for good.
+    /// empty), started over if its resume was refused, or discarded when the video is gone.
     async fn keep(&mut self, outcome: Outcome) -> Outcome {
-        let Some(p) = self.partial.take() else {
+        let Some(mut p) = self.partial.take() else {
             return outcome;
         };
         let gone = matches!(outcome, Outcome::Gone { .. });
+        let restart = self.resume_failed;
         let kept = tokio::task::spawn_blocking(move || {
             if gone {
-                p.discard().map(|()| 0)
-            } else {
-                p.park()
+                return p.discard().map(|()| 0);
             }
+            if restart {
+                p.restart()?;
+            }
+            p.park()
         })
         .await
         .expect("archive task panicked");
         match (kept, outcome) {
-            (Err(e), _) => Outcome::Storage {
-                reason: e.to_string(),
-            },
+            (Err(e), _) => storage_outcome(e),
             (Ok(n), Outcome::Interrupted { .. }) => Outcome::Interrupted { parked_bytes: n },
             (Ok(_), outcome) => outcome,
         }
     }
 }
 
+/// How the writer thread ended.
+enum Written {
+    All(Partial),
+    /// Stopped for `archive.min_free`; every byte written is sound.
+    Short(Partial, ArchiveError),
+    /// A write failed; the partial is gone.
+    Failed(ArchiveError),
+}
+
+/// "expired at Tue, 01 Dec 2026 16:00:00 GMT before it could be downloaded", or without the
+/// time when it is not known to have passed.
+pub fn expired_words(expires_at: Option<i64>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match expires_at.filter(|t| *t <= now) {
+        Some(t) => format!(
+            "expired at {} before it could be downloaded",
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
+        ),
+        None => "expired before it could be downloaded".into(),
+    }
+}
+
 fn stalled(read_timeout: Duration) -> String {
     format!(
         "body stalled for {} (api.read_timeout)",
-        crate::config::format_duration(read_timeout)
+        format_duration(read_timeout)
     )
 }
 
@@ -660,4 +1157,14 @@ fn transient(status: StatusCode, reason: String) -> StreamEnd {
         http_status: Some(status.as_u16()),
         reason,
     })
+}
+
+fn storage_outcome(e: ArchiveError) -> Outcome {
+    Outcome::Storage {
+        reason: e.to_string(),
+    }
+}
+
+fn storage(e: ArchiveError) -> StreamEnd {
+    StreamEnd::Outcome(storage_outcome(e))
 }

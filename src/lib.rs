@@ -1,9 +1,10 @@
 //! hingnetd: downloads finished HingNet videos named in a SQLite queue into a verified archive.
 //!
 //! Modules, one concern each: `config` (the file and the token), `queue` (all SQL), `api` (the
-//! HTTP client and the status-to-action table), `archive` (file discipline), `fetch` (one
-//! download attempt), `daemon` (the scheduler loop and retry policy), `watch` (noticing new
-//! rows), `service` (sd_notify), `verify` (re-checking the archive), `cli` (commands and exit codes).
+//! HTTP client and the status-to-action table), `archive` (file discipline), `mp4` (what a
+//! whole video file is), `fetch` (one download attempt), `daemon` (the scheduler loop and retry
+//! policy), `watch` (noticing new rows), `service` (sd_notify), `verify` (re-checking the
+//! archive), `cli` (commands and exit codes).
 
 pub mod api;
 pub mod archive;
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fetch;
+pub mod mp4;
 pub mod queue;
 pub mod service;
 pub mod verify;

@@ -35,6 +35,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_state_bytes_index.sql",
         include_str!("../migrations/0004_state_bytes_index.sql"),
     ),
+    (
+        "0005_expiry_metadata.sql",
+        include_str!("../migrations/0005_expiry_metadata.sql"),
+    ),
 ];
 
 /// Attempt-log entries kept per video.
@@ -42,6 +46,13 @@ const LOG_KEEP: i64 = 20;
 
 /// SQLite's own clock, in the text format every timestamp column uses.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// The claim order's key: a row's expiry, rows without one after every real time. Spelled as
+/// in the `queue_pending_expiry` index, which the planner uses only for this exact expression.
+const EXPIRY_KEY: &str = "coalesce(expires_at, '9999-12-31T23:59:59.999Z')";
+
+/// Pending rows whose expiry is this close count as expiring soon (`hingnetd status`).
+pub const EXPIRING_SOON: Duration = Duration::from_secs(600);
 
 /// How long one statement waits on a producer's lock before we log and try again.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -116,11 +127,14 @@ pub struct Claimed {
     pub attempts: u32,
     /// Time since the first attempt, at the moment of the claim (the give-up clock).
     pub since_first_attempt: Duration,
+    /// When the video's file expires (unix seconds), if the row says.
+    pub expires_at: Option<i64>,
 }
 
 /// What a claim returns, in the order `Claimed::from_row` reads it.
-const CLAIMED_COLUMNS: &str =
-    "video_id, attempts, (julianday('now') - julianday(first_attempt_at)) * 86400000.0";
+const CLAIMED_COLUMNS: &str = "video_id, attempts, \
+     (julianday('now') - julianday(first_attempt_at)) * 86400000.0, \
+     CAST(round((julianday(expires_at) - 2440587.5) * 86400.0) AS INTEGER)";
 
 impl Claimed {
     fn from_row(r: &rusqlite::Row<'_>, token: &str) -> rusqlite::Result<Claimed> {
@@ -133,6 +147,7 @@ impl Claimed {
             token: token.to_owned(),
             attempts: r.get(1)?,
             since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
+            expires_at: r.get(3)?,
         })
     }
 }
@@ -146,13 +161,21 @@ pub struct Held {
     pub token: Option<String>,
 }
 
+/// A file in the archive, as a row records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRecord {
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// The status object (JSON text), when it was read.
+    pub metadata: Option<String>,
+}
+
 /// What happened to a claimed video, as the row will record it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
     Done {
-        path: String,
-        sha256: String,
-        bytes: u64,
+        file: FileRecord,
         http_status: u16,
     },
     /// Back to pending, to be tried again after `delay`.
@@ -166,9 +189,12 @@ pub enum Finish {
         delay: Duration,
         error: Option<String>,
     },
+    /// For good. `kept`: the bytes the API served are in the archive all the same (an
+    /// incomplete MP4 it served twice), so that nothing is thrown away.
     Failed {
         error: String,
         http_status: Option<u16>,
+        kept: Option<FileRecord>,
     },
 }
 
@@ -178,6 +204,11 @@ pub struct Status {
     pub downloading: u64,
     pub done: u64,
     pub failed: u64,
+    /// Pending rows whose file expires within `EXPIRING_SOON`.
+    pub expiring_soon: u64,
+    /// Pending rows whose file has already expired (the next attempt fails them, unless the
+    /// API still serves it).
+    pub expired_pending: u64,
     /// Bytes recorded for done rows: the archive's size as the queue knows it.
     #[serde(skip)]
     pub archived_bytes: u64,
@@ -200,8 +231,8 @@ impl Finish {
     pub fn describe(&self) -> String {
         use crate::config::format_duration as fd;
         match self {
-            Finish::Done { bytes, sha256, .. } => {
-                format!("archived {bytes} bytes, sha256 {sha256}")
+            Finish::Done { file, .. } => {
+                format!("archived {} bytes, sha256 {}", file.bytes, file.sha256)
             }
             Finish::Retry { delay, error, .. } => {
                 format!("next try in {} (backoff): {error}", fd(round_ms(*delay)))
@@ -211,7 +242,17 @@ impl Finish {
                 fd(round_ms(*delay)),
                 error.as_deref().unwrap_or("shutdown")
             ),
-            Finish::Failed { error, .. } => format!("failed: {error}"),
+            Finish::Failed {
+                error, kept: None, ..
+            } => format!("failed: {error}"),
+            Finish::Failed {
+                error,
+                kept: Some(f),
+                ..
+            } => format!(
+                "failed: {error}; the {} bytes it served are kept at {} (sha256 {})",
+                f.bytes, f.path, f.sha256
+            ),
         }
     }
 }
@@ -222,7 +263,7 @@ fn round_ms(d: Duration) -> Duration {
 
 /// The columns `RowView` reads, in order.
 const ROW_COLUMNS: &str = "video_id, state, attempts, next_attempt_at, last_error, http_status, \
-     path, sha256, bytes, enqueued_at, first_attempt_at, finished_at";
+     path, sha256, bytes, enqueued_at, first_attempt_at, finished_at, expires_at, metadata";
 
 /// A queue row, as the CLI shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -239,6 +280,9 @@ pub struct RowView {
     pub enqueued_at: String,
     pub first_attempt_at: Option<String>,
     pub finished_at: Option<String>,
+    pub expires_at: Option<String>,
+    /// The status object, kept once the video is archived.
+    pub metadata: Option<String>,
 }
 
 impl RowView {
@@ -260,6 +304,14 @@ impl RowView {
             enqueued_at: r.get(i + 9)?,
             first_attempt_at: r.get(i + 10)?,
             finished_at: r.get(i + 11)?,
+            // A producer may have stored anything here; it is shown, never trusted.
+            expires_at: r
+                .get::<_, Option<rusqlite::types::Value>>(i + 12)?
+                .map(|v| match v {
+                    rusqlite::types::Value::Text(t) => t,
+                    other => format!("{other:?}"),
+                }),
+            metadata: r.get(i + 13)?,
         })
     }
 }
@@ -485,20 +537,25 @@ impl Queue {
         .map(|n| n > 0)
     }
 
-    /// Claims up to `n` due rows, earliest first, in one statement.
-    pub fn claim(&self, n: usize) -> Result<Vec<Claimed>, QueueError> {
+    /// Claims up to `n` due rows in one statement: the video that expires first first, then
+    /// those without an expiry, earliest due first. `except` names videos not to claim now
+    /// (the token probe's suspects).
+    pub fn claim(&self, n: usize, except: &[String]) -> Result<Vec<Claimed>, QueueError> {
         let token = new_token();
+        let except = serde_json::to_string(except).expect("strings serialize");
         with_busy_retry("claim due rows", || {
             let mut stmt = self.conn.prepare_cached(&format!(
                 "UPDATE queue SET state = 'downloading', attempts = attempts + 1, \
                      first_attempt_at = coalesce(first_attempt_at, {NOW}), claimed_by = ?2 \
-                 WHERE rowid IN (SELECT rowid FROM queue \
+                 WHERE rowid IN (SELECT rowid FROM queue INDEXED BY queue_pending_expiry \
                      WHERE state = 'pending' AND next_attempt_at <= {NOW} \
-                     ORDER BY next_attempt_at LIMIT ?1) \
+                       AND video_id NOT IN (SELECT value FROM json_each(?3)) \
+                     ORDER BY {EXPIRY_KEY}, next_attempt_at LIMIT ?1) \
                  RETURNING {CLAIMED_COLUMNS}"
             ))?;
-            let rows =
-                stmt.query_map(params![n as i64, token], |r| Claimed::from_row(r, &token))?;
+            let rows = stmt.query_map(params![n as i64, token, except], |r| {
+                Claimed::from_row(r, &token)
+            })?;
             rows.collect()
         })
     }
@@ -506,21 +563,58 @@ impl Queue {
     /// Records a claimed video's outcome. Guarded on `state = 'downloading'` so an operator's
     /// edit made meanwhile (a deleted or reset row) is not overwritten; returns whether the row
     /// was still ours.
+    ///
+    /// `expires_at` (unix seconds) is what the attempt learned from the status object; it
+    /// replaces what the row held.
     pub fn finish(
         &self,
         claimed: &Claimed,
         finish: &Finish,
         elapsed: Duration,
+        expires_at: Option<i64>,
     ) -> Result<bool, QueueError> {
         let what = format!("record outcome of {}", claimed.video_id);
         with_busy_retry(&what, || {
             let tx = self.conn.unchecked_transaction()?;
-            let ours = self.update_row(claimed, finish)? == 1;
+            let ours = self.update_row(claimed, finish, expires_at)? == 1;
             if ours {
                 self.log_attempt(claimed, finish, elapsed)?;
             }
             tx.commit()?;
             Ok(ours)
+        })
+    }
+
+    /// Fails a row that a claim gave back to `pending` (`Finish::Release`) once it is clear the
+    /// video itself was refused (the API refused it while it accepted the token for others).
+    /// Guarded on the row still being pending: a `hingnetd fetch` or an operator may have
+    /// taken it meanwhile. Returns whether it was failed.
+    pub fn fail_released(
+        &self,
+        claimed: &Claimed,
+        error: &str,
+        http_status: Option<u16>,
+    ) -> Result<bool, QueueError> {
+        let what = format!("fail {}", claimed.video_id);
+        let failed = Finish::Failed {
+            error: error.to_owned(),
+            http_status,
+            kept: None,
+        };
+        with_busy_retry(&what, || {
+            let tx = self.conn.unchecked_transaction()?;
+            let n = self.conn.execute(
+                &format!(
+                    "UPDATE queue SET state = 'failed', last_error = ?2, http_status = ?3, \
+                     finished_at = {NOW} WHERE video_id = ?1 AND state = 'pending'"
+                ),
+                params![claimed.key, error, http_status],
+            )?;
+            if n == 1 {
+                self.log_attempt(claimed, &failed, Duration::ZERO)?;
+            }
+            tx.commit()?;
+            Ok(n == 1)
         })
     }
 
@@ -531,12 +625,12 @@ impl Queue {
         elapsed: Duration,
     ) -> rusqlite::Result<()> {
         let (outcome, http_status, bytes) = match finish {
-            Finish::Done {
-                http_status, bytes, ..
-            } => ("done", Some(*http_status), Some(*bytes as i64)),
+            Finish::Done { http_status, file } => ("done", Some(*http_status), Some(file.bytes)),
             Finish::Retry { http_status, .. } => ("retry", *http_status, None),
             Finish::Release { .. } => ("released", None, None),
-            Finish::Failed { http_status, .. } => ("failed", *http_status, None),
+            Finish::Failed {
+                http_status, kept, ..
+            } => ("failed", *http_status, kept.as_ref().map(|f| f.bytes)),
         };
         self.conn
             .prepare_cached(
@@ -548,7 +642,7 @@ impl Queue {
                 claimed.attempts,
                 outcome,
                 http_status,
-                bytes,
+                bytes.map(|b| b as i64),
                 elapsed.as_millis() as i64,
                 finish.describe()
             ])?;
@@ -562,27 +656,39 @@ impl Queue {
         Ok(())
     }
 
-    /// Every transition out of `downloading` is guarded by the claim's token and clears it.
-    fn update_row(&self, claimed: &Claimed, finish: &Finish) -> rusqlite::Result<usize> {
+    /// Every transition out of `downloading` is guarded by the claim's token and clears it,
+    /// and takes the expiry the attempt learned.
+    fn update_row(
+        &self,
+        claimed: &Claimed,
+        finish: &Finish,
+        expires_at: Option<i64>,
+    ) -> rusqlite::Result<usize> {
         const OURS: &str = "video_id = :id AND state = 'downloading' AND claimed_by = :token";
+        const EXPIRY: &str =
+            "expires_at = coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', :exp, 'unixepoch'), expires_at)";
         let (id, token) = (&claimed.key, &claimed.token);
-        match finish {
-            Finish::Done {
-                path,
-                sha256,
-                bytes,
-                http_status,
-            } => self.conn.execute(
+        let file = |f: &FileRecord, error: Option<&str>, state: &str, status: Option<u16>| {
+            self.conn.execute(
                 &format!(
-                    "UPDATE queue SET state = 'done', path = :path, sha256 = :sha, bytes = :bytes, \
-                     http_status = :status, last_error = NULL, finished_at = {NOW}, \
-                     claimed_by = NULL WHERE {OURS}"
+                    "UPDATE queue SET state = :state, path = :path, sha256 = :sha, bytes = :bytes, \
+                     metadata = :meta, http_status = :status, last_error = :error, \
+                     finished_at = {NOW}, claimed_by = NULL, {EXPIRY} WHERE {OURS}"
                 ),
                 named_params! {
-                    ":id": id, ":token": token, ":path": path, ":sha": sha256,
-                    ":bytes": *bytes as i64, ":status": http_status,
+                    ":id": id, ":token": token, ":state": state, ":path": f.path,
+                    ":sha": f.sha256, ":bytes": f.bytes as i64, ":meta": f.metadata,
+                    ":status": status, ":error": error, ":exp": expires_at,
                 },
-            ),
+            )
+        };
+        match finish {
+            Finish::Done { file: f, http_status } => file(f, None, "done", Some(*http_status)),
+            Finish::Failed {
+                error,
+                http_status,
+                kept: Some(f),
+            } => file(f, Some(error), "failed", *http_status),
             Finish::Retry {
                 delay,
                 error,
@@ -590,13 +696,13 @@ impl Queue {
             } => self.conn.execute(
                 &format!(
                     "UPDATE queue SET state = 'pending', last_error = :error, \
-                     http_status = :status, claimed_by = NULL, \
+                     http_status = :status, claimed_by = NULL, {EXPIRY}, \
                      next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', :delay) \
                      WHERE {OURS}"
                 ),
                 named_params! {
                     ":id": id, ":token": token, ":error": error, ":status": http_status,
-                    ":delay": sqlite_offset(*delay),
+                    ":delay": sqlite_offset(*delay), ":exp": expires_at,
                 },
             ),
             // The attempt did not count: take it back, and restart the give-up clock if it was
@@ -605,21 +711,27 @@ impl Queue {
                 &format!(
                     "UPDATE queue SET state = 'pending', last_error = coalesce(:error, last_error), \
                      next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', :delay), \
-                     attempts = max(attempts - 1, 0), claimed_by = NULL, \
+                     attempts = max(attempts - 1, 0), claimed_by = NULL, {EXPIRY}, \
                      first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END \
                      WHERE {OURS}"
                 ),
                 named_params! {
                     ":id": id, ":token": token, ":error": error, ":delay": sqlite_offset(*delay),
+                    ":exp": expires_at,
                 },
             ),
-            Finish::Failed { error, http_status } => self.conn.execute(
+            Finish::Failed {
+                error,
+                http_status,
+                kept: None,
+            } => self.conn.execute(
                 &format!(
-                    "UPDATE queue SET state = 'failed', last_error = :error, \
+                    "UPDATE queue SET state = 'failed', last_error = :error, {EXPIRY}, \
                      http_status = :status, finished_at = {NOW}, claimed_by = NULL WHERE {OURS}"
                 ),
                 named_params! {
                     ":id": id, ":token": token, ":error": error, ":status": http_status,
+                    ":exp": expires_at,
                 },
             ),
         }
@@ -704,6 +816,20 @@ impl Queue {
 
     pub fn status(&self, failures: usize) -> Result<Status, QueueError> {
         let mut s = self.counts()?;
+        let (soon, expired): (i64, i64) = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT coalesce(sum(e > {NOW}), 0), coalesce(sum(e <= {NOW}), 0) FROM \
+                     (SELECT {EXPIRY_KEY} AS e FROM queue INDEXED BY queue_pending_expiry \
+                      WHERE state = 'pending' \
+                        AND {EXPIRY_KEY} <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1))"
+                ),
+                [sqlite_offset(EXPIRING_SOON)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(sql("count expiring rows"))?;
+        (s.expiring_soon, s.expired_pending) = (soon as u64, expired as u64);
         s.oldest_pending = self
             .conn
             .query_row(
@@ -873,13 +999,15 @@ impl Queue {
         Ok(out)
     }
 
-    /// Done rows after `after_rowid`, in rowid order, for `verify` to page through without
-    /// holding a read snapshot (which would stop WAL checkpoints) for the whole run.
+    /// Rows that name an archived file (done, or failed with the bytes kept) after
+    /// `after_rowid`, in rowid order, for `verify` to page through without holding a read
+    /// snapshot (which would stop WAL checkpoints) for the whole run.
     pub fn done_page(&self, after_rowid: i64, n: usize) -> Result<Vec<(i64, RowView)>, QueueError> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT rowid, {ROW_COLUMNS} FROM queue WHERE state = 'done' AND rowid > ?1 \
+                "SELECT rowid, {ROW_COLUMNS} FROM queue WHERE rowid > ?1 \
+                 AND (state = 'done' OR (state = 'failed' AND path IS NOT NULL)) \
                  ORDER BY rowid LIMIT ?2"
             ))
             .map_err(sql("list done rows"))?;
@@ -1103,15 +1231,18 @@ mod tests {
         }
         let q = Queue::open_existing(&path).unwrap();
         assert_eq!(q.user_version().unwrap(), MIGRATIONS.len() as i64);
-        let c = q.claim(1).unwrap().remove(0);
+        let c = q.claim(1, &[]).unwrap().remove(0);
         assert_eq!(c.video_id, "kept");
         let done = Finish::Done {
-            path: "/x".into(),
-            sha256: "00".into(),
-            bytes: 1,
+            file: FileRecord {
+                path: "/x".into(),
+                sha256: "00".into(),
+                bytes: 1,
+                metadata: None,
+            },
             http_status: 200,
         };
-        assert!(q.finish(&c, &done, Duration::ZERO).unwrap());
+        assert!(q.finish(&c, &done, Duration::ZERO, None).unwrap());
         assert_eq!(q.history("kept").unwrap().len(), 1);
     }
 
@@ -1126,7 +1257,7 @@ mod tests {
                 already: 1
             }
         );
-        let c = q.claim(10).unwrap();
+        let c = q.claim(10, &[]).unwrap();
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| c.attempts == 1));
         let (a, b) = if c[0].video_id == "a" {
@@ -1134,23 +1265,29 @@ mod tests {
         } else {
             (&c[1], &c[0])
         };
-        assert!(q.claim(10).unwrap().is_empty());
+        assert!(q.claim(10, &[]).unwrap().is_empty());
         let done = Finish::Done {
-            path: "/x/a.mp4".into(),
-            sha256: "00".into(),
-            bytes: 3,
+            file: FileRecord {
+                path: "/x/a.mp4".into(),
+                sha256: "00".into(),
+                bytes: 3,
+                metadata: None,
+            },
             http_status: 200,
         };
-        assert!(q.finish(a, &done, Duration::ZERO).unwrap());
+        assert!(q.finish(a, &done, Duration::ZERO, None).unwrap());
         // Not ours any more: a second outcome is refused.
-        assert!(!q.finish(a, &done, Duration::ZERO).unwrap());
+        assert!(!q.finish(a, &done, Duration::ZERO, None).unwrap());
         let retry = Finish::Retry {
             delay: Duration::from_secs(3600),
             error: "not ready".into(),
             http_status: Some(400),
         };
-        assert!(q.finish(b, &retry, Duration::ZERO).unwrap());
-        assert!(q.claim(10).unwrap().is_empty(), "b is not due for an hour");
+        assert!(q.finish(b, &retry, Duration::ZERO, None).unwrap());
+        assert!(
+            q.claim(10, &[]).unwrap().is_empty(),
+            "b is not due for an hour"
+        );
         let due = q.next_due_in().unwrap().unwrap();
         assert!(due > Duration::from_secs(3500) && due <= Duration::from_secs(3600));
         // Re-inserting a done ID changes nothing.
@@ -1169,7 +1306,7 @@ mod tests {
     fn a_stale_claim_is_released_and_can_no_longer_record() {
         let (_dir, mut q) = temp_queue();
         q.enqueue(["a"]).unwrap();
-        let old = q.claim(1).unwrap().remove(0);
+        let old = q.claim(1, &[]).unwrap().remove(0);
         let held = q.downloading().unwrap().remove(0);
         assert_eq!(
             (held.video_id.as_str(), held.token.as_deref()),
@@ -1182,29 +1319,32 @@ mod tests {
         };
         assert!(!q.release_stale(&other).unwrap());
         assert!(q.release_stale(&held).unwrap());
-        let new = q.claim(1).unwrap().remove(0);
+        let new = q.claim(1, &[]).unwrap().remove(0);
         assert_eq!(new.attempts, 2);
         // The old downloader finishing late cannot touch the new claim's row.
         let done = Finish::Done {
-            path: "/x".into(),
-            sha256: "00".into(),
-            bytes: 1,
+            file: FileRecord {
+                path: "/x".into(),
+                sha256: "00".into(),
+                bytes: 1,
+                metadata: None,
+            },
             http_status: 200,
         };
-        assert!(!q.finish(&old, &done, Duration::ZERO).unwrap());
-        assert!(q.finish(&new, &done, Duration::ZERO).unwrap());
+        assert!(!q.finish(&old, &done, Duration::ZERO, None).unwrap());
+        assert!(q.finish(&new, &done, Duration::ZERO, None).unwrap());
     }
 
     #[test]
     fn a_released_attempt_does_not_count() {
         let (_dir, mut q) = temp_queue();
         q.enqueue(["a"]).unwrap();
-        let c = q.claim(1).unwrap().remove(0);
+        let c = q.claim(1, &[]).unwrap().remove(0);
         let release = Finish::Release {
             delay: Duration::ZERO,
             error: Some("paused".into()),
         };
-        assert!(q.finish(&c, &release, Duration::ZERO).unwrap());
+        assert!(q.finish(&c, &release, Duration::ZERO, None).unwrap());
         let row = q.get("a").unwrap().unwrap();
         assert_eq!(row.attempts, 0);
         assert_eq!(row.first_attempt_at, None);
@@ -1218,29 +1358,52 @@ mod tests {
             .execute("INSERT INTO queue(video_id) VALUES (x'00ff')", [])
             .unwrap();
         // Recovered when its downloader dies...
-        q.claim(1).unwrap();
+        q.claim(1, &[]).unwrap();
         assert!(q.release_stale(&q.downloading().unwrap()[0]).unwrap());
         // ...and failed by the next attempt.
-        let c = q.claim(1).unwrap().remove(0);
+        let c = q.claim(1, &[]).unwrap().remove(0);
         let failed = Finish::Failed {
             error: "invalid video id".into(),
             http_status: None,
+            kept: None,
         };
-        assert!(q.finish(&c, &failed, Duration::ZERO).unwrap());
+        assert!(q.finish(&c, &failed, Duration::ZERO, None).unwrap());
         assert_eq!(q.status(5).unwrap().failed, 1);
     }
 
     #[test]
     fn hot_queries_use_the_index_without_sorting() {
         let (_dir, q) = temp_queue();
-        for sql in [
-            format!(
-                "SELECT rowid FROM queue WHERE state = 'pending' AND next_attempt_at <= {NOW} \
-                 ORDER BY next_attempt_at LIMIT 4"
+        for (sql, index) in [
+            (
+                format!(
+                    "SELECT rowid FROM queue INDEXED BY queue_pending_expiry \
+                     WHERE state = 'pending' AND next_attempt_at <= {NOW} \
+                       AND video_id NOT IN (SELECT value FROM json_each('[]')) \
+                     ORDER BY {EXPIRY_KEY}, next_attempt_at LIMIT 4"
+                ),
+                "INDEX queue_pending_expiry",
             ),
-            "SELECT min(next_attempt_at) FROM queue WHERE state = 'pending'".into(),
-            "SELECT state, count(*), coalesce(sum(bytes), 0) FROM queue GROUP BY state".into(),
-            "SELECT coalesce(sum(bytes), 0) FROM queue WHERE state = 'done'".into(),
+            (
+                "SELECT min(next_attempt_at) FROM queue WHERE state = 'pending'".into(),
+                "COVERING INDEX queue_state_",
+            ),
+            (
+                "SELECT state, count(*), coalesce(sum(bytes), 0) FROM queue GROUP BY state".into(),
+                "COVERING INDEX queue_state_",
+            ),
+            (
+                "SELECT coalesce(sum(bytes), 0) FROM queue WHERE state = 'done'".into(),
+                "COVERING INDEX queue_state_",
+            ),
+            (
+                format!(
+                    "SELECT {EXPIRY_KEY} FROM queue INDEXED BY queue_pending_expiry \
+                     WHERE state = 'pending' AND {EXPIRY_KEY} <= {NOW}"
+                ),
+                // A range of the index: only the rows that expire soon are read.
+                "SEARCH queue USING INDEX queue_pending_expiry",
+            ),
         ] {
             let plan: Vec<String> = q
                 .conn
@@ -1251,12 +1414,114 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap();
             let plan = plan.join("; ");
-            assert!(
-                plan.contains("COVERING INDEX queue_state_"),
-                "{sql}: {plan}"
-            );
+            assert!(plan.contains(index), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
         }
+    }
+
+    #[test]
+    fn the_video_that_expires_first_is_claimed_first() {
+        let (_dir, q) = temp_queue();
+        for (id, exp) in [
+            ("none1", None),
+            ("late", Some("+30 minutes")),
+            ("soon", Some("+5 minutes")),
+            ("none2", None),
+            ("past", Some("-1 minutes")),
+        ] {
+            q.conn
+                .execute(
+                    "INSERT INTO queue(video_id, expires_at) VALUES \
+                     (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2))",
+                    params![id, exp],
+                )
+                .unwrap();
+        }
+        let order: Vec<String> = (0..5)
+            .map(|_| q.claim(1, &[]).unwrap().remove(0).video_id)
+            .collect();
+        assert_eq!(order, ["past", "soon", "late", "none1", "none2"]);
+        let s = q.status(5).unwrap();
+        assert_eq!((s.expiring_soon, s.expired_pending), (0, 0), "none pending");
+    }
+
+    #[test]
+    fn expiry_counts_and_what_an_attempt_learned() {
+        let (_dir, mut q) = temp_queue();
+        q.enqueue(["a", "b", "c"]).unwrap();
+        q.conn
+            .execute_batch(
+                "UPDATE queue SET expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+5 minutes') \
+                 WHERE video_id = 'a'; \
+                 UPDATE queue SET expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-5 minutes') \
+                 WHERE video_id = 'b';",
+            )
+            .unwrap();
+        let s = q.status(5).unwrap();
+        assert_eq!((s.expiring_soon, s.expired_pending), (1, 1));
+        let c = q.claim(1, &["b".to_owned()]).unwrap().remove(0);
+        assert_eq!(c.video_id, "a", "b is excepted");
+        let soon = c.expires_at.unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((soon - now - 300).abs() <= 2, "{soon} vs {now}");
+        let retry = Finish::Retry {
+            delay: Duration::from_secs(60),
+            error: "not ready".into(),
+            http_status: Some(400),
+        };
+        assert!(
+            q.finish(&c, &retry, Duration::ZERO, Some(1_900_000_000))
+                .unwrap()
+        );
+        let row = q.get("a").unwrap().unwrap();
+        assert_eq!(row.expires_at.as_deref(), Some("2030-03-17T17:46:40.000Z"));
+        let c = q.claim(1, &[]).unwrap().remove(0);
+        assert_eq!(c.video_id, "b");
+        let failed = Finish::Failed {
+            error: "kept".into(),
+            http_status: Some(200),
+            kept: Some(FileRecord {
+                path: "/x/b.mp4".into(),
+                sha256: "00".into(),
+                bytes: 9,
+                metadata: Some("{}".into()),
+            }),
+        };
+        assert!(q.finish(&c, &failed, Duration::ZERO, None).unwrap());
+        let row = q.get("b").unwrap().unwrap();
+        assert_eq!(
+            (
+                row.state.as_str(),
+                row.path.as_deref(),
+                row.bytes,
+                row.metadata.as_deref()
+            ),
+            ("failed", Some("/x/b.mp4"), Some(9), Some("{}"))
+        );
+        assert!(
+            row.expires_at.is_some(),
+            "kept when nothing new was learned"
+        );
+        assert_eq!(
+            q.done_page(0, 10).unwrap().len(),
+            1,
+            "a kept file is verified"
+        );
+        // A released row failed afterwards, and only while it is still pending.
+        let c = q.claim(1, &[]).unwrap().remove(0);
+        let release = Finish::Release {
+            delay: Duration::ZERO,
+            error: None,
+        };
+        assert!(q.finish(&c, &release, Duration::ZERO, None).unwrap());
+        assert!(q.fail_released(&c, "refused 3 times", Some(403)).unwrap());
+        assert!(!q.fail_released(&c, "again", Some(403)).unwrap());
+        let row = q.get("c").unwrap().unwrap();
+        assert_eq!((row.state.as_str(), row.http_status), ("failed", Some(403)));
+        assert_eq!(q.history("c").unwrap().last().unwrap().outcome, "failed");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `hingnetd verify`: re-hashing archived files against the SHA-256 and size their rows
-//! recorded, and finding files in the archive that no row names.
+//! recorded, finding files in the archive that no row names, and partial files left behind by
+//! videos that will never resume them.
 
 use std::fmt;
 use std::fs::File;
@@ -44,6 +45,12 @@ pub enum Problem {
     NotQueued {
         id: String,
     },
+    /// A partial file (or its resume record) whose video will not resume it: its row is done,
+    /// failed, or gone.
+    Leftover {
+        path: PathBuf,
+        why: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -58,6 +65,13 @@ impl fmt::Display for Problem {
                 write!(f, "NOTDONE {id} is {state}, nothing to verify")
             }
             Problem::NotQueued { id } => write!(f, "UNKNOWN {id} is not in the queue"),
+            Problem::Leftover { path, why } => {
+                write!(
+                    f,
+                    "PARTIAL {} ({why}; nothing will resume it)",
+                    path.display()
+                )
+            }
         }
     }
 }
@@ -84,8 +98,9 @@ impl Report {
         );
         if self.scanned_for_orphans {
             s.push_str(&format!(
-                ", {} orphan(s)",
-                count(|p| matches!(p, Problem::Orphan { .. }))
+                ", {} orphan(s), {} leftover partial file(s)",
+                count(|p| matches!(p, Problem::Orphan { .. })),
+                count(|p| matches!(p, Problem::Leftover { .. }))
             ));
         }
         s
@@ -122,7 +137,7 @@ pub fn run(
         for id in ids {
             match q.get(id)? {
                 None => report.problems.push(Problem::NotQueued { id: id.clone() }),
-                Some(r) if r.state != "done" => report.problems.push(Problem::NotDone {
+                Some(r) if !names_a_file(&r) => report.problems.push(Problem::NotDone {
                     id: id.clone(),
                     state: r.state,
                 }),
@@ -138,6 +153,11 @@ pub fn run(
         }
     }
     Ok(report)
+}
+
+/// Whether the row names an archived file: done, or failed with the bytes the API served kept.
+fn names_a_file(r: &RowView) -> bool {
+    r.state == "done" || (r.state == "failed" && r.path.is_some())
 }
 
 fn check(row: &RowView, report: &mut Report, bar: Option<&ProgressBar>) {
@@ -198,8 +218,9 @@ fn hash_file(path: &Path, bar: Option<&ProgressBar>) -> io::Result<String> {
     }
 }
 
-/// Files in the archive directory that no done row names. Hidden files (downloads in
-/// progress) are not orphans.
+/// Files in the archive directory that no row names (a video, or its `<id>.json` beside it),
+/// and hidden partial files whose video will never resume them. Other hidden files (downloads
+/// in progress, files set aside as `.<id>.mp4.replaced-...`) are not reported.
 fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), VerifyError> {
     let entries = match std::fs::read_dir(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -218,18 +239,34 @@ fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), Verify
             source,
         })?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        let path = canonical.join(&name);
         if name.starts_with('.') {
+            if let Some(id) = crate::archive::leftover_of(&name) {
+                let why = match q.get(id)? {
+                    None => "its video is not in the queue".to_owned(),
+                    Some(r) if r.state == "pending" || r.state == "downloading" => continue,
+                    Some(r) => format!("its video is {}", r.state),
+                };
+                report.problems.push(Problem::Leftover { path, why });
+            }
             continue;
         }
-        let path = canonical.join(&name);
+        // The video's own name, for the video and for its sidecar.
+        let video = name
+            .strip_suffix(".mp4")
+            .or_else(|| name.strip_suffix(".json"))
+            .and_then(|id| VideoId::parse(id).ok());
         // A file whose row is still `downloading` was just published and is being recorded:
         // not an orphan.
-        let named = match name.strip_suffix(".mp4").map(VideoId::parse) {
-            Some(Ok(id)) => q.get(id.as_str())?.is_some_and(|r| {
-                r.state == "downloading"
-                    || (r.state == "done" && r.path.as_deref() == path.to_str())
-            }),
-            _ => false,
+        let named = match video {
+            Some(id) => {
+                let mp4 = canonical.join(format!("{id}.mp4"));
+                q.get(id.as_str())?.is_some_and(|r| {
+                    r.state == "downloading"
+                        || (names_a_file(&r) && r.path.as_deref() == mp4.to_str())
+                })
+            }
+            None => false,
         };
         if !named {
             report.problems.push(Problem::Orphan { path });

@@ -268,15 +268,17 @@ fn ballast(path: &Path, mib: usize) {
     std::fs::write(path, vec![0xa5u8; mib << 20]).expect("write ballast");
 }
 
-/// The disk fills mid-write (a real ENOSPC on a small tmpfs): the video is neither done nor
-/// failed and its partial is removed. While free space is below `archive.min_free`, new
-/// downloads wait; when space returns they resume by themselves.
+/// The disk fills mid-write (a real ENOSPC on a small tmpfs, with no reserve kept): the video
+/// is neither done nor failed and its partial is removed. With a reserve (`archive.min_free`,
+/// set by a reload), while free space is below it new downloads wait; when space returns they
+/// resume by themselves.
 #[test]
 fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
     const NAME: &str = "disk_full";
     let (api, mut env) = setup_with(|s| {
         s.concurrency = 2;
-        s.min_free = "4MiB";
+        // No reserve: the write itself runs into the full disk.
+        s.min_free = "0";
     });
     let Some(_fs) = Tmpfs::mount(NAME, &env.dir.path().join("small"), "64m") else {
         return;
@@ -302,6 +304,10 @@ fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
     });
 
     // Below the reserve: new downloads wait, and say why.
+    env.settings.min_free = "4MiB";
+    env.write_config();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded");
     let filler2 = env.dir.path().join("small/ballast2");
     ballast(&filler2, 12);
     d.wait_log("NEW DOWNLOADS PAUSED");
@@ -337,6 +343,61 @@ fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
     );
     assert!(during.is_empty(), "requests while paused: {during:?}");
     assert!(violations.is_empty(), "{violations:?}");
+}
+
+/// A body with no announced length reserves nothing up front: `archive.min_free` is held while
+/// it is written. It stops short of the reserve (no ENOSPC), the partial is kept (not
+/// removed, not failed), new downloads wait, and when space returns it resumes where it
+/// stopped and ends in the right file.
+#[test]
+fn a_body_without_a_length_stops_at_the_reserve_and_resumes() {
+    const NAME: &str = "reserve_while_writing";
+    let (api, mut env) = setup_with(|s| {
+        s.concurrency = 1;
+        s.min_free = "8MiB";
+    });
+    let Some(_fs) = Tmpfs::mount(NAME, &env.dir.path().join("small"), "64m") else {
+        return;
+    };
+    env.archive = env.dir.path().join("small/videos");
+    env.write_config();
+    // 24 MiB free, 8 MiB of them kept: a 30 MiB chunked body stops after about 16 MiB.
+    let filler = env.dir.path().join("small/ballast1");
+    ballast(&filler, 40);
+    let v = api.add_video("video_unsized", 30 << 20);
+    api.script("video_unsized", vec![Step::Chunked, Step::Serve]);
+    let d = env.start();
+    env.insert_sqlite3(&["video_unsized"]);
+    let row = env.wait_row("video_unsized", "stopped at the reserve", |r| {
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("archive.min_free"))
+    });
+    assert_eq!(
+        (row.state.as_str(), row.attempts),
+        ("pending", 0),
+        "{row:?}"
+    );
+    assert!(!row.last_error.unwrap().contains("No space left"));
+    let kept = std::fs::metadata(env.partial_path("video_unsized"))
+        .expect("the partial is kept")
+        .len();
+    assert!((8 << 20..=24 << 20).contains(&kept), "kept {kept} bytes");
+    d.wait_log("NEW DOWNLOADS PAUSED");
+    std::fs::remove_file(&filler).unwrap();
+    let row = env.wait_state("video_unsized", "done");
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+    let resumed = api
+        .content_requests("video_unsized")
+        .into_iter()
+        .find(|r| r.range.is_some())
+        .expect("resumed with a Range");
+    let from: u64 = resumed.range.unwrap()["bytes=".len()..]
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    println!("FAULTS {NAME}: kept_bytes={kept} resumed_from={from} violations=0");
+    assert!(from > 0 && from <= kept, "resumed from {from}, kept {kept}");
 }
 
 /// The archive directory disappears: before a download (nothing is claimed until it is back)
@@ -410,19 +471,8 @@ fn a_partial_whose_bytes_changed_is_downloaded_again() {
 
 /// The one-line error a start-up failure must give: exit 1, the database named, no panic.
 fn assert_clear_start_error(env: &Env, case: &str, needle: &str) -> String {
-    let mut child = env
-        .command(&["run"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run hingnetd");
     // A daemon that starts anyway is the failure this guards against: stop it at the deadline.
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
+    let out = env.cmd_bounded(&["run"], Duration::from_secs(10));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{case}: {err}");
     assert_eq!(err.trim().lines().count(), 1, "{case}: not one line: {err}");

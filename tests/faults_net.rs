@@ -1135,6 +1135,8 @@ fn an_unreachable_api_host_is_retried_with_backoff_and_named() {
         s.base_url = base.clone();
         s.initial_delay = "100ms";
         s.max_delay = "400ms";
+        // Plain http to a name that is not loopback (it resolves nowhere): allowed only so.
+        s.allow_plain_http = true;
         let env = Env::new(s, &run.token);
         let d = env.start();
         env.insert_sqlite3(&["video_unreachable"]);
@@ -1244,8 +1246,9 @@ fn an_unreachable_api_host_does_not_fail_the_videos() {
 // ---------------------------------------------------------------------------------------------
 
 /// The README's rule, written independently of the daemon's: 1-128 of `[A-Za-z0-9_-]`, not
-/// starting with `-`.
+/// starting with `-`, once the ASCII whitespace around it (a producer's newline) is trimmed.
 fn valid_id(b: &[u8]) -> bool {
+    let b = b.trim_ascii();
     (1..=128).contains(&b.len())
         && b[0] != b'-'
         && b.iter()
@@ -1314,11 +1317,16 @@ fn hostile_id(rng: &mut fastrand::Rng, marker: &str) -> Vec<u8> {
         // NUL and control characters inside a valid-looking id.
         2 => {
             let mut b = base.clone().into_bytes();
-            let at = rng.usize(0..=b.len());
             let c = match rng.u8(0..3) {
                 0 => 0,
                 1 => rng.u8(1..0x20),
                 _ => 0x7f,
+            };
+            // ASCII whitespace around an id is trimmed (a producer's newline): inside it, not.
+            let at = if c.is_ascii_whitespace() {
+                rng.usize(1..b.len())
+            } else {
+                rng.usize(0..=b.len())
             };
             b.insert(at, c);
             b
@@ -1372,10 +1380,11 @@ fn hostile_id(rng: &mut fastrand::Rng, marker: &str) -> Vec<u8> {
         7 => ["", " ", "  ", "\t", "\u{3000}", "\u{feff}", "\u{00a0}"][rng.usize(0..7)]
             .to_owned()
             .into_bytes(),
-        8 => if rng.bool() {
-            format!(" {base}")
-        } else {
-            format!("{base} ")
+        // Padding that is not ASCII whitespace (which is trimmed), and a blank inside.
+        8 => match rng.u8(0..3) {
+            0 => format!("\u{3000}{base}"),
+            1 => format!("{base}\u{a0}"),
+            _ => format!("{} {}", &base[..4], &base[4..]),
         }
         .into_bytes(),
         // Raw bytes: invalid UTF-8, overlong '/' and '.', lone surrogates' encodings.
@@ -1543,6 +1552,7 @@ fn ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file() {
         "daemon.log",
         "videos",
         "videos/video_sentinel.mp4",
+        "videos/video_sentinel.json",
         "state/queue.db-wal",
         "state/queue.db-shm",
         "state/queue.db.lock",
@@ -1575,7 +1585,7 @@ fn ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file() {
         ));
     }
     let archive: Vec<String> = run.env.archive_files();
-    if archive != ["video_sentinel.mp4"] {
+    if archive != ["video_sentinel.json", "video_sentinel.mp4"] {
         run.violation(format!("archive holds {archive:?}"));
     }
     for dir in &above {

@@ -229,7 +229,9 @@ fn operator_commands_work_while_the_daemon_runs() {
     let out = env.cmd(&["show", "video_gone"]);
     let text = stdout(&out);
     assert!(text.contains("never (failed"), "{text}");
-    assert!(text.contains("attempt 1 failed (http 404"), "{text}");
+    // The first JSON 404 is confirmed once more before the video fails.
+    assert!(text.contains("attempt 1 retry (http 404"), "{text}");
+    assert!(text.contains("attempt 2 failed (http 404"), "{text}");
 
     // retry: the failed video goes back, the daemon notices, and this time it is there.
     api.script("video_gone", vec![Step::Serve]);

@@ -122,16 +122,17 @@ fn content_is_deterministic_mp4() {
     assert_ne!(a, standin::video_content("video_abd", 1000));
     assert_eq!(&a[..8], b"\0\0\0\x18ftyp");
     assert_eq!(&a[8..12], b"isom");
-    assert_eq!(&a[28..32], b"mdat");
+    assert_eq!(&a[28..32], b"moov");
+    assert_eq!(&a[52..56], b"mdat");
     // Pinned (cross-checked with an independent implementation) so that content cannot drift
     // silently; sizes that are not a multiple of 8 take the tail path.
     assert_eq!(
         standin::sha256_hex(&a),
-        "60ad8c14399a22e4c4e98abb628eb6a9d96c63cf277c31245616afe8ea32dae1"
+        "350da8c0c9f48115c19df0fde6e89a24f68a2b8c1a855be09418ac76887ee9d7"
     );
     assert_eq!(
         standin::sha256_hex(&standin::video_content("video_abc", 1003)),
-        "0d1e44c79700c7a10d00bbc2250b0d52e29663842b9f2af8ec27967bfe855bb4"
+        "f6c0681e8545607176fb598298d81329d404d646c7eb7d7d561c032dee419130"
     );
     let s = StandIn::start(TOKEN);
     let v = s.add_video("video_abc", 1000);

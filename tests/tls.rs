@@ -9,9 +9,9 @@ use support::tls::{HttpsServer, make_certs};
 
 const TOKEN: &str = "oh-tls-canary-91c2";
 
-/// Serves one small MP4 to every request.
+/// Serves one small MP4 (ftyp, moov, mdat) to every request.
 const HANDLER: &str = r#"
-BODY = b"\0\0\0\x0cftypisom" + (8 + 256 * 40).to_bytes(4, "big") + b"mdat" + bytes(range(256)) * 40
+BODY = b"\0\0\0\x0cftypisom\0\0\0\x08moov" + (8 + 256 * 40).to_bytes(4, "big") + b"mdat" + bytes(range(256)) * 40
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
@@ -47,5 +47,5 @@ fn an_operators_ca_is_trusted_through_ssl_cert_file_and_unknown_issuers_are_not(
     let _d = env.start_with_env("daemon.log", &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
     env.insert_sqlite3(&["video_tls"]);
     let row = env.wait_state("video_tls", "done");
-    assert_eq!(row.bytes, Some(12 + 8 + 256 * 40));
+    assert_eq!(row.bytes, Some(12 + 8 + 8 + 256 * 40));
 }

@@ -53,17 +53,38 @@ pub fn rows(env: &Env) -> Vec<DbRow> {
 }
 
 /// The promise: a `done` row names a regular file (not a link) at the video's final path whose
-/// SHA-256 and size are the row's and the stand-in's video's; no published file without a
-/// `done` row. Returns one line per breach.
+/// SHA-256 and size are the row's and the stand-in's video's; a `failed` row that names a file
+/// (bytes the API served, kept) names exactly those bytes; no published file (nor its
+/// `<id>.json`) without such a row. Returns one line per breach.
 pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
     let mut bad = Vec::new();
     let mut named = BTreeSet::new();
     for r in rows(env) {
+        if r.state == "failed" && r.path.is_some() {
+            let final_path = env.final_path(&r.id);
+            named.insert(final_path.clone());
+            named.insert(env.archive.join(format!("{}.json", r.id)));
+            if r.path.as_deref() != final_path.to_str() {
+                bad.push(format!("{}: kept with path {:?}", r.id, r.path));
+            } else if final_path.is_file() {
+                let on_disk = file_sha256(&final_path);
+                if r.sha256.as_deref() != Some(on_disk.as_str()) {
+                    bad.push(format!(
+                        "{}: kept, row sha256 {:?}, file {on_disk}",
+                        r.id, r.sha256
+                    ));
+                }
+            } else {
+                bad.push(format!("{}: kept, but {final_path:?} is not a file", r.id));
+            }
+            continue;
+        }
         if r.state != "done" {
             continue;
         }
         let final_path = env.final_path(&r.id);
         named.insert(final_path.clone());
+        named.insert(env.archive.join(format!("{}.json", r.id)));
         if r.path.as_deref() != final_path.to_str() {
             bad.push(format!("{}: done with path {:?}", r.id, r.path));
             continue;

@@ -34,6 +34,13 @@ pub struct Settings {
     pub min_free: &'static str,
     /// Kept at an hour so every test proves that new rows are noticed without polling.
     pub poll_interval: &'static str,
+    /// `api.allow_plain_http`: a test that names a host other than loopback needs it.
+    pub allow_plain_http: bool,
+    /// `download.low_speed_limit` and `download.low_speed_time`.
+    pub low_speed_limit: &'static str,
+    pub low_speed_time: &'static str,
+    /// `archive.sidecar`.
+    pub sidecar: bool,
 }
 
 impl Settings {
@@ -49,6 +56,10 @@ impl Settings {
             max_bytes: "16GiB",
             min_free: "0",
             poll_interval: "1h",
+            allow_plain_http: false,
+            low_speed_limit: "1KiB",
+            low_speed_time: "60s",
+            sidecar: true,
         }
     }
 }
@@ -84,21 +95,37 @@ impl Env {
     pub fn render(&self) -> String {
         let s = &self.settings;
         format!(
-            "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n\
+            "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n{}\
              [queue]\ndatabase = {:?}\npoll_interval = {:?}\n\
-             [archive]\ndir = {:?}\nmin_free = {:?}\n\
-             [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n\
+             [archive]\ndir = {:?}\nmin_free = {:?}\n{}\
+             [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n{}\
              [retry]\ninitial_delay = {:?}\nmax_delay = {:?}\ngive_up_after = {:?}\n",
             s.base_url,
             self.token_file,
             s.read_timeout,
+            // Written only when a test sets them, so that a file the defaults describe stays
+            // as short as an operator's.
+            if s.allow_plain_http {
+                "allow_plain_http = true\n"
+            } else {
+                ""
+            },
             self.db,
             s.poll_interval,
             self.archive,
             s.min_free,
+            if s.sidecar { "" } else { "sidecar = false\n" },
             s.concurrency,
             s.shutdown_grace,
             s.max_bytes,
+            if (s.low_speed_limit, s.low_speed_time) == ("1KiB", "60s") {
+                String::new()
+            } else {
+                format!(
+                    "low_speed_limit = {:?}\nlow_speed_time = {:?}\n",
+                    s.low_speed_limit, s.low_speed_time
+                )
+            },
             s.initial_delay,
             s.max_delay,
             s.give_up_after,
@@ -140,6 +167,24 @@ impl Env {
 
     pub fn cmd(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("run hingnetd")
+    }
+
+    /// Like `cmd`, for a command that is expected to exit at once (a start-up error): one that
+    /// runs on instead (a daemon that starts anyway) is killed after `limit`, and its output
+    /// returned all the same, so that the test fails rather than hangs.
+    pub fn cmd_bounded(&self, args: &[&str], limit: Duration) -> Output {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run hingnetd");
+        let start = Instant::now();
+        while child.try_wait().expect("try_wait").is_none() && start.elapsed() < limit {
+            std::thread::sleep(POLL);
+        }
+        let _ = child.kill();
+        child.wait_with_output().expect("hingnetd's output")
     }
 
     pub fn start(&self) -> Daemon {
@@ -284,6 +329,11 @@ impl Env {
 
     pub fn final_path(&self, id: &str) -> PathBuf {
         self.archive.join(format!("{id}.mp4"))
+    }
+
+    /// Beside the video: what the API said about it.
+    pub fn sidecar_path(&self, id: &str) -> PathBuf {
+        self.archive.join(format!("{id}.json"))
     }
 }
 

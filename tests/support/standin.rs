@@ -126,6 +126,32 @@ pub enum Step {
     /// listeners' `ip:port`), `{id}` (the percent-encoded id) and `{sig}` (a fresh signature,
     /// valid for `/cdn/{id}` and `/files/{id}` on either host).
     RedirectTo(String),
+    /// Like [`Step::Serve`], labelled with this `Content-Type` instead of `video/mp4`.
+    ServeAs(String),
+    /// Like [`Step::Serve`] (honouring `Range`), but with these bytes instead of the video's:
+    /// an encoder's unfinished file, stray bytes after the last box, another version.
+    Body(Arc<Vec<u8>>),
+    /// A request with `Range` gets this status (an OpenAI-shaped error); one without is served.
+    RefuseRange(u16),
+    /// 206 for at most `n` bytes from the requested offset (0 without `Range`), with
+    /// `Content-Range: bytes S-E/len`: a CDN that caps the size of a range, or answers a
+    /// plain GET with a 206 for the whole file.
+    Capped(usize),
+    /// That status with an OpenAI-shaped error whose message is this text, with `{token}`
+    /// replaced by the token the stand-in accepts and `{url}` by the request's own path and
+    /// query (a server that echoes what it was sent).
+    Echo(u16, String),
+}
+
+/// One scripted answer of the status endpoint (`GET /v1/videos/{id}`).
+#[derive(Clone, Debug)]
+pub enum StatusStep {
+    /// 200 with the status object, this status word.
+    Word(String),
+    /// 404 with an OpenAI-shaped JSON error: the endpoint does not know the video.
+    Missing,
+    /// 404 with an HTML page, as a proxy in front of the API answers a path it does not know.
+    Html404,
 }
 
 /// Which listener a request arrived on.
@@ -298,7 +324,8 @@ impl StandIn {
                 videos: HashMap::new(),
                 scripts: HashMap::new(),
                 cdn_scripts: HashMap::new(),
-                statuses: HashMap::new(),
+                status_scripts: HashMap::new(),
+                status_extra: HashMap::new(),
                 added_at: HashMap::new(),
                 signatures: HashMap::new(),
                 holds: HashMap::new(),
@@ -391,10 +418,61 @@ impl StandIn {
     /// What `GET /v1/videos/{id}` answers: `Some(word)` → 200 JSON with that status word,
     /// `None` → 404 JSON error.
     pub fn set_status(&self, id: &str, status: Option<&str>) {
+        let step = match status {
+            Some(w) => StatusStep::Word(w.to_owned()),
+            None => StatusStep::Missing,
+        };
+        self.script_status(id, vec![step]);
+    }
+
+    /// Replaces the status endpoint's script for `id`: one step per status request, the last
+    /// one repeating (a replica that lags, a proxy's page).
+    pub fn script_status(&self, id: &str, steps: Vec<StatusStep>) {
+        assert!(!steps.is_empty(), "a script needs at least one step");
         self.shared
             .lock()
-            .statuses
-            .insert(id.to_owned(), status.map(str::to_owned));
+            .status_scripts
+            .insert(id.to_owned(), steps.into());
+    }
+
+    /// Fields merged into every status object of `id` (`expires_at`, a Veo-style `video_url`,
+    /// ...). In a string value, `{sig}` becomes a fresh signed-URL signature, which the leak
+    /// sweep then looks for.
+    pub fn status_fields(&self, id: &str, fields: serde_json::Value) {
+        assert!(fields.is_object());
+        self.shared
+            .lock()
+            .status_extra
+            .insert(id.to_owned(), fields);
+    }
+
+    /// The status requests for `id` so far.
+    pub fn status_requests(&self, id: &str) -> Vec<Request> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.is_status() && r.video_id().as_deref() == Some(id))
+            .collect()
+    }
+
+    /// The content requests for `id` so far (API host).
+    pub fn content_requests(&self, id: &str) -> Vec<Request> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.is_content() && r.video_id().as_deref() == Some(id))
+            .collect()
+    }
+
+    /// Registers `id` with exactly these bytes (see [`StandIn::add_video`]).
+    pub fn add_video_bytes(&self, id: &str, bytes: Vec<u8>) -> Video {
+        let video = Video {
+            id: id.to_owned(),
+            sha256: sha256_hex(&bytes),
+            bytes: Arc::new(bytes),
+        };
+        self.shared
+            .lock()
+            .insert_video(video.clone(), vec![Step::Serve]);
+        video
     }
 
     /// Invalidates every signed URL issued so far: the CDN answers them with 403 (XML body),
@@ -489,23 +567,24 @@ impl Drop for StandIn {
 }
 
 /// The deterministic content of video `id` with `size` bytes (`size >= 64`): an MP4 `ftyp`
-/// box (`isom`, minor 0x200, brands `isom mp41`), an `mdat` box header covering the rest, then
-/// xorshift bytes seeded from the id. The same id always yields the same prefix.
+/// box (`isom`, minor 0x200, brands `isom mp41`), a small `moov` box, an `mdat` box header
+/// covering the rest, then xorshift bytes seeded from the id. The same id always yields the
+/// same prefix. A whole MP4 to the daemon's box walk; any cut of it is not.
 pub fn video_content(id: &str, size: usize) -> Vec<u8> {
     assert!(
         size >= 64,
         "video size must be at least 64 bytes, got {size}"
     );
-    const FTYP: [u8; 24] = *b"\0\0\0\x18ftypisom\0\0\x02\0isommp41";
+    const HEAD: [u8; 48] = *b"\0\0\0\x18ftypisom\0\0\x02\0isommp41\0\0\0\x18moovstand-in movie\0\0";
     let mut out = vec![0u8; size];
-    out[..24].copy_from_slice(&FTYP);
+    out[..48].copy_from_slice(&HEAD);
     // An `mdat` box spanning the rest keeps the file walkable box by box.
-    let mdat_len = u32::try_from(size - FTYP.len()).unwrap_or(u32::MAX);
-    out[24..28].copy_from_slice(&mdat_len.to_be_bytes());
-    out[28..32].copy_from_slice(b"mdat");
+    let mdat_len = u32::try_from(size - HEAD.len()).unwrap_or(u32::MAX);
+    out[48..52].copy_from_slice(&mdat_len.to_be_bytes());
+    out[52..56].copy_from_slice(b"mdat");
     // xorshift64 must not start at zero; `| 1` guarantees that.
     let mut x = fnv1a(id.as_bytes()) | 1;
-    for word in out[32..].chunks_mut(8) {
+    for word in out[56..].chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -571,7 +650,9 @@ struct State {
     videos: HashMap<String, Video>,
     scripts: HashMap<String, VecDeque<Step>>,
     cdn_scripts: HashMap<String, VecDeque<Step>>,
-    statuses: HashMap<String, Option<String>>,
+    status_scripts: HashMap<String, VecDeque<StatusStep>>,
+    /// Fields merged into a video's status object (`{sig}` in a string: a fresh signature).
+    status_extra: HashMap<String, serde_json::Value>,
     /// Unix time at which each video was registered; the status JSON derives its times from it.
     added_at: HashMap<String, u64>,
     /// Signed-URL signature → the video id it was issued for.
@@ -616,9 +697,9 @@ impl State {
         self.scripts
             .entry(id.clone())
             .or_insert_with(|| default_script.into());
-        self.statuses
+        self.status_scripts
             .entry(id.clone())
-            .or_insert_with(|| Some("completed".to_owned()));
+            .or_insert_with(|| vec![StatusStep::Word("completed".to_owned())].into());
         self.added_at.insert(id.clone(), unix_now());
         self.videos.insert(id, video);
     }
@@ -823,7 +904,17 @@ fn video_reply(
 ) -> Reply {
     let tag = etag(video);
     let range = range.filter(|_| head.if_range.as_deref().is_none_or(|v| v == tag));
-    let reply = apply(state, step, video, range);
+    let reply = match step {
+        Step::Echo(code, text) => {
+            let url = match &head.query {
+                Some(q) => format!("{}?{q}", head.path),
+                None => head.path.clone(),
+            };
+            let message = text.replace("{token}", &state.token).replace("{url}", &url);
+            Reply::api_error(code, &message, "invalid_request_error", None)
+        }
+        step => apply(state, step, video, range),
+    };
     if matches!(reply.status, 200 | 206) {
         reply.header("ETag", tag)
     } else {
@@ -855,14 +946,32 @@ fn signed_file(state: &mut State, id: &str, head: &Head, range: Option<usize>) -
 
 fn status(state: &mut State, id: &str) -> Reply {
     state.ensure_demo_video(id);
-    let Some(Some(word)) = state.statuses.get(id) else {
-        return Reply::api_error(
-            404,
-            "task does not exist",
-            "invalid_request_error",
-            Some("not_found"),
-        );
+    let step = state.status_scripts.get_mut(id).map(|s| {
+        if s.len() > 1 {
+            s.pop_front().expect("non-empty")
+        } else {
+            s.front().cloned().expect("non-empty")
+        }
+    });
+    let word = match step {
+        Some(StatusStep::Word(w)) => w,
+        Some(StatusStep::Html404) => {
+            return Reply::new(404).body(
+                "text/html",
+                b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
+                    .to_vec(),
+            );
+        }
+        Some(StatusStep::Missing) | None => {
+            return Reply::api_error(
+                404,
+                "task does not exist",
+                "invalid_request_error",
+                Some("not_found"),
+            );
+        }
     };
+    let word = &word;
     let added = state.added_at.get(id).copied().unwrap_or_else(unix_now);
     let finished = matches!(word.as_str(), "completed" | "success");
     let progress = match word.as_str() {
@@ -884,6 +993,26 @@ fn status(state: &mut State, id: &str) -> Reply {
     if finished {
         body["completed_at"] = json!(added);
         body["expires_at"] = json!(added + EXPIRY_SECS);
+    }
+    if let Some(extra) = state.status_extra.get(id).cloned() {
+        for (k, v) in extra.as_object().expect("an object") {
+            let v = match v {
+                serde_json::Value::String(t) if t.contains("{sig}") => {
+                    json!(t.replace("{sig}", &state.new_signature(id)))
+                }
+                serde_json::Value::Object(o) => {
+                    let mut o = o.clone();
+                    for v in o.values_mut() {
+                        if let Some(t) = v.as_str().filter(|t| t.contains("{sig}")) {
+                            *v = json!(t.replace("{sig}", &state.new_signature(id)));
+                        }
+                    }
+                    serde_json::Value::Object(o)
+                }
+                other => other.clone(),
+            };
+            body[k] = v;
+        }
     }
     Reply::json(200, &body)
 }
@@ -999,6 +1128,36 @@ fn apply(state: &mut State, step: Step, video: &Video, range: Option<usize>) -> 
             let total = total.or(range).unwrap_or(len);
             Reply::new(416).header("Content-Range", format!("bytes */{total}"))
         }
+        Step::ServeAs(content_type) => {
+            let mut reply = Reply::ranged(bytes, range, Cut::None);
+            for h in &mut reply.headers {
+                if h.0 == "Content-Type" {
+                    h.1 = content_type.clone();
+                }
+            }
+            reply
+        }
+        Step::Body(other) => Reply::ranged(&other, range, Cut::None),
+        Step::RefuseRange(code) => match range {
+            Some(_) => Reply::api_error(
+                code,
+                &format!("stand-in refuses ranges ({code})"),
+                "server_error",
+                None,
+            ),
+            None => Reply::ranged(bytes, None, Cut::None),
+        },
+        Step::Capped(n) => {
+            let start = range.unwrap_or(0);
+            if start >= len {
+                return Reply::new(416).header("Content-Range", format!("bytes */{len}"));
+            }
+            let end = start.saturating_add(n.max(1)).min(len);
+            Reply::new(206)
+                .shared_body("video/mp4", bytes, start..end)
+                .header("Content-Range", format!("bytes {start}-{}/{len}", end - 1))
+        }
+        Step::Echo(..) => unreachable!("answered in video_reply"),
         Step::RedirectTo(location) => {
             let mut location = location
                 .replace("{api}", &state.api.to_string())
