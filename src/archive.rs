@@ -220,11 +220,6 @@ impl Archive {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// Where the sidecar is written before it is renamed into place.
-    fn sidecar_temp_path(&self, id: &VideoId) -> PathBuf {
-        self.dir.join(format!(".{id}.json.part"))
-    }
-
     /// Looks at the video's final path before downloading: a whole MP4 there means an earlier
     /// run published it but died before the row said so (hash it and take it); anything else
     /// that is a regular file is renamed aside; anything that is not a regular file blocks the
@@ -290,7 +285,6 @@ impl Archive {
             let _ = remove_if_exists(&path);
             return Err(e);
         }
-        let _ = remove_if_exists(&self.sidecar_temp_path(id));
         Ok(Existing::Adopted(Published {
             path,
             sha256: hex(&hasher.finalize()),
@@ -340,8 +334,8 @@ impl Archive {
         matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
     }
 
-    /// Removes what a download of this video left (its partial, resume record and sidecar
-    /// draft) once its row has failed: nothing will resume it. A partial another process holds
+    /// Removes what a download of this video left (its partial and resume record) once its
+    /// row has failed: nothing will resume it. A partial another process holds
     /// (a `hingnetd fetch` that has just started) is left to it.
     pub fn remove_leftovers(&self, id: &VideoId) -> Result<(), ArchiveError> {
         let path = self.partial_path(id);
@@ -361,10 +355,8 @@ impl Archive {
                 source,
             })?,
         }
-        for p in [self.validator_path(id), self.sidecar_temp_path(id)] {
-            remove_if_exists(&p).map_err(|source| ArchiveError::File { path: p, source })?;
-        }
-        Ok(())
+        let p = self.validator_path(id);
+        remove_if_exists(&p).map_err(|source| ArchiveError::File { path: p, source })
     }
 
     /// Opens the video's partial file, creating it or picking up what an earlier attempt left.
@@ -460,7 +452,6 @@ impl Archive {
             path,
             final_path: self.final_path(id),
             sidecar_path: self.sidecar_path(id),
-            sidecar_temp: self.sidecar_temp_path(id),
             dir: self.dir.clone(),
             reserved: 0,
             reservations: self.reservations.clone(),
@@ -475,11 +466,11 @@ impl Archive {
 }
 
 /// What the archive's hidden files belong to, by name: the video ID of a partial
-/// (`.<id>.mp4.part`), its resume record (`...part.validator`) or a sidecar draft
-/// (`.<id>.json.part`); `None` for any other name (a set-aside `.replaced-` file included).
+/// (`.<id>.mp4.part`) or its resume record (`...part.validator`); `None` for any other name (a
+/// set-aside `.replaced-` file included).
 pub fn leftover_of(name: &str) -> Option<&str> {
     let rest = name.strip_prefix('.')?;
-    [".mp4.part.validator", ".mp4.part", ".json.part"]
+    [".mp4.part.validator", ".mp4.part"]
         .iter()
         .find_map(|suffix| rest.strip_suffix(suffix))
         .filter(|id| VideoId::parse(id).is_ok())
@@ -684,7 +675,6 @@ pub struct Partial {
     path: PathBuf,
     final_path: PathBuf,
     sidecar_path: PathBuf,
-    sidecar_temp: PathBuf,
     dir: PathBuf,
     /// Disk space promised to this download and not yet written (see `reserve`).
     reserved: u64,
@@ -1028,29 +1018,36 @@ impl Partial {
             self.remove_files();
             return Err(e);
         }
+        if let Err(e) = self.file.sync_all() {
+            self.remove_files();
+            return Err(self.err(e));
+        }
         let metadata = sidecar.map(|text| {
-            if let Err(e) = self.write_sidecar(text) {
+            if let Err(e) = self.record_to_sidecar(text) {
                 // The status object is in the row too: a sidecar that cannot be written costs
                 // the video nothing.
                 tracing::warn!(path = %self.sidecar_path.display(), error = %e, "cannot write the metadata file");
             }
             text.to_owned()
         });
-        // A draft a killed run left, or the one that just failed.
-        let _ = remove_if_exists(&self.sidecar_temp);
-        if let Err(e) = self.file.sync_all() {
-            self.remove_files();
-            return Err(self.err(e));
-        }
+        // The video without its sidecar is a video; a sidecar without its video is not.
+        let take_back = |p: &Partial| {
+            if metadata.is_some() {
+                let _ = remove_if_exists(&p.sidecar_path);
+            }
+        };
         if let Err(e) = std::fs::rename(&self.path, &self.final_path) {
             self.remove_files();
+            take_back(&self);
             return Err(self.err(e));
         }
-        // Only a leftover now; a failure to remove it costs nothing.
+        // Only a leftover now, unless it became the sidecar; a failure to remove it costs
+        // nothing.
         let _ = remove_if_exists(&self.record_path);
         if let Err(e) = sync_dir(&self.dir) {
             // The name may not be durable: take it back so that no row says done over it.
             let _ = remove_if_exists(&self.final_path);
+            take_back(&self);
             return Err(e);
         }
         Ok(Published {
@@ -1061,17 +1058,19 @@ impl Partial {
         })
     }
 
-    /// `<id>.json`, atomically: a hidden draft, fsynced, renamed into place (the directory
-    /// fsync that follows in `install` makes the name durable with the video's).
-    fn write_sidecar(&self, text: &str) -> io::Result<()> {
-        let mut f = open_own(&self.sidecar_temp)?;
-        f.set_len(0)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
+    /// `<id>.json`, atomically. The resume record has served its purpose once the video is
+    /// fsynced: it is rewritten with the sidecar's text, fsynced, and renamed into place (the
+    /// directory fsync that follows in `install` makes the name durable with the video's). A
+    /// file of its own would cost every video a third inode, where two suffice.
+    fn record_to_sidecar(&mut self, text: &str) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         if std::fs::symlink_metadata(&self.sidecar_path).is_ok_and(|m| m.is_dir()) {
             return Err(io::Error::other("a directory is in the way"));
         }
-        std::fs::rename(&self.sidecar_temp, &self.sidecar_path)
+        self.record.set_len(0)?;
+        self.record.write_all_at(text.as_bytes(), 0)?;
+        self.record.sync_all()?;
+        std::fs::rename(&self.record_path, &self.sidecar_path)
     }
 }
 
@@ -1106,7 +1105,6 @@ mod tests {
                     a.partial_path(&id),
                     a.validator_path(&id),
                     a.sidecar_path(&id),
-                    a.sidecar_temp_path(&id),
                 ] {
                     proptest::prop_assert_eq!(p.parent(), Some(Path::new("/srv/archive")));
                     let name = p.file_name().unwrap().to_str().unwrap();
@@ -1187,7 +1185,7 @@ mod tests {
         assert_eq!(std::fs::read(&pubd.path).unwrap(), data);
         assert_eq!(std::fs::read_to_string(a.sidecar_path(&id)).unwrap(), meta);
         assert!(!a.partial_path(&id).exists());
-        assert!(!a.sidecar_temp_path(&id).exists());
+        assert!(!a.validator_path(&id).exists());
         // Found again by a later run, with its sidecar.
         assert_eq!(a.existing(&id).unwrap(), Existing::Adopted(pubd));
     }
@@ -1210,7 +1208,6 @@ mod tests {
         std::os::unix::fs::symlink(&outside, a.partial_path(&id2)).unwrap();
         std::os::unix::fs::symlink(&outside, a.validator_path(&id2)).unwrap();
         std::os::unix::fs::symlink(&outside, a.final_path(&id2)).unwrap();
-        std::os::unix::fs::symlink(&outside, a.sidecar_temp_path(&id2)).unwrap();
         // Planted links are removed or replaced, never written through.
         assert_eq!(a.existing(&id2).unwrap(), Existing::Absent);
         let mut p = a.begin(&id2).unwrap();
@@ -1298,7 +1295,7 @@ mod tests {
     fn leftovers_are_named_and_removed() {
         assert_eq!(leftover_of(".video_1.mp4.part"), Some("video_1"));
         assert_eq!(leftover_of(".video_1.mp4.part.validator"), Some("video_1"));
-        assert_eq!(leftover_of(".video_1.json.part"), Some("video_1"));
+        assert_eq!(leftover_of(".video_1.json.part"), None);
         for other in [
             "video_1.mp4",
             ".video_1.mp4.replaced-20261201T120000Z",

@@ -750,10 +750,10 @@ impl Attempt<'_> {
             }
         }
         // The first bytes decide whether this is a video, whatever Content-Type says.
-        let mut first = Vec::new();
+        let mut queued = Vec::new();
         if start == 0 {
             match self.sniff(&mut response).await {
-                Ok(bytes) => first = bytes,
+                Ok(chunks) => queued = chunks,
                 Err(Some(head)) => {
                     let what = match api::is_text_type(response.headers()) {
                         Some(mime) => format!("{mime}, not a video"),
@@ -820,39 +820,29 @@ impl Attempt<'_> {
         }
         let (tx, writer) = self.spawn_writer();
         let read_timeout = self.api.read_timeout();
-        let (floor, floor_time) = self.limits.low_speed;
-        let mut window = (Instant::now(), 0u64);
+        let mut floor = SpeedFloor::new(self.limits.low_speed);
         let mut worthless = false;
-        let mut received = first.len() as u64;
+        let mut received: u64 = queued.iter().map(|c| c.len() as u64).sum();
+        let mut queued = queued.into_iter();
         let mut end = StreamEnd::Complete;
-        let mut queued = (!first.is_empty()).then(|| Bytes::from(first));
         loop {
-            let chunk = match queued.take() {
+            let chunk = match queued.next() {
                 Some(c) => c,
                 None => {
-                    let slow_check = tokio::time::Instant::from_std(window.0 + floor_time);
-                    let chunk = tokio::select! {
-                        c = tokio::time::timeout(read_timeout, response.chunk()) => Some(c),
+                    // One timer per read: the stall limit, or the end of the speed floor's
+                    // window if that comes first.
+                    let stall_at = Instant::now() + read_timeout;
+                    let wake = floor.window_end().map_or(stall_at, |w| w.min(stall_at));
+                    let read = tokio::select! {
+                        c = tokio::time::timeout_at(wake.into(), response.chunk()) => c,
                         _ = self.cancel.cancelled() => { end = StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }); break }
-                        _ = tokio::time::sleep_until(slow_check), if floor > 0 => None,
                     };
-                    if floor > 0 && window.0.elapsed() >= floor_time {
-                        if (window.1 as f64) < floor as f64 * floor_time.as_secs_f64() {
-                            end = transient(
-                                status,
-                                format!(
-                                    "slower than {}/s for {} ({} bytes; download.low_speed_limit, download.low_speed_time)",
-                                    format_size(floor),
-                                    format_duration(floor_time),
-                                    window.1
-                                ),
-                            );
-                            break;
-                        }
-                        window = (Instant::now(), 0);
+                    if let Some(why) = floor.check() {
+                        end = transient(status, why);
+                        break;
                     }
-                    let Some(chunk) = chunk else { continue };
-                    match chunk {
+                    match read {
+                        Err(_) if Instant::now() < stall_at => continue,
                         Err(_) => {
                             end = transient(status, stalled(read_timeout));
                             break;
@@ -876,7 +866,7 @@ impl Attempt<'_> {
                     }
                 }
             };
-            window.1 += chunk.len() as u64;
+            floor.add(chunk.len());
             // A body without a length is held to the limit as it arrives.
             if start + received > max {
                 worthless = true;
@@ -929,26 +919,30 @@ impl Attempt<'_> {
         end
     }
 
-    /// Reads a body's first chunks until there are 8 bytes to look at: `Ok` with them if they
-    /// start like an MP4, `Err(Some(head))` if they do not, `Err(None)` if the body ends (or
-    /// stalls) before 8 bytes.
-    async fn sniff(&self, response: &mut reqwest::Response) -> Result<Vec<u8>, Option<Vec<u8>>> {
-        let mut head = Vec::new();
+    /// Reads a body's first chunks until there are 8 bytes to look at: `Ok` with the chunks (as
+    /// they came, not copied) if they start like an MP4, `Err(Some(bytes))` if they do not,
+    /// `Err(None)` if the body ends (or stalls) before 8 bytes.
+    async fn sniff(&self, response: &mut reqwest::Response) -> Result<Vec<Bytes>, Option<Vec<u8>>> {
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut head = Vec::with_capacity(8);
         while head.len() < 8 {
             let chunk = tokio::select! {
                 c = tokio::time::timeout(self.api.read_timeout(), response.chunk()) => c,
                 _ = self.cancel.cancelled() => return Err(None),
             };
             match chunk {
-                Ok(Ok(Some(c))) => head.extend_from_slice(&c),
+                Ok(Ok(Some(c))) => {
+                    head.extend_from_slice(&c[..c.len().min(8 - head.len())]);
+                    chunks.push(c);
+                }
                 _ if head.is_empty() => return Err(None),
-                _ => return Err(Some(head)),
+                _ => break,
             }
         }
         if crate::mp4::looks_like_mp4(&head) {
-            Ok(head)
+            Ok(chunks)
         } else {
-            Err(Some(head))
+            Err(Some(chunks.concat()))
         }
     }
 
@@ -999,24 +993,25 @@ impl Attempt<'_> {
     /// this was the last download allowed: then those bytes are what the API has, and they
     /// are kept with the row failed.
     async fn complete(&mut self, status: StatusCode) -> Option<Outcome> {
-        let checked = match self.on_partial(Partial::check_whole).await {
-            Ok(c) => c,
-            // The files are gone already.
-            Err(e) => {
-                self.partial = None;
-                return Some(storage_outcome(e));
+        let metadata = self.metadata().await;
+        let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
+        let p = self.partial.take().expect("partial is home");
+        let resumed_from = self.resumed_from.unwrap_or(0);
+        let received = p.len() - resumed_from;
+        // Checked and published on one blocking thread: the common case costs one hand-off.
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut p = p;
+            match p.check_whole() {
+                Ok(Ok(whole)) => Checked::Published(p.publish(whole, sidecar.as_deref())),
+                Ok(Err(why)) => Checked::NotWhole(Box::new(p), why),
+                // The files are gone already.
+                Err(e) => Checked::Published(Err(e)),
             }
-        };
+        })
+        .await
+        .expect("archive task panicked");
         let why = match checked {
-            Ok(whole) => {
-                let metadata = self.metadata().await;
-                let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
-                let p = self.partial.take().expect("partial is home");
-                let resumed_from = self.resumed_from.unwrap_or(0);
-                let received = p.len() - resumed_from;
-                let r = tokio::task::spawn_blocking(move || p.publish(whole, sidecar.as_deref()))
-                    .await
-                    .expect("archive task panicked");
+            Checked::Published(r) => {
                 return Some(match r {
                     Ok(published) => Outcome::Archived {
                         published: Published {
@@ -1030,7 +1025,10 @@ impl Attempt<'_> {
                     Err(e) => storage_outcome(e),
                 });
             }
-            Err(why) => why,
+            Checked::NotWhole(p, why) => {
+                self.partial = Some(*p);
+                why
+            }
         };
         let p = self.partial();
         let sha = p.sha256();
@@ -1051,7 +1049,6 @@ impl Attempt<'_> {
                 "the API served an incomplete MP4 {downloads} times, different each time: {why}"
             )
         };
-        let metadata = self.metadata().await;
         let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
         let p = self.partial.take().expect("partial is home");
         let r = tokio::task::spawn_blocking(move || p.keep_incomplete(sidecar.as_deref()))
@@ -1119,6 +1116,60 @@ impl Attempt<'_> {
             (Ok(_), outcome) => outcome,
         }
     }
+}
+
+/// `download.low_speed_limit` over `download.low_speed_time`, as curl's `--speed-limit` and
+/// `--speed-time`: the bytes of each window of that length must reach the limit times its
+/// length. Off when the limit is 0.
+struct SpeedFloor {
+    limit: u64,
+    time: Duration,
+    start: Instant,
+    bytes: u64,
+}
+
+impl SpeedFloor {
+    fn new((limit, time): (u64, Duration)) -> SpeedFloor {
+        SpeedFloor {
+            limit,
+            time,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn window_end(&self) -> Option<Instant> {
+        (self.limit > 0).then(|| self.start + self.time)
+    }
+
+    fn add(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+
+    /// At the end of a window: why the body is too slow, or `None` (and a new window begins).
+    fn check(&mut self) -> Option<String> {
+        if self.limit == 0 || self.start.elapsed() < self.time {
+            return None;
+        }
+        if (self.bytes as f64) < self.limit as f64 * self.time.as_secs_f64() {
+            return Some(format!(
+                "slower than {}/s for {} ({} bytes; download.low_speed_limit, download.low_speed_time)",
+                format_size(self.limit),
+                format_duration(self.time),
+                self.bytes
+            ));
+        }
+        (self.start, self.bytes) = (Instant::now(), 0);
+        None
+    }
+}
+
+/// What checking a complete body found.
+enum Checked {
+    /// A whole MP4, published (or not, for a storage error).
+    Published(Result<Published, ArchiveError>),
+    /// Not a whole MP4, and why (the rare case: boxed).
+    NotWhole(Box<Partial>, String),
 }
 
 /// How the writer thread ended.
