@@ -1084,6 +1084,7 @@ impl Drop for Partial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mp4::sample::whole as mp4;
 
     proptest::proptest! {
         /// No string, hostile or not, that passes the ID check can name a file outside the
@@ -1144,21 +1145,6 @@ mod tests {
         for bad in ["", " \n", "a b\n", "\u{a0}video_x"] {
             assert_eq!(VideoId::from_queued(bad), Err(InvalidId), "{bad:?}");
         }
-    }
-
-    fn boxed(kind: &[u8; 4], body: usize) -> Vec<u8> {
-        let mut v = ((body + 8) as u32).to_be_bytes().to_vec();
-        v.extend_from_slice(kind);
-        v.extend((0..body).map(|i| (i % 251) as u8));
-        v
-    }
-
-    /// `ftyp`, `moov`, then an `mdat` box holding `n` bytes: a whole MP4.
-    fn mp4(n: usize) -> Vec<u8> {
-        let mut v = boxed(b"ftyp", 8);
-        v.extend(boxed(b"moov", 16));
-        v.extend(boxed(b"mdat", n));
-        v
     }
 
     /// The daemon's way to publish: check, then publish with the proof.

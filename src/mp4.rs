@@ -84,24 +84,30 @@ pub fn check(file: &File, len: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// MP4-shaped bytes for the unit tests here and in `archive`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn boxed(kind: &[u8; 4], body: usize) -> Vec<u8> {
+pub(crate) mod sample {
+    /// A box of `kind` holding `body` bytes of filler.
+    pub fn boxed(kind: &[u8; 4], body: usize) -> Vec<u8> {
         let mut v = ((body + 8) as u32).to_be_bytes().to_vec();
         v.extend_from_slice(kind);
         v.extend((0..body).map(|i| (i % 251) as u8));
         v
     }
 
-    /// `ftyp`, a small `moov`, then an `mdat` of `n` bytes.
-    fn mp4(n: usize) -> Vec<u8> {
+    /// `ftyp`, a small `moov`, then an `mdat` of `n` bytes: a whole MP4.
+    pub fn whole(n: usize) -> Vec<u8> {
         let mut v = boxed(b"ftyp", 8);
         v.extend(boxed(b"moov", 24));
         v.extend(boxed(b"mdat", n));
         v
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample::{boxed, whole as mp4};
+    use super::*;
 
     fn check_bytes(bytes: &[u8]) -> Result<(), String> {
         let dir = tempfile::tempdir().unwrap();

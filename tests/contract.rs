@@ -9,6 +9,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::audit::assert_archived;
 use support::canary;
 use support::harness::{DEADLINE, Env, Settings, file_sha256, stderr, stdout};
 use support::standin::{Host, StandIn, StatusStep, Step, Video, video_content};
@@ -29,16 +30,6 @@ fn setup() -> (StandIn, Env) {
 
 fn assert_clean(api: &StandIn, env: &Env) {
     canary::assert_clean(env, api, TOKEN, &[]);
-}
-
-/// The row says done, and the file it names is exactly the video.
-fn assert_archived(env: &Env, v: &Video) {
-    let row = env.wait_state(&v.id, "done");
-    let path = env.final_path(&v.id);
-    assert_eq!(row.path.as_deref(), Some(path.to_str().unwrap()));
-    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
-    assert_eq!(row.bytes, Some(v.bytes.len() as i64));
-    assert_eq!(file_sha256(&path), v.sha256);
 }
 
 fn boxed(kind: &[u8; 4], body: usize) -> Vec<u8> {

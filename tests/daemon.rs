@@ -6,8 +6,9 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use support::audit::assert_archived;
 use support::canary;
-use support::harness::{DEADLINE, Env, Settings, file_sha256};
+use support::harness::{DEADLINE, Env, Settings};
 use support::standin::{Host, Request, StandIn, Step, Video};
 
 const TOKEN: &str = "hn-CANARY-7f3a9c2e51d04b88";
@@ -29,17 +30,6 @@ fn content_requests(api: &StandIn, id: &str) -> Vec<Request> {
         .into_iter()
         .filter(|r| r.is_content() && r.video_id().as_deref() == Some(id))
         .collect()
-}
-
-/// The row says done, and the file it names is exactly the video.
-fn assert_archived(env: &Env, v: &Video) {
-    let row = env.wait_state(&v.id, "done");
-    let path = env.final_path(&v.id);
-    assert_eq!(row.path.as_deref(), Some(path.to_str().unwrap()));
-    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
-    assert_eq!(row.bytes, Some(v.bytes.len() as i64));
-    assert_eq!(file_sha256(&path), v.sha256);
-    assert!(!env.partial_path(&v.id).exists(), "partial left behind");
 }
 
 /// Nothing secret anywhere the run left bytes (logs, the database and its -wal/-shm, the

@@ -6,7 +6,19 @@
 use std::collections::BTreeSet;
 
 use super::harness::{Env, file_sha256};
-use super::standin::StandIn;
+use super::standin::{StandIn, Video};
+
+/// Waits until the row says done, then checks that the file it names is exactly the video and
+/// that no partial is left behind.
+pub fn assert_archived(env: &Env, v: &Video) {
+    let row = env.wait_state(&v.id, "done");
+    let path = env.final_path(&v.id);
+    assert_eq!(row.path.as_deref(), Some(path.to_str().unwrap()));
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+    assert_eq!(row.bytes, Some(v.bytes.len() as i64));
+    assert_eq!(file_sha256(&path), v.sha256);
+    assert!(!env.partial_path(&v.id).exists(), "partial left behind");
+}
 
 #[derive(Debug, Clone)]
 pub struct DbRow {
