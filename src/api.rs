@@ -84,7 +84,8 @@ pub fn classify_status_word(word: &str) -> VideoState {
         }
         "success" | "completed" | "succeeded" => VideoState::Finished,
         "failed" | "cancelled" | "canceled" | "expired" => VideoState::Failed(word.to_owned()),
-        other => VideoState::Unknown(other.to_owned()),
+        // Kept in `last_error` and the log: what a server sent, so redacted, and short.
+        other => VideoState::Unknown(one_line(&redact(other), 64)),
     }
 }
 
@@ -215,15 +216,18 @@ pub fn redact(text: &str) -> String {
     drop_queries(&out)
 }
 
-/// Drops the query string of everything in `text` that looks like a URL or a path (a `?` after
-/// a `/` in the same word), up to the end of that word.
+/// Drops the query string of everything in `text` that looks like a URL or a path (a `?`, or
+/// its encoding `%3F`, after a `/` in the same word), up to the end of that word; and the
+/// value of any parameter named like a credential (`sig=`, `X-Amz-Signature=`, `token=`...),
+/// wherever it stands.
 fn drop_queries(text: &str) -> String {
     let ends_word =
         |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '(' | ')' | '`');
     let mut out = String::with_capacity(text.len());
     let mut word_has_slash = false;
     let mut skipping = false;
-    for c in text.chars() {
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
         if ends_word(c) {
             word_has_slash = false;
             skipping = false;
@@ -233,15 +237,58 @@ fn drop_queries(text: &str) -> String {
         if skipping {
             continue;
         }
-        if c == '?' && word_has_slash {
+        let encoded = c == '%'
+            && text[i..]
+                .get(..3)
+                .is_some_and(|h| h.eq_ignore_ascii_case("%3f"));
+        if (c == '?' || encoded) && word_has_slash {
             out.push_str("?[query removed]");
             skipping = true;
+            continue;
+        }
+        if c == '=' && ends_with_credential_name(&out) {
+            out.push_str("=[removed]");
+            // Up to the next separator of parameters, or the end of the word.
+            while let Some(&(_, n)) = chars.peek() {
+                if ends_word(n) || n == '&' || n == ';' || n == ',' {
+                    break;
+                }
+                chars.next();
+            }
             continue;
         }
         word_has_slash |= c == '/';
         out.push(c);
     }
     out
+}
+
+/// Whether the text so far ends with a parameter name that carries a credential.
+fn ends_with_credential_name(before: &str) -> bool {
+    const NAMES: [&str; 8] = [
+        "sig",
+        "signature",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "token",
+        "access_token",
+    ];
+    let name_start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .map_or(0, |i| i + 1);
+    let name = &before[name_start..];
+    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// The metadata kept from a sidecar that was already there (an earlier run's, or anybody's):
+/// redacted like a status object just read, or nothing if it is not a JSON object.
+pub fn clean_metadata(text: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .map(|v| StatusObject::new(v).to_metadata())
 }
 
 pub struct ApiClient {
@@ -729,6 +776,16 @@ mod tests {
             "signed URL /files/v?[query removed] expired; see https://x/y?[query removed]"
         );
         assert_eq!(redact("not ready? try later"), "not ready? try later");
+        // Found by review: an encoded query, and a signature with no query around it.
+        assert_eq!(
+            redact("see https://gw.example/login%3Fnext=/v%3Fsig%3DS1 now"),
+            "see https://gw.example/login?[query removed] now"
+        );
+        assert_eq!(
+            redact("X-Amz-Signature=abc123&X-Amz-Date=2026 and sig=SIGNED-9, fine"),
+            "X-Amz-Signature=[removed]&X-Amz-Date=2026 and sig=[removed], fine"
+        );
+        assert_eq!(redact("a cat, key=blue"), "a cat, key=blue");
         assert_eq!(
             redact("<a href=\"/files/x?sig=S\">x</a>"),
             "<a href=\"/files/x?[query removed]\">x</a>"
@@ -762,6 +819,16 @@ mod tests {
             StatusObject::new(serde_json::json!({"expires_at": null})).expires_at,
             None
         );
+        // An unknown status word reaches last_error: short, and redacted.
+        let long = format!("weird-{}-/x?sig=SIGNED-3", "y".repeat(200));
+        match StatusObject::new(serde_json::json!({"status": long})).state {
+            VideoState::Unknown(w) => assert!(w.len() <= 64 && !w.contains("SIGNED"), "{w}"),
+            other => panic!("{other:?}"),
+        }
+        // A sidecar found beside an adopted video is cleaned like a status object.
+        let kept = clean_metadata(r#"{"video_url":"https://g/v.mp4?sig=SIGNED-4"}"#).unwrap();
+        assert!(!kept.contains("SIGNED"), "{kept}");
+        assert_eq!(clean_metadata("[1, 2]"), None);
     }
 
     #[test]

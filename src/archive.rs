@@ -783,6 +783,9 @@ impl Partial {
         self.floor = Some(min_free).filter(|m| *m > 0);
     }
 
+    /// Takes the next bytes of the body. `ArchiveError::DiskShort` (see `keep_free`) comes only
+    /// from here, after the bytes are written and checkpointed: the flushes that finish a
+    /// file (`park`, `check_whole`) never refuse it for the disk, so they never cost it.
     pub fn write(&mut self, data: &[u8]) -> Result<(), ArchiveError> {
         fill_head(&mut self.head, data);
         if self.buf.len() + data.len() > WRITE_BUFFER {
@@ -790,10 +793,11 @@ impl Partial {
         }
         if self.buf.is_empty() && data.len() >= DIRECT_WRITE {
             // Large enough on its own: written from where it is, not copied first.
-            return self.write_out(data);
+            self.write_out(data)?;
+        } else {
+            self.buf.extend_from_slice(data);
         }
-        self.buf.extend_from_slice(data);
-        Ok(())
+        self.check_space()
     }
 
     /// Writes out the buffer, then checkpoints the resume record to cover it.
@@ -818,8 +822,7 @@ impl Partial {
         self.reserved -= done;
         self.reservations.fetch_sub(done, Ordering::Relaxed);
         self.checkpoint()?;
-        self.write_back()?;
-        self.check_space()
+        self.write_back()
     }
 
     /// See `keep_free`. The bytes written so far are checkpointed: the file can be resumed.
@@ -1022,6 +1025,13 @@ impl Partial {
             self.remove_files();
             return Err(self.err(e));
         }
+        // The video first: a crash between the two renames leaves a video without its sidecar
+        // (which the row's metadata column still holds), never a complete partial without its
+        // resume record.
+        if let Err(e) = std::fs::rename(&self.path, &self.final_path) {
+            self.remove_files();
+            return Err(self.err(e));
+        }
         let metadata = sidecar.map(|text| {
             if let Err(e) = self.record_to_sidecar(text) {
                 // The status object is in the row too: a sidecar that cannot be written costs
@@ -1030,24 +1040,15 @@ impl Partial {
             }
             text.to_owned()
         });
-        // The video without its sidecar is a video; a sidecar without its video is not.
-        let take_back = |p: &Partial| {
-            if metadata.is_some() {
-                let _ = remove_if_exists(&p.sidecar_path);
-            }
-        };
-        if let Err(e) = std::fs::rename(&self.path, &self.final_path) {
-            self.remove_files();
-            take_back(&self);
-            return Err(self.err(e));
-        }
         // Only a leftover now, unless it became the sidecar; a failure to remove it costs
         // nothing.
         let _ = remove_if_exists(&self.record_path);
         if let Err(e) = sync_dir(&self.dir) {
-            // The name may not be durable: take it back so that no row says done over it.
+            // The names may not be durable: take them back so that no row says done over them.
             let _ = remove_if_exists(&self.final_path);
-            take_back(&self);
+            if metadata.is_some() {
+                let _ = remove_if_exists(&self.sidecar_path);
+            }
             return Err(e);
         }
         Ok(Published {
@@ -1058,8 +1059,8 @@ impl Partial {
         })
     }
 
-    /// `<id>.json`, atomically. The resume record has served its purpose once the video is
-    /// fsynced: it is rewritten with the sidecar's text, fsynced, and renamed into place (the
+    /// `<id>.json`, atomically. The resume record has served its purpose once the video has
+    /// its name: it is rewritten with the sidecar's text, fsynced, and renamed into place (the
     /// directory fsync that follows in `install` makes the name durable with the video's). A
     /// file of its own would cost every video a third inode, where two suffice.
     fn record_to_sidecar(&mut self, text: &str) -> io::Result<()> {
@@ -1309,6 +1310,34 @@ mod tests {
         assert_eq!(utc_stamp(t(0)), "19700101T000000Z");
         assert_eq!(utc_stamp(t(951_782_400)), "20000229T000000Z");
         assert_eq!(utc_stamp(t(1_796_083_200 + 3661)), "20261201T010101Z");
+    }
+
+    /// Found by review: the flush that finishes a file ran the free-space check too, and its
+    /// refusal removed a complete, checkpointed file (`check_whole`) or the parked partial.
+    #[test]
+    fn a_short_disk_never_costs_the_bytes_already_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path()).unwrap();
+        let id = VideoId::parse("v").unwrap();
+        // Small chunks: the last 150 KB sit in the write buffer until the final flush.
+        let data = mp4(1_200_000);
+        let mut p = a.begin(&id).unwrap();
+        p.keep_free(u64::MAX / 4);
+        for c in data.chunks(1000) {
+            p.write(c).unwrap();
+        }
+        let whole = p.check_whole().unwrap().expect("a whole MP4");
+        let pubd = p.publish(whole, None).unwrap();
+        assert_eq!(pubd.bytes, data.len() as u64);
+        // And a partial parked while the disk is short keeps every byte.
+        let id = VideoId::parse("w").unwrap();
+        let mut p = a.begin(&id).unwrap();
+        p.keep_free(u64::MAX / 4);
+        for c in data[..600_000].chunks(1000) {
+            p.write(c).unwrap();
+        }
+        assert_eq!(p.park().unwrap(), 600_000);
+        assert_eq!(a.begin(&id).unwrap().len(), 600_000);
     }
 
     #[test]

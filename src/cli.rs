@@ -411,7 +411,8 @@ fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
             format!("video {id:?} is not in the queue"),
         ));
     };
-    let history = q.history(id).map_err(queue_failure)?;
+    // The log is under the ID as the row holds it.
+    let history = q.history(&row.video_id).map_err(queue_failure)?;
     let due_in = q.age_of(&row.next_attempt_at).map_err(queue_failure)?;
     let next = match row.state.as_str() {
         "pending" => match (due_in, history.last()) {
@@ -467,6 +468,12 @@ fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
 
 fn retry(cfg: &Config, ids: Vec<String>, all_failed: bool) -> Result<(), Failure> {
     let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    // Each ID as its row holds it (a producer's may have whitespace around it).
+    let ids = ids
+        .into_iter()
+        .map(|id| Ok(q.resolve(&id)?.unwrap_or(id)))
+        .collect::<Result<Vec<_>, QueueError>>()
+        .map_err(queue_failure)?;
     let changed = if all_failed {
         q.retry_failed(None)
     } else {

@@ -334,10 +334,8 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     match bare.parse::<std::net::IpAddr>() {
         Ok(ip) => ip.is_loopback(),
-        Err(_) => {
-            let d = bare.trim_end_matches('.').to_ascii_lowercase();
-            d == "localhost" || d.ends_with(".localhost")
-        }
+        // Not `*.localhost`: the resolver may ask DNS for those, and get any address.
+        Err(_) => bare.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
     }
 }
 
@@ -694,6 +692,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"https://gw.example/hingnet\""), "{e}");
+        for far in ["http://hingnet.internal", "http://api.localhost"] {
+            let e = parse(far, false).unwrap_err().to_string();
+            assert!(e.contains("in clear"), "{far}: {e}");
+        }
         let e = parse("http://hingnet.internal", false)
             .unwrap_err()
             .to_string();

@@ -87,7 +87,7 @@ pub fn decide(
         bytes: p.bytes,
         metadata: p.metadata.clone(),
     };
-    match &ended.outcome {
+    let finish = match &ended.outcome {
         Outcome::Archived {
             published,
             http_status,
@@ -170,6 +170,22 @@ pub fn decide(
             delay: backoff,
             error: Some(format!("archive error: {reason}")),
         },
+    };
+    // Given back for the client's sake (a refused token, a 429, an outage, the disk), a video
+    // past its expiry is still gone: waiting for it is pointless. (Not on a shutdown: the next
+    // start asks the API once more.)
+    match finish {
+        Finish::Release {
+            error: Some(error), ..
+        } if until_expiry.is_some_and(|left| left <= 0.0) => Finish::Failed {
+            error: format!("{}: {error}", expired_words(expires_at)),
+            http_status: match &ended.outcome {
+                Outcome::AccountProblem { http_status, .. } => Some(*http_status),
+                _ => None,
+            },
+            kept: None,
+        },
+        other => other,
     }
 }
 
@@ -400,9 +416,14 @@ impl Scheduler {
                     Err(e) => {
                         tracing::error!(error = %e, retry_in = ?db_backoff, "queue database error");
                         self.service.status(format!("queue database error: {e}"));
-                        // Looked again at next_due, not at the next wake-up of any kind.
+                        // Looked again at next_due, not at the next wake-up of any kind; a
+                        // probe that was due waits as long (it would meet the same error).
                         look = false;
-                        next_due = Some(Instant::now() + db_backoff);
+                        let again = Instant::now() + db_backoff;
+                        next_due = Some(again);
+                        if let Some(a) = &mut self.account {
+                            a.next_probe = a.next_probe.max(again);
+                        }
                         db_backoff = (db_backoff * 2).min(Duration::from_secs(60));
                     }
                 }
@@ -419,13 +440,19 @@ impl Scheduler {
                 self.rate_limited_until,
                 self.unreachable_until,
                 self.storage.as_ref().map(|s| s.next_check),
-                // A probe waits for the downloads in flight; their completion wakes us.
-                // (and for a rate-limit pause to end, which is its own deadline).
+                // A probe waits for the downloads in flight (their completion wakes us), and
+                // for any other pause to end (each its own deadline above): a probe time that
+                // has passed must not wake the loop while it cannot probe.
                 self.account
                     .as_ref()
                     .filter(|a| a.probe.is_none())
                     .map(|a| a.next_probe)
-                    .filter(|_| self.tasks.is_empty() && self.rate_limited_until.is_none()),
+                    .filter(|_| {
+                        self.tasks.is_empty()
+                            && self.rate_limited_until.is_none()
+                            && self.unreachable_until.is_none()
+                            && self.storage.is_none()
+                    }),
             ]
             .into_iter()
             .flatten()
@@ -845,11 +872,12 @@ impl Scheduler {
                 if std::mem::take(&mut self.unreachable_in_a_row) > 0 {
                     tracing::info!("API host reachable again");
                 }
-                if let Some(a) = self.account.take() {
-                    // An answer to a request sent before the refusal proves less: the token
-                    // may have been revoked in between.
-                    let after = started >= a.since;
-                    self.accepted(a, after).await;
+                // An answer to a request sent before the first refusal proves nothing about
+                // the token now (it may have been revoked in between): only a later one, the
+                // probe's or another's, ends the pause.
+                if self.account.as_ref().is_some_and(|a| started >= a.since) {
+                    let a = self.account.take().expect("checked above");
+                    self.accepted(a, &claimed.video_id).await;
                 }
             }
             Outcome::InvalidId
@@ -907,17 +935,14 @@ impl Scheduler {
             .or_insert((claimed, http_status, reason));
     }
 
-    /// An answer that is not a refusal ended the pause. If no second video was refused, the
-    /// refusals were about the videos themselves: each counts against its video, which fails
-    /// at `REFUSALS_TO_FAIL` with the API's message.
-    async fn accepted(&mut self, pause: AccountPause, after_pause: bool) {
+    /// An answer that is not a refusal, to a request sent after the first refusal, ended the
+    /// pause. If no second video was refused, the refusals were about the videos themselves:
+    /// each counts against its video (not the one that just answered), which fails at
+    /// `REFUSALS_TO_FAIL` with the API's message.
+    async fn accepted(&mut self, pause: AccountPause, answered: &str) {
         self.counts_stale = true;
         if pause.confirmed {
             tracing::info!("API accepts the token again: downloads resumed");
-            return;
-        }
-        if !after_pause {
-            tracing::info!("API accepted a request sent before the refusal: downloads resumed");
             return;
         }
         tracing::info!(
@@ -925,6 +950,9 @@ impl Scheduler {
             "API accepts the token for other videos: the refusal was about the video; downloads resumed"
         );
         for (video, (claimed, http_status, reason)) in pause.suspects {
+            if video == answered {
+                continue;
+            }
             let n = self.refusals.entry(video.clone()).or_default();
             *n += 1;
             if *n < REFUSALS_TO_FAIL {
@@ -1319,10 +1347,25 @@ mod tests {
             ),
             f => panic!("{f:?}"),
         }
-        let auth = Outcome::AccountProblem {
+        let auth = || Outcome::AccountProblem {
             http_status: 401,
             reason: "bad".into(),
         };
-        assert!(matches!(decide_now(&c, auth), Finish::Release { .. }));
+        assert!(matches!(decide_now(&c, auth()), Finish::Release { .. }));
+        // Past its expiry, a video given back is failed: nothing would come of waiting.
+        let expired = claimed(1, 0, Some(unix_now() - 1));
+        match decide_now(&expired, auth()) {
+            Finish::Failed {
+                error, http_status, ..
+            } => assert!(
+                error.starts_with("expired at ") && http_status == Some(401),
+                "{error}"
+            ),
+            f => panic!("{f:?}"),
+        }
+        assert!(matches!(
+            decide_now(&expired, Outcome::Interrupted { parked_bytes: 0 }),
+            Finish::Release { .. }
+        ));
     }
 }

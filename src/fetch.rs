@@ -143,13 +143,41 @@ impl Limits {
 }
 
 /// What the fetcher remembers of a video between attempts (in memory: a restart forgets, which
-/// costs at most one more status read or 404 confirmation).
+/// costs at most one more status read, 404 confirmation or refused resume).
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     status_read: Option<Instant>,
     /// The first of the two JSON 404 confirmations.
     not_found: Option<Instant>,
+    /// The offset of the last resume a server answered with a 5xx.
+    resume_refused_at: Option<u64>,
     at: Instant,
+}
+
+/// `Seen` for every video the fetcher has something to remember of. Entries go when a video
+/// is archived or gone; the rest are pruned once the map doubles, keeping the last hour's.
+#[derive(Debug, Default)]
+struct Memory {
+    videos: HashMap<VideoId, Seen>,
+    prune_at: usize,
+}
+
+impl Memory {
+    fn entry(&mut self, id: &VideoId) -> &mut Seen {
+        if self.videos.len() >= self.prune_at.max(4096) {
+            self.videos.retain(|_, s| s.at.elapsed() < SEEN_FOR);
+            self.prune_at = 2 * self.videos.len();
+        }
+        let now = Instant::now();
+        let s = self.videos.entry(id.clone()).or_insert(Seen {
+            status_read: None,
+            not_found: None,
+            resume_refused_at: None,
+            at: now,
+        });
+        s.at = now;
+        s
+    }
 }
 
 pub struct Fetcher {
@@ -158,7 +186,7 @@ pub struct Fetcher {
     pub archive: Archive,
     progress: Option<Progress>,
     limits: RwLock<Limits>,
-    seen: Mutex<HashMap<VideoId, Seen>>,
+    seen: Mutex<Memory>,
 }
 
 impl Fetcher {
@@ -278,8 +306,9 @@ impl Fetcher {
             }
         };
         match existing {
-            Existing::Adopted(published) => {
+            Existing::Adopted(mut published) => {
                 tracing::info!(video_id = %id, path = %published.path.display(), "found already archived file; not downloading again");
+                published.metadata = published.metadata.as_deref().and_then(api::clean_metadata);
                 let _ = tokio::task::spawn_blocking(move || partial.discard()).await;
                 self.forget(&id);
                 return Outcome::Archived {
@@ -327,50 +356,36 @@ impl Fetcher {
         }
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<VideoId, Seen>> {
+    fn seen(&self) -> std::sync::MutexGuard<'_, Memory> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn forget(&self, id: &VideoId) {
-        self.seen().remove(id);
+        self.seen().videos.remove(id);
     }
 
     /// Whether the status object of `id` may be read now (at most every `status_every`); if it
     /// may, the read is counted.
     fn may_read_status(&self, id: &VideoId, every: Duration) -> bool {
-        let now = Instant::now();
         let mut seen = self.seen();
-        if seen.len() > 4096 {
-            seen.retain(|_, s| s.at.elapsed() < SEEN_FOR);
-        }
-        let s = seen.entry(id.clone()).or_insert(Seen {
-            status_read: None,
-            not_found: None,
-            at: now,
-        });
-        s.at = now;
+        let s = seen.entry(id);
         if s.status_read.is_some_and(|t| t.elapsed() < every) {
             return false;
         }
-        s.status_read = Some(now);
+        s.status_read = Some(Instant::now());
         true
     }
 
     /// A JSON 404 from both endpoints: `Some(gap)` if it confirms one seen at least `gap` ago,
     /// `None` if this is the first (now remembered).
     fn confirm_missing(&self, id: &VideoId, gap: Duration) -> Option<Duration> {
-        let now = Instant::now();
         let mut seen = self.seen();
-        let s = seen.entry(id.clone()).or_insert(Seen {
-            status_read: None,
-            not_found: None,
-            at: now,
-        });
+        let s = seen.entry(id);
         match s.not_found {
             Some(first) if first.elapsed() >= gap => Some(first.elapsed()),
             Some(_) => None,
             None => {
-                s.not_found = Some(now);
+                s.not_found = Some(Instant::now());
                 None
             }
         }
@@ -378,9 +393,19 @@ impl Fetcher {
 
     /// Anything but a 404 from the content endpoint: an earlier 404 proved nothing.
     fn not_missing(&self, id: &VideoId) {
-        if let Some(s) = self.seen().get_mut(id) {
+        if let Some(s) = self.seen().videos.get_mut(id) {
             s.not_found = None;
         }
+    }
+
+    /// A resume at `offset` answered with a 5xx: whether the one before was refused at the
+    /// same offset too (then the Range itself is suspect, not the server's health).
+    fn resume_refused_again(&self, id: &VideoId, offset: u64) -> bool {
+        let mut seen = self.seen();
+        let s = seen.entry(id);
+        let again = s.resume_refused_at == Some(offset);
+        s.resume_refused_at = Some(offset);
+        again
     }
 }
 
@@ -465,9 +490,14 @@ impl Attempt<'_> {
                 self.fetcher.not_missing(&self.id);
             }
             // A resume the server answers with an error may be the Range itself it chokes on:
-            // the next attempt asks for the whole file.
-            if offset > 0 && matches!(status.as_u16(), 400 | 404 | 500..=599) {
-                self.resume_failed = true;
+            // the next attempt asks for the whole file. A 5xx may as well be the server's
+            // health, and a partial can be gigabytes: the same offset refused twice, then.
+            if offset > 0 {
+                self.resume_failed |= match status.as_u16() {
+                    400 | 404 => true,
+                    500..=599 => self.fetcher.resume_refused_again(&self.id, offset),
+                    _ => false,
+                };
             }
             let end = match api::classify(answer.host, status) {
                 Action::Stream => self.stream(answer, offset).await,
@@ -514,11 +544,7 @@ impl Attempt<'_> {
                 }
             };
             match end {
-                StreamEnd::Complete => match self.complete(status).await {
-                    Some(outcome) => return outcome,
-                    // Refused as an incomplete MP4: downloaded once more, from byte zero.
-                    None => continue,
-                },
+                StreamEnd::Complete => return self.complete(status).await,
                 StreamEnd::Continue if pieces < MAX_PIECES => pieces += 1,
                 StreamEnd::Continue => {
                     return self
@@ -590,6 +616,18 @@ impl Attempt<'_> {
         if let Some(StatusRead::Object(o)) = &read {
             self.learn(o);
         }
+        // The content endpoint accepted the token moments ago: a status endpoint that refuses
+        // it (a key allowed to download, not to read status) says nothing about the video,
+        // and nothing about the account.
+        let read = read.map(|r| match r {
+            StatusRead::AccountProblem {
+                http_status,
+                reason,
+            } => StatusRead::Failed(format!(
+                "the status endpoint refused the token ({http_status}): {reason}"
+            )),
+            other => other,
+        });
         let code = match what {
             NotServed::NotReady => 400,
             NotServed::Missing => 404,
@@ -753,8 +791,11 @@ impl Attempt<'_> {
         let mut queued = Vec::new();
         if start == 0 {
             match self.sniff(&mut response).await {
-                Ok(chunks) => queued = chunks,
-                Err(Some(head)) => {
+                Sniffed::Video(chunks) => queued = chunks,
+                Sniffed::Interrupted => {
+                    return StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 });
+                }
+                Sniffed::NotVideo(head) => {
                     let what = match api::is_text_type(response.headers()) {
                         Some(mime) => format!("{mime}, not a video"),
                         None => "a body that is not an MP4".into(),
@@ -772,7 +813,7 @@ impl Attempt<'_> {
                         format!("{} answered {status} with {what}: {reason}", answer.origin),
                     );
                 }
-                Err(None) => {
+                Sniffed::Short => {
                     return transient(status, "the body ended before 8 bytes".into());
                 }
             }
@@ -919,30 +960,28 @@ impl Attempt<'_> {
         end
     }
 
-    /// Reads a body's first chunks until there are 8 bytes to look at: `Ok` with the chunks (as
-    /// they came, not copied) if they start like an MP4, `Err(Some(bytes))` if they do not,
-    /// `Err(None)` if the body ends (or stalls) before 8 bytes.
-    async fn sniff(&self, response: &mut reqwest::Response) -> Result<Vec<Bytes>, Option<Vec<u8>>> {
+    /// Reads a body's first chunks until there are 8 bytes to look at, and says what they are.
+    async fn sniff(&self, response: &mut reqwest::Response) -> Sniffed {
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut head = Vec::with_capacity(8);
         while head.len() < 8 {
             let chunk = tokio::select! {
                 c = tokio::time::timeout(self.api.read_timeout(), response.chunk()) => c,
-                _ = self.cancel.cancelled() => return Err(None),
+                _ = self.cancel.cancelled() => return Sniffed::Interrupted,
             };
             match chunk {
                 Ok(Ok(Some(c))) => {
                     head.extend_from_slice(&c[..c.len().min(8 - head.len())]);
                     chunks.push(c);
                 }
-                _ if head.is_empty() => return Err(None),
+                _ if head.is_empty() => return Sniffed::Short,
                 _ => break,
             }
         }
         if crate::mp4::looks_like_mp4(&head) {
-            Ok(chunks)
+            Sniffed::Video(chunks)
         } else {
-            Err(Some(chunks.concat()))
+            Sniffed::NotVideo(chunks.concat())
         }
     }
 
@@ -989,10 +1028,10 @@ impl Attempt<'_> {
     }
 
     /// The file is complete by HTTP. A whole MP4 is published (with its metadata); one that is
-    /// not is downloaded once more from zero (`None`), unless the same bytes came before, or
-    /// this was the last download allowed: then those bytes are what the API has, and they
-    /// are kept with the row failed.
-    async fn complete(&mut self, status: StatusCode) -> Option<Outcome> {
+    /// not is downloaded once more from zero at the next attempt, unless the same bytes came
+    /// before, or this was the last download allowed: then those bytes are what the API has,
+    /// and they are kept with the row failed.
+    async fn complete(&mut self, status: StatusCode) -> Outcome {
         let metadata = self.metadata().await;
         let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
         let p = self.partial.take().expect("partial is home");
@@ -1012,7 +1051,7 @@ impl Attempt<'_> {
         .expect("archive task panicked");
         let why = match checked {
             Checked::Published(r) => {
-                return Some(match r {
+                return match r {
                     Ok(published) => Outcome::Archived {
                         published: Published {
                             metadata,
@@ -1023,7 +1062,7 @@ impl Attempt<'_> {
                         resumed_from,
                     },
                     Err(e) => storage_outcome(e),
-                });
+                };
             }
             Checked::NotWhole(p, why) => {
                 self.partial = Some(*p);
@@ -1036,11 +1075,19 @@ impl Attempt<'_> {
         let again = before.as_ref().is_some_and(|(_, s)| *s == sha);
         let downloads = before.as_ref().map_or(0, |(n, _)| *n) + 1;
         if !again && downloads < MAX_FULL_DOWNLOADS {
-            tracing::warn!(video_id = %self.id, why = %why, download = downloads, "the file is complete by HTTP but not a whole MP4; downloading it once more from byte 0");
-            return match self.on_partial(Partial::reject).await {
-                Ok(_) => None,
-                Err(e) => Some(storage_outcome(e)),
-            };
+            // At the next attempt, after a backoff: a CDN's cached copy cut short may have
+            // been replaced by then.
+            if let Err(e) = self.on_partial(Partial::reject).await {
+                return storage_outcome(e);
+            }
+            return self
+                .keep(Outcome::Transient {
+                    http_status: Some(status.as_u16()),
+                    reason: format!(
+                        "the file is complete by HTTP but not a whole MP4 ({why}); it is downloaded once more from byte 0"
+                    ),
+                })
+                .await;
         }
         let reason = if again {
             format!("the API served an incomplete MP4 twice: {why}")
@@ -1054,7 +1101,7 @@ impl Attempt<'_> {
         let r = tokio::task::spawn_blocking(move || p.keep_incomplete(sidecar.as_deref()))
             .await
             .expect("archive task panicked");
-        Some(match r {
+        match r {
             Ok(published) => Outcome::Kept {
                 published: Published {
                     metadata,
@@ -1064,7 +1111,7 @@ impl Attempt<'_> {
                 reason,
             },
             Err(e) => storage_outcome(e),
-        })
+        }
     }
 
     /// The status object to keep with the video: the one this attempt read, the read started
@@ -1162,6 +1209,18 @@ impl SpeedFloor {
         (self.start, self.bytes) = (Instant::now(), 0);
         None
     }
+}
+
+/// What a body's first bytes are.
+enum Sniffed {
+    /// An MP4's start: the chunks read, as they came (not copied).
+    Video(Vec<Bytes>),
+    /// Anything else (an error page): its bytes so far.
+    NotVideo(Vec<u8>),
+    /// The body ended (or stalled) before 8 bytes.
+    Short,
+    /// Shutdown.
+    Interrupted,
 }
 
 /// What checking a complete body found.

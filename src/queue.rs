@@ -51,6 +51,9 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 /// in the `queue_pending_expiry` index, which the planner uses only for this exact expression.
 const EXPIRY_KEY: &str = "coalesce(expires_at, '9999-12-31T23:59:59.999Z')";
 
+/// Due rows up to which a claim sorts them by expiry itself (see `Queue::claim`).
+const SORT_DUE_UP_TO: i64 = 256;
+
 /// Pending rows whose expiry is this close count as expiring soon (`hingnetd status`).
 pub const EXPIRING_SOON: Duration = Duration::from_secs(600);
 
@@ -540,17 +543,42 @@ impl Queue {
     /// Claims up to `n` due rows in one statement: the video that expires first first, then
     /// those without an expiry, earliest due first. `except` names videos not to claim now
     /// (the token probe's suspects).
+    ///
+    /// No one index serves "due, by expiry": when few rows are due (at most `SORT_DUE_UP_TO`,
+    /// the usual case) they are found by `queue_state_due` and sorted; when many are (a
+    /// backlog, where the order matters most) `queue_pending_expiry` is read in expiry order,
+    /// skipping those not due. Either way a large set of rows waiting out a backoff is not
+    /// walked at every claim.
     pub fn claim(&self, n: usize, except: &[String]) -> Result<Vec<Claimed>, QueueError> {
         let token = new_token();
         let except = serde_json::to_string(except).expect("strings serialize");
         with_busy_retry("claim due rows", || {
+            let due: i64 = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM queue INDEXED BY queue_state_due \
+                     WHERE state = 'pending' AND next_attempt_at <= {NOW} LIMIT ?1)"
+                ))?
+                .query_row([SORT_DUE_UP_TO + 1], |r| r.get(0))?;
+            let pick = if due > SORT_DUE_UP_TO {
+                format!(
+                    "SELECT rowid FROM queue INDEXED BY queue_pending_expiry \
+                     WHERE state = 'pending' AND next_attempt_at <= {NOW} \
+                       AND video_id NOT IN (SELECT value FROM json_each(?3)) \
+                     ORDER BY {EXPIRY_KEY}, next_attempt_at LIMIT ?1"
+                )
+            } else {
+                format!(
+                    "SELECT rowid FROM queue INDEXED BY queue_state_due \
+                     WHERE state = 'pending' AND next_attempt_at <= {NOW} \
+                       AND video_id NOT IN (SELECT value FROM json_each(?3)) \
+                     ORDER BY {EXPIRY_KEY}, next_attempt_at LIMIT ?1"
+                )
+            };
             let mut stmt = self.conn.prepare_cached(&format!(
                 "UPDATE queue SET state = 'downloading', attempts = attempts + 1, \
                      first_attempt_at = coalesce(first_attempt_at, {NOW}), claimed_by = ?2 \
-                 WHERE rowid IN (SELECT rowid FROM queue INDEXED BY queue_pending_expiry \
-                     WHERE state = 'pending' AND next_attempt_at <= {NOW} \
-                       AND video_id NOT IN (SELECT value FROM json_each(?3)) \
-                     ORDER BY {EXPIRY_KEY}, next_attempt_at LIMIT ?1) \
+                 WHERE rowid IN ({pick}) \
                  RETURNING {CLAIMED_COLUMNS}"
             ))?;
             let rows = stmt.query_map(params![n as i64, token, except], |r| {
@@ -881,12 +909,39 @@ impl Queue {
             .map_err(sql("list rows"))
     }
 
+    /// The row of a video, by its ID as the operator (or the archive's file name) gives it: a
+    /// producer's row may hold the ID with whitespace around it (see `VideoId::from_queued`).
     pub fn get(&self, video_id: &str) -> Result<Option<RowView>, QueueError> {
+        let key = self.resolve(video_id)?;
         self.conn
             .query_row(
                 &format!("SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"),
-                [video_id],
+                [key.as_deref().unwrap_or(video_id)],
                 RowView::from_row,
+            )
+            .optional()
+            .map_err(sql(format!("read row {video_id}")))
+    }
+
+    /// The `video_id` as stored for `video_id`: itself if a row has it exactly, else the row
+    /// whose ID is it with ASCII whitespace around (found by a scan, only on a miss).
+    pub fn resolve(&self, video_id: &str) -> Result<Option<String>, QueueError> {
+        let exact: Option<i64> = self
+            .conn
+            .query_row("SELECT 1 FROM queue WHERE video_id = ?1", [video_id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql(format!("read row {video_id}")))?;
+        if exact.is_some() {
+            return Ok(Some(video_id.to_owned()));
+        }
+        self.conn
+            .query_row(
+                "SELECT video_id FROM queue WHERE typeof(video_id) = 'text' \
+                 AND trim(video_id, ' ' || char(9, 10, 12, 13)) = ?1 LIMIT 1",
+                [video_id],
+                |r| r.get(0),
             )
             .optional()
             .map_err(sql(format!("read row {video_id}")))
@@ -962,6 +1017,9 @@ impl Queue {
     /// or failed row (inserted if missing). A row another process is downloading, or one that is
     /// done, is not claimed; its current state is returned instead.
     pub fn claim_one(&mut self, video_id: &str) -> Result<Result<Claimed, String>, QueueError> {
+        // The producer's row, if it holds the ID with whitespace around it.
+        let stored = self.resolve(video_id)?;
+        let video_id = stored.as_deref().unwrap_or(video_id);
         let token = new_token();
         let tx = self
             .conn
@@ -1448,6 +1506,38 @@ mod tests {
         assert_eq!(order, ["past", "soon", "late", "none1", "none2"]);
         let s = q.status(5).unwrap();
         assert_eq!((s.expiring_soon, s.expired_pending), (0, 0), "none pending");
+    }
+
+    /// Both ways a claim finds due rows (a few, sorted; a backlog, read in expiry order) give
+    /// the same order.
+    #[test]
+    fn a_backlog_is_claimed_by_expiry_too() {
+        let (_dir, mut q) = temp_queue();
+        let ids: Vec<String> = (0..300).map(|i| format!("v{i:03}")).collect();
+        q.enqueue(ids.iter().map(String::as_str)).unwrap();
+        q.conn
+            .execute_batch(
+                "INSERT INTO queue(video_id, expires_at) VALUES \
+                 ('dies_soon', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 minutes')); \
+                 INSERT INTO queue(video_id, next_attempt_at, expires_at) VALUES \
+                 ('not_due', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 hours'), \
+                  strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 minutes'));",
+            )
+            .unwrap();
+        assert_eq!(q.claim(1, &[]).unwrap()[0].video_id, "dies_soon");
+        assert_eq!(q.claim(1, &[]).unwrap()[0].video_id, "v000");
+        // Down to a few due rows: the other way, the same order, and never a row not due.
+        let many = q.claim(290, &[]).unwrap();
+        assert_eq!(many.len(), 290);
+        let mut rest: Vec<String> = q
+            .claim(20, &[])
+            .unwrap()
+            .into_iter()
+            .map(|c| c.video_id)
+            .collect();
+        // Rows due at the same millisecond may come in any order.
+        rest.sort();
+        assert_eq!(rest, ids[291..]);
     }
 
     #[test]

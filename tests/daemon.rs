@@ -554,6 +554,70 @@ fn no_busy_loop_while_paused_with_a_download_in_flight() {
     assert_clean(&api, &env, &[]);
 }
 
+/// The token pause meets an outage: the probe time passes while the API host is unreachable,
+/// and the loop must wait for the outage's end, not wake at once for a probe it cannot send
+/// (found by review: a full core for the whole outage). A window of CPU time, as above.
+#[test]
+fn no_busy_loop_while_the_token_pause_meets_an_outage() {
+    let (api, mut env) = setup_with(|s| {
+        s.initial_delay = "1s";
+        s.max_delay = "8s";
+    });
+    env.set_token("oh-wrong-token");
+    api.add_video("video_a", 10_000);
+    api.add_video("video_b", 10_000);
+    let d = env.start();
+    env.insert_sqlite3(&["video_a", "video_b"]);
+    d.wait_log("ALL DOWNLOADS PAUSED");
+    // The API host moves to a closed port; the reload makes the next probe go at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.settings.base_url = format!("http://127.0.0.1:{port}");
+    env.write_config();
+    d.signal(libc::SIGHUP);
+    d.wait_log("API host unreachable: pausing");
+    let before = cpu_ticks(d.child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(d.child.id()) - before;
+    assert!(
+        used < 30,
+        "daemon used {used} ticks in 1 s while the API was unreachable"
+    );
+    drop(d);
+    assert_clean(&api, &env, &[]);
+}
+
+/// A shutdown while the first bytes of a body are awaited is an interruption like any other:
+/// the row goes back with nothing held against it (found by review: it counted as an attempt
+/// cut short, "the body ended before 8 bytes").
+#[test]
+fn a_shutdown_before_the_first_bytes_gives_the_row_back() {
+    let (api, env) = setup();
+    let v = api.add_video("video_first_bytes", 100_000);
+    api.script("video_first_bytes", vec![Step::Hold(4), Step::Serve]);
+    let mut d = env.start();
+    env.insert_sqlite3(&["video_first_bytes"]);
+    api.wait_for("the held download", DEADLINE, |l| {
+        l.iter().any(|r| r.paused)
+    });
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit().code(), Some(0), "{}", d.log());
+    let row = env.row("video_first_bytes").unwrap();
+    assert_eq!(
+        (row.state.as_str(), row.attempts),
+        ("pending", 0),
+        "{row:?}"
+    );
+    assert!(!d.log().contains("before 8 bytes"), "{}", d.log());
+    api.release("video_first_bytes");
+    let _d2 = env.start_with_log("daemon2.log");
+    assert_archived(&env, &v);
+    assert_clean(&api, &env, &[]);
+}
+
 /// Every slot busy and another row due: the loop waits for a slot, it does not spin on the
 /// due row (a window of CPU time, as in `no_busy_loop_while_paused_…`).
 #[test]

@@ -152,6 +152,8 @@ pub enum StatusStep {
     Missing,
     /// 404 with an HTML page, as a proxy in front of the API answers a path it does not know.
     Html404,
+    /// That status with an OpenAI-shaped JSON error (a 403: a key not allowed to read status).
+    Error(u16),
 }
 
 /// Which listener a request arrived on.
@@ -960,6 +962,14 @@ fn status(state: &mut State, id: &str) -> Reply {
                 "text/html",
                 b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
                     .to_vec(),
+            );
+        }
+        Some(StatusStep::Error(code)) => {
+            return Reply::api_error(
+                code,
+                &format!("stand-in status error {code}"),
+                "permission_error",
+                None,
             );
         }
         Some(StatusStep::Missing) | None => {
