@@ -492,10 +492,11 @@ impl Attempt<'_> {
             // A resume the server answers with an error may be the Range itself it chokes on:
             // the next attempt asks for the whole file. A 5xx may as well be the server's
             // health, and a partial can be gigabytes: the same offset refused twice, then.
+            // (A CDN's 404 is its way to say the signed URL expired: not about the Range.)
             if offset > 0 {
-                self.resume_failed |= match status.as_u16() {
-                    400 | 404 => true,
-                    500..=599 => self.fetcher.resume_refused_again(&self.id, offset),
+                self.resume_failed |= match (answer.host, status.as_u16()) {
+                    (_, 400) | (api::Host::Api, 404) => true,
+                    (_, 500..=599) => self.fetcher.resume_refused_again(&self.id, offset),
                     _ => false,
                 };
             }
@@ -616,18 +617,6 @@ impl Attempt<'_> {
         if let Some(StatusRead::Object(o)) = &read {
             self.learn(o);
         }
-        // The content endpoint accepted the token moments ago: a status endpoint that refuses
-        // it (a key allowed to download, not to read status) says nothing about the video,
-        // and nothing about the account.
-        let read = read.map(|r| match r {
-            StatusRead::AccountProblem {
-                http_status,
-                reason,
-            } => StatusRead::Failed(format!(
-                "the status endpoint refused the token ({http_status}): {reason}"
-            )),
-            other => other,
-        });
         let code = match what {
             NotServed::NotReady => 400,
             NotServed::Missing => 404,
@@ -640,16 +629,6 @@ impl Attempt<'_> {
                     "{} (the API answered 410 Gone): {reason}",
                     expired_words(self.expiry())
                 ),
-            },
-            (
-                _,
-                Some(StatusRead::AccountProblem {
-                    http_status,
-                    reason,
-                }),
-            ) => Outcome::AccountProblem {
-                http_status,
-                reason,
             },
             (_, Some(StatusRead::RateLimited { retry_after })) => {
                 Outcome::RateLimited { retry_after }
@@ -703,6 +682,21 @@ impl Attempt<'_> {
             (NotServed::Missing, Some(StatusRead::Failed(why))) => Outcome::Transient {
                 http_status: Some(404),
                 reason: format!("content 404, status check failed: {why}"),
+            },
+            // The content endpoint accepted the token moments ago: a status endpoint that
+            // refuses it (a key allowed to download, not to read status) says nothing about
+            // the video, and nothing about the account. (A 400's is the catch-all below.)
+            (
+                NotServed::Missing,
+                Some(StatusRead::AccountProblem {
+                    http_status,
+                    reason,
+                }),
+            ) => Outcome::Transient {
+                http_status: Some(404),
+                reason: format!(
+                    "content 404, and the status endpoint refused the token ({http_status}): {reason}"
+                ),
             },
             (NotServed::Missing, None) => Outcome::NotReady {
                 http_status: 404,
