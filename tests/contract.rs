@@ -432,6 +432,18 @@ fn retry_after_an_hour_is_cut_to_the_max_delay_then_one_request_probes() {
 // 7. and 8. Refusals: the token, or one video?
 // ---------------------------------------------------------------------------------------------
 
+/// `video_not_ours`, which the API refuses with a 403 whatever the token.
+fn refuse_one_video(api: &StandIn) {
+    api.add_video("video_not_ours", 10_000);
+    api.script(
+        "video_not_ours",
+        vec![Step::Echo(
+            403,
+            "this video belongs to another project".into(),
+        )],
+    );
+}
+
 /// A 403 for one video ("this video belongs to another project") while other videos download
 /// with the same token is that video's: after three such refusals it fails with the API's
 /// message. It never pauses the client for good.
@@ -444,14 +456,7 @@ fn a_video_the_api_refuses_fails_after_three_refusals_while_others_download() {
         s.initial_delay = "5s";
         s.max_delay = "10s";
     });
-    api.add_video("video_not_ours", 10_000);
-    api.script(
-        "video_not_ours",
-        vec![Step::Echo(
-            403,
-            "this video belongs to another project".into(),
-        )],
-    );
+    refuse_one_video(&api);
     let _d = env.start();
     env.insert_sqlite3(&["video_not_ours"]);
     let mut good = Vec::new();
@@ -497,14 +502,7 @@ fn a_refused_video_is_counted_while_other_downloads_are_in_flight() {
         s.initial_delay = "5s";
         s.max_delay = "10s";
     });
-    api.add_video("video_not_ours", 10_000);
-    api.script(
-        "video_not_ours",
-        vec![Step::Echo(
-            403,
-            "this video belongs to another project".into(),
-        )],
-    );
+    refuse_one_video(&api);
     let slow = |api: &StandIn, id: &str| {
         let v = api.add_video(id, 40_000);
         api.script(
