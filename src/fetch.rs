@@ -337,7 +337,6 @@ impl Fetcher {
             status: None,
             metadata_read: None,
             expires_at,
-            learned_expiry: None,
             cancel,
         };
         let outcome = attempt.run().await;
@@ -352,7 +351,7 @@ impl Fetcher {
         }
         Ended {
             outcome,
-            expires_at: attempt.learned_expiry,
+            expires_at: attempt.learned_expiry(),
         }
     }
 
@@ -424,9 +423,8 @@ struct Attempt<'a> {
     status: Option<StatusObject>,
     /// The status read started alongside the body, for the metadata kept with the video.
     metadata_read: Option<tokio::task::JoinHandle<StatusRead>>,
-    /// What the row knew of the expiry, and what this attempt learned.
+    /// What the row knew of the expiry (the status object above may say better).
     expires_at: Option<i64>,
-    learned_expiry: Option<i64>,
     cancel: &'a CancellationToken,
 }
 
@@ -717,15 +715,19 @@ impl Attempt<'_> {
         }
     }
 
+    /// An attempt reads at most one status object: `not_served` ends the attempt, and the read
+    /// for the metadata happens only without one.
     fn learn(&mut self, o: &StatusObject) {
-        if o.expires_at.is_some() {
-            self.learned_expiry = o.expires_at;
-        }
         self.status = Some(o.clone());
     }
 
+    /// What this attempt learned of the expiry.
+    fn learned_expiry(&self) -> Option<i64> {
+        self.status.as_ref().and_then(|o| o.expires_at)
+    }
+
     fn expiry(&self) -> Option<i64> {
-        self.learned_expiry.or(self.expires_at)
+        self.learned_expiry().or(self.expires_at)
     }
 
     /// Streams a 200/206 body into the partial file through the writer thread.
@@ -832,11 +834,10 @@ impl Attempt<'_> {
             );
         }
         let min_free = self.limits.min_free;
-        let reserve = total;
         if let Err(e) = self
             .on_partial(move |p| {
                 p.keep_free(min_free);
-                match reserve {
+                match total {
                     Some(t) => p.reserve(t, min_free),
                     None => Ok(()),
                 }

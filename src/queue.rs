@@ -911,20 +911,28 @@ impl Queue {
 
     /// The row of a video, by its ID as the operator (or the archive's file name) gives it: a
     /// producer's row may hold the ID with whitespace around it (see `VideoId::from_queued`).
+    /// One primary-key lookup when the ID is stored as given (`verify` does one per file).
     pub fn get(&self, video_id: &str) -> Result<Option<RowView>, QueueError> {
-        let key = self.resolve(video_id)?;
+        if let Some(row) = self.get_exact(video_id)? {
+            return Ok(Some(row));
+        }
+        match self.padded_key(video_id)? {
+            Some(key) => self.get_exact(&key),
+            None => Ok(None),
+        }
+    }
+
+    fn get_exact(&self, video_id: &str) -> Result<Option<RowView>, QueueError> {
         self.conn
-            .query_row(
-                &format!("SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"),
-                [key.as_deref().unwrap_or(video_id)],
-                RowView::from_row,
-            )
-            .optional()
+            .prepare_cached(&format!(
+                "SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"
+            ))
+            .and_then(|mut stmt| stmt.query_row([video_id], RowView::from_row).optional())
             .map_err(sql(format!("read row {video_id}")))
     }
 
     /// The `video_id` as stored for `video_id`: itself if a row has it exactly, else the row
-    /// whose ID is it with ASCII whitespace around (found by a scan, only on a miss).
+    /// whose ID is it with ASCII whitespace around.
     pub fn resolve(&self, video_id: &str) -> Result<Option<String>, QueueError> {
         let exact: Option<i64> = self
             .conn
@@ -933,9 +941,15 @@ impl Queue {
             })
             .optional()
             .map_err(sql(format!("read row {video_id}")))?;
-        if exact.is_some() {
-            return Ok(Some(video_id.to_owned()));
+        match exact {
+            Some(_) => Ok(Some(video_id.to_owned())),
+            None => self.padded_key(video_id),
         }
+    }
+
+    /// The stored ID of the row whose ID is `video_id` with ASCII whitespace around it: a scan
+    /// of the table, so only ever asked after an exact lookup missed.
+    fn padded_key(&self, video_id: &str) -> Result<Option<String>, QueueError> {
         self.conn
             .query_row(
                 "SELECT video_id FROM queue WHERE typeof(video_id) = 'text' \

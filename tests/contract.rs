@@ -1054,8 +1054,7 @@ fn hingnetd_fetch_turns_core_dumps_off() {
 fn a_trickle_below_the_speed_floor_ends_the_attempt_and_resumes() {
     let (api, env) = setup_with(|s| {
         s.read_timeout = "2s";
-        s.low_speed_limit = "1KiB";
-        s.low_speed_time = "1s";
+        s.low_speed = Some(("1KiB", "1s"));
     });
     let v = api.add_video("video_trickle", 200_000);
     api.script(

@@ -36,9 +36,8 @@ pub struct Settings {
     pub poll_interval: &'static str,
     /// `api.allow_plain_http`: a test that names a host other than loopback needs it.
     pub allow_plain_http: bool,
-    /// `download.low_speed_limit` and `download.low_speed_time`.
-    pub low_speed_limit: &'static str,
-    pub low_speed_time: &'static str,
+    /// `download.low_speed_limit` and `download.low_speed_time`; `None`: the daemon's defaults.
+    pub low_speed: Option<(&'static str, &'static str)>,
     /// `archive.sidecar`.
     pub sidecar: bool,
 }
@@ -57,8 +56,7 @@ impl Settings {
             min_free: "0",
             poll_interval: "1h",
             allow_plain_http: false,
-            low_speed_limit: "1KiB",
-            low_speed_time: "60s",
+            low_speed: None,
             sidecar: true,
         }
     }
@@ -118,14 +116,9 @@ impl Env {
             s.concurrency,
             s.shutdown_grace,
             s.max_bytes,
-            if (s.low_speed_limit, s.low_speed_time) == ("1KiB", "60s") {
-                String::new()
-            } else {
-                format!(
-                    "low_speed_limit = {:?}\nlow_speed_time = {:?}\n",
-                    s.low_speed_limit, s.low_speed_time
-                )
-            },
+            s.low_speed.map_or(String::new(), |(limit, time)| format!(
+                "low_speed_limit = {limit:?}\nlow_speed_time = {time:?}\n"
+            )),
             s.initial_delay,
             s.max_delay,
             s.give_up_after,
