@@ -502,7 +502,7 @@ fn utc_stamp(t: SystemTime) -> String {
 }
 
 /// Free space the filesystem gives an unprivileged writer, in bytes.
-fn available_bytes(dir: &Path) -> io::Result<u64> {
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

@@ -298,10 +298,20 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
         None => None,
     };
     let running = InstanceLock::is_held(&cfg.queue.database);
+    // What a daemon that is no longer running left behind is not in force.
+    let pauses = if running {
+        q.pauses().unwrap_or_else(|e| {
+            eprintln!("hingnetd: cannot read the daemon's pauses: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
     let mut o = out();
     if json {
         let mut v = serde_json::to_value(&s).expect("status serializes");
         v["daemon_running"] = running.into();
+        v["pauses"] = serde_json::to_value(&pauses).expect("pauses serialize");
         v["next_due_in_ms"] = s.next_due_in.map(|d| d.as_millis() as u64).into();
         v["oldest_pending_age_s"] = age.map(|d| d.as_secs()).into();
         v["archive_bytes"] = archived.into();
@@ -318,6 +328,21 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
         "daemon: {}",
         if running { "running" } else { "not running" }
     );
+    for p in &pauses {
+        let _ = writeln!(
+            o,
+            "PAUSED ({}) since {}: {}",
+            p.reason.as_str(),
+            p.since,
+            p.detail
+        );
+        if let Some(until) = &p.until {
+            let _ = writeln!(o, "  until: {until}");
+        }
+        if let Some(advice) = &p.advice {
+            let _ = writeln!(o, "  what to do: {advice}");
+        }
+    }
     let _ = writeln!(o, "archive: {} in {} files", human_bytes(archived), s.done);
     if let Some((id, at)) = &s.oldest_pending {
         let age = age.map_or(String::new(), |a| {
@@ -708,6 +733,17 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
             concurrency = cfg.download.concurrency,
             "hingnetd ready"
         );
+        let mut metrics = crate::metrics::Serving {
+            scrape: Arc::new(crate::metrics::Scrape::new(
+                cfg.queue.database.clone(),
+                cfg.archive.dir.clone(),
+                Arc::new(std::sync::atomic::AtomicU64::new(cfg.archive.min_free)),
+            )),
+            endpoint: None,
+        };
+        metrics
+            .apply(cfg.metrics.addr(), cfg.archive.min_free)
+            .map_err(|e| Failure::new(exit::CONFIG, e))?;
         let service = Service::from_env();
         service.ready();
         let settings = Settings {
@@ -721,6 +757,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
             wake,
             reload,
             service,
+            metrics,
         );
         scheduler.run(shutdown).await;
         tracing::info!("hingnetd stopped");

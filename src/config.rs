@@ -23,12 +23,20 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid config file {path}: {key}: {message}")]
+    /// `at` is `:LINE: key` (or `:LINE`), where the file says what is wrong.
+    #[error("invalid config file {}{at}: {message}", path.display())]
+    Parse {
+        path: PathBuf,
+        at: String,
+        message: String,
+    },
+    #[error("invalid config file {}{}: {key}: {message}", path.display(), line.map_or(String::new(), |l| format!(":{l}")))]
     Invalid {
         path: PathBuf,
         key: &'static str,
+        /// The key's line, when the file sets it (a default can be invalid only in
+        /// combination with a key that is set).
+        line: Option<usize>,
         message: String,
     },
     #[error("{0}")]
@@ -45,6 +53,21 @@ pub struct Config {
     pub download: DownloadConfig,
     pub retry: RetryConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served (`127.0.0.1:9464`); empty: not at all (the default).
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address, if metrics are served; `validate` has already proven it parses.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        (!self.listen.is_empty()).then(|| self.listen.parse().expect("validated at load"))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -212,18 +235,23 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: one_line_toml_error(&e),
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (at, message) = toml_error_at(text, &e);
+            ConfigError::Parse {
+                path: path.to_owned(),
+                at,
+                message,
+            }
         })?;
-        config.validate(path)?;
+        config.validate(path, text)?;
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let bad = |key, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             key,
+            line: line_of_key(text, key),
             message,
         };
         let url = reqwest::Url::parse(&self.api.base_url).map_err(|e| {
@@ -309,6 +337,17 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return Err(bad("log.level", format!("{:?}: {e}", self.log.level)));
         }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(bad(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address and port like \"127.0.0.1:9464\" or \"[::1]:9464\" (empty: no metrics)",
+                    self.metrics.listen
+                ),
+            ));
+        }
         for (key, p) in [
             ("queue.database", &self.queue.database),
             ("archive.dir", &self.archive.dir),
@@ -339,14 +378,68 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     }
 }
 
-/// toml's errors are multi-line with a source excerpt; an operator's log wants one line that
-/// still names the key and the line number.
-fn one_line_toml_error(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
-        None => msg,
+/// toml's errors are multi-line with a source excerpt and its messages name no key; an
+/// operator's log wants one line that names the line and the key (`:14: retry.initial_delay`).
+fn toml_error_at(text: &str, e: &toml::de::Error) -> (String, String) {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return (String::new(), message);
+    };
+    let start = span.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let at = match key_at(text, start) {
+        Some(key) => format!(":{line}: {key}"),
+        None => format!(":{line}"),
+    };
+    (at, message)
+}
+
+/// The dotted key whose line holds byte `offset`: the `[table]` above it and the name left of
+/// `=` (or the table itself, on a header line).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    if let Some(header) = table_name(line) {
+        return Some(header.to_owned());
     }
+    let (name, _) = line.split_once('=')?;
+    let name = name.trim().trim_matches('"');
+    if name.is_empty() {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| table_name(l.trim()));
+    Some(match table {
+        Some(t) => format!("{t}.{name}"),
+        None => name.to_owned(),
+    })
+}
+
+fn table_name(line: &str) -> Option<&str> {
+    let inner = line.strip_prefix('[')?.split(']').next()?;
+    Some(inner.trim_matches(|c| c == '[' || c == ' '))
+}
+
+/// The line that sets a dotted key (`retry.max_delay`), if the file sets it.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut current = "";
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if let Some(t) = table_name(l) {
+            current = t;
+            continue;
+        }
+        if current == table
+            && let Some((k, _)) = l.split_once('=')
+            && k.trim().trim_matches('"') == name
+        {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// The secret. Its `Debug` and `Display` never show it, so it cannot leak through a log line
@@ -453,6 +546,8 @@ fn check_token(t: &str, src: &TokenSource) -> Result<Token, ConfigError> {
     Ok(Token(t.to_owned()))
 }
 
+const DURATION_FORMS: &str = "(use 300ms, 30s, 10m, 24h)";
+
 /// Parses `300ms`, `30s`, `10m`, `24h`, `7d` (also compound: `1h30m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -464,9 +559,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!(
-                "{s:?} is not a duration like \"300ms\", \"30s\", \"10m\", \"24h\""
-            ));
+            return Err(format!("{s:?} is not a duration {DURATION_FORMS}"));
         }
         let n: u64 = rest[..digits]
             .parse()
@@ -481,10 +574,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86400)),
-            "" => return Err(format!("{s:?} needs a unit (ms, s, m, h or d)")),
+            "" if rest.is_empty() => {
+                return Err(format!(
+                    "{s:?} is not a duration: the number needs a unit {DURATION_FORMS}"
+                ));
+            }
+            "" => return Err(format!("{s:?} is not a duration {DURATION_FORMS}")),
             _ => {
                 return Err(format!(
-                    "{s:?} has unknown unit {unit:?} (ms, s, m, h or d)"
+                    "{s:?} is not a duration: unknown unit {unit:?} {DURATION_FORMS}"
                 ));
             }
         };
@@ -613,6 +711,41 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_line_and_the_key() {
+        let text = "# comment\n[api]\nbase_url = \"https://api.example\"\n\n[retry]\nmax_delay = \"10m\"\ninitial_delay = \"30 seconds\"\n";
+        let e = Config::parse(text, Path::new("hingnetd.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config file hingnetd.toml:7: retry.initial_delay: \"30 seconds\" is not a duration (use 300ms, 30s, 10m, 24h)"
+        );
+        let e = Config::parse("[download]\nconcurrency = \"four\"\n", Path::new("h.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid config file h.toml:2: download.concurrency: "),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        let e = Config::parse("[download]\nconcurency = 4\n", Path::new("h.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid config file h.toml:2: download.concurency: unknown field"),
+            "{e}"
+        );
+        // Found valid by the parser, refused by validation: the same line and key.
+        let e = Config::parse("[retry]\n\ninitial_delay = \"0s\"\n", Path::new("h.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config file h.toml:3: retry.initial_delay: must be greater than zero"
+        );
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = Config::parse("", Path::new("x.toml")).unwrap();
         assert_eq!(c.download.concurrency, 4);
@@ -636,7 +769,7 @@ mod tests {
             .values()
             .map(|v| v.as_table().map_or(0, |t| t.len()))
             .sum();
-        assert_eq!(keys, 20, "hingnetd.toml.example should document every key");
+        assert_eq!(keys, 21, "hingnetd.toml.example should document every key");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::api::ApiClient;
 use crate::archive::{Partial, VideoId};
 use crate::config::{self, Config, RetryConfig, format_duration};
 use crate::fetch::{Ended, Fetcher, Limits, Outcome, expired_words, status_interval};
+use crate::pause::{self, Pause};
 use crate::queue::{Claimed, FileRecord, Finish, SharedQueue};
 use crate::service::{Service, thousands};
 use crate::watch::Recheck;
@@ -245,6 +246,16 @@ pub async fn attempt(
     let elapsed = started.elapsed();
     let finish = decide(claimed, &ended, retry, elapsed, SystemTime::now());
     log_decision(claimed, &ended.outcome, &finish, elapsed);
+    let m = crate::metrics::get();
+    m.attempt(ended.outcome.label());
+    match &finish {
+        Finish::Done { file, .. } => {
+            m.finished(true);
+            m.archived(elapsed, file.bytes);
+        }
+        Finish::Failed { .. } => m.finished(false),
+        Finish::Retry { .. } | Finish::Release { .. } => {}
+    }
     if matches!(finish, Finish::Failed { .. })
         && let Ok((id, _)) = VideoId::from_queued(&claimed.video_id)
     {
@@ -340,6 +351,10 @@ pub struct Scheduler {
     /// The status line needs fresh counts (something changed since the last ones).
     counts_stale: bool,
     counts_at: Option<Instant>,
+    /// The pauses last published (`publish_pauses`), and since when each has been in force.
+    published: Vec<Pause>,
+    paused_since: HashMap<pause::Reason, Instant>,
+    metrics: crate::metrics::Serving,
 }
 
 impl Scheduler {
@@ -350,6 +365,7 @@ impl Scheduler {
         wake: Arc<Notify>,
         reload: Arc<Notify>,
         service: Service,
+        metrics: crate::metrics::Serving,
     ) -> Scheduler {
         Scheduler {
             settings,
@@ -372,12 +388,17 @@ impl Scheduler {
             service,
             counts_stale: true,
             counts_at: None,
+            published: Vec::new(),
+            paused_since: HashMap::new(),
+            metrics,
         }
     }
 
     /// Runs until `shutdown` is cancelled, then drains (see `drain`).
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut recheck = Recheck::default();
+        // Pauses a daemon that died left behind are not in force.
+        self.clear_pauses().await;
         let mut data_version = self.queue.call(|q| q.data_version()).await.unwrap_or(0);
         // Whether a due row may be waiting: set by anything that can make one due.
         let mut look = true;
@@ -430,6 +451,7 @@ impl Scheduler {
             }
             self.service.ping_if_due();
             self.update_status().await;
+            self.publish_pauses().await;
             let poll = self.settings.config.queue.poll_interval;
             // When to look for due rows whatever else happens: the safety-net poll, the next
             // due row, the end of a pause. Kept apart from the other wake-ups (rechecks, pings,
@@ -548,21 +570,113 @@ impl Scheduler {
             thousands(counts.done),
             thousands(counts.failed)
         );
-        if let Some(s) = &self.storage {
+        // The first pause is the one to fix first (`pauses` lists them in that order).
+        if let Some(p) = self.pauses().first() {
             text.push_str("; paused: ");
-            text.push_str(&s.reason);
-        } else if let Some(a) = &self.account {
-            text.push_str(if a.confirmed {
-                "; paused: API rejected the token"
-            } else {
-                "; paused: API refused a video; probing whether it is the token"
-            });
-        } else if self.rate_limited_until.is_some() {
-            text.push_str("; paused: rate limited (429)");
-        } else if self.unreachable_until.is_some() {
-            text.push_str("; paused: API host unreachable");
+            text.push_str(&p.detail);
         }
         self.service.status(text);
+    }
+
+    /// Every pause in force now, the one an operator must act on first first: a short disk,
+    /// a refused token, then the ones that end by themselves.
+    fn pauses(&self) -> Vec<Pause> {
+        let mut out = Vec::new();
+        if let Some(s) = &self.storage {
+            out.push(Pause {
+                reason: pause::Reason::Storage,
+                detail: s.reason.clone(),
+                until: None,
+                advice: Some(format!(
+                    "free space in the archive's filesystem ({}); new downloads start once it has archive.min_free ({}) free",
+                    self.fetcher.archive.dir().display(),
+                    crate::config::format_size(self.settings.config.archive.min_free)
+                )),
+            });
+        }
+        if let Some(a) = &self.account {
+            // The first suspect by ID, so that the text does not change from look to look.
+            let first = a.suspects.iter().min_by(|x, y| x.0.cmp(y.0));
+            let said = first.map_or(String::new(), |(video, (_, status, reason))| {
+                format!(" (HTTP {status} for {video}: {reason})")
+            });
+            out.push(Pause {
+                reason: pause::Reason::Token,
+                detail: if a.confirmed {
+                    format!("API rejected the token{said}")
+                } else {
+                    format!("API refused a video; probing whether it is the token{said}")
+                },
+                until: a.probe.is_none().then_some(a.next_probe),
+                advice: Some(if a.confirmed {
+                    format!("fix the token: {}", token_advice())
+                } else {
+                    "none yet: one probe on another video tells whether the token or the video is refused".into()
+                }),
+            });
+        }
+        if let Some(until) = self.rate_limited_until {
+            out.push(Pause {
+                reason: pause::Reason::RateLimited,
+                detail: if self.rate_probe {
+                    "rate limited (429); one request probes before the rest follow".into()
+                } else {
+                    "rate limited (429)".into()
+                },
+                until: Some(until),
+                advice: None,
+            });
+        }
+        if let Some(until) = self.unreachable_until {
+            out.push(Pause {
+                reason: pause::Reason::Unreachable,
+                detail: format!(
+                    "API host unreachable ({} attempt(s) in a row)",
+                    self.unreachable_in_a_row
+                ),
+                until: Some(until),
+                advice: Some(
+                    "check the network, DNS and any proxy (HTTPS_PROXY) on the way to api.base_url"
+                        .into(),
+                ),
+            });
+        }
+        out
+    }
+
+    async fn clear_pauses(&mut self) {
+        crate::metrics::get().set_paused(&[]);
+        match self.queue.call(|q| q.set_pauses(&[])).await {
+            Ok(()) => self.published.clear(),
+            Err(e) => tracing::warn!(error = %e, "cannot clear the published pauses"),
+        }
+    }
+
+    /// Publishes the pauses when they change: to the queue database for `hingnetd status`
+    /// (another process) and to the metrics. A failed write is tried again at the next turn.
+    async fn publish_pauses(&mut self) {
+        let now = self.pauses();
+        if now == self.published {
+            return;
+        }
+        let at = Instant::now();
+        self.paused_since
+            .retain(|r, _| now.iter().any(|p| p.reason == *r));
+        let records: Vec<pause::Record> = now
+            .iter()
+            .map(|p| pause::Record {
+                reason: p.reason,
+                detail: p.detail.clone(),
+                since_ago: at - *self.paused_since.entry(p.reason).or_insert(at),
+                until_in: p.until.map(|u| u.saturating_duration_since(at)),
+                advice: p.advice.clone(),
+            })
+            .collect();
+        crate::metrics::get().set_paused(&records.iter().map(|r| r.reason).collect::<Vec<_>>());
+        match self.queue.call(move |q| q.set_pauses(&records)).await {
+            Ok(()) => self.published = now,
+            Err(e) => tracing::warn!(error = %e, "cannot publish the pauses for `hingnetd status`"),
+        }
     }
 
     /// SIGHUP: re-read the config file and the token. A bad new config (or token) is refused
@@ -609,6 +723,10 @@ impl Scheduler {
         if new.log.level != old.log.level || new.log.format != old.log.format {
             tracing::warn!(key = "log", "log settings apply at the next start");
         }
+        // Last of the checks, as it acts: the new listener is bound before the old one stops.
+        self.metrics
+            .apply(new.metrics.addr(), new.archive.min_free)
+            .map_err(|e| e.to_string())?;
         // Downloads in flight keep the client they started with.
         self.fetcher.replace_api(api);
         self.fetcher.set_limits(Limits::of(&new));
@@ -970,6 +1088,7 @@ impl Scheduler {
                 .await
             {
                 Ok(true) => {
+                    crate::metrics::get().finished(false);
                     tracing::warn!(video_id = %video, http_status, reason = %error, "failed for good");
                     if let Ok((id, _)) = VideoId::from_queued(&video) {
                         self.fetcher.remove_leftovers(&id).await;
@@ -998,6 +1117,7 @@ impl Scheduler {
     /// Shutdown: no new claims; downloads in flight get the grace period to finish, then are
     /// cancelled, which parks their partial files and puts their rows back to pending.
     async fn drain(mut self) {
+        self.clear_pauses().await;
         if self.tasks.is_empty() {
             return;
         }
@@ -1124,12 +1244,17 @@ fn log_decision(claimed: &Claimed, outcome: &Outcome, finish: &Finish, elapsed: 
     }
 }
 
-/// How an operator gets a fixed token to the daemon, where it runs.
-fn token_advice() -> &'static str {
+/// How an operator gets a fixed token to the daemon, where it runs: under systemd the token is
+/// a credential, copied once per start, so only a restart reads a new one; otherwise the token
+/// file is re-read before each probe, and SIGHUP probes at once.
+fn token_advice() -> String {
     if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
-        "systemd copies the credential only at start: after changing it, run `systemctl restart hingnetd`"
+        "systemd copies the credential only at start: put the new token in the file LoadCredential= names (/etc/hingnetd/token in the packaged unit), then run `systemctl restart hingnetd`".into()
     } else {
-        "it is re-read before each probe"
+        format!(
+            "write the new token where the daemon reads it; it is re-read before each probe, and `kill -HUP {}` probes at once",
+            std::process::id()
+        )
     }
 }
 

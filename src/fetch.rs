@@ -82,6 +82,28 @@ pub enum Outcome {
     DiskShort { reason: String },
 }
 
+impl Outcome {
+    /// The outcome's name as a metrics label (`metrics::OUTCOMES`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Archived { .. } => "archived",
+            Outcome::Kept { .. } => "kept",
+            Outcome::NotReady { .. } => "not_ready",
+            Outcome::MaybeMissing { .. } => "maybe_missing",
+            Outcome::Transient { .. } => "transient",
+            Outcome::Gone { .. } => "gone",
+            Outcome::Blocked { .. } => "blocked",
+            Outcome::InvalidId => "invalid_id",
+            Outcome::AccountProblem { .. } => "refused",
+            Outcome::RateLimited { .. } => "rate_limited",
+            Outcome::Unreachable { .. } => "unreachable",
+            Outcome::Interrupted { .. } => "interrupted",
+            Outcome::Storage { .. } => "storage",
+            Outcome::DiskShort { .. } => "disk_short",
+        }
+    }
+}
+
 /// An attempt's outcome, and what it learned about the video on the way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ended {
@@ -903,6 +925,7 @@ impl Attempt<'_> {
                 }
             };
             floor.add(chunk.len());
+            crate::metrics::get().received(chunk.len() as u64);
             // A body without a length is held to the limit as it arrives.
             if start + received > max {
                 worthless = true;

@@ -39,6 +39,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_expiry_metadata.sql",
         include_str!("../migrations/0005_expiry_metadata.sql"),
     ),
+    (
+        "0006_daemon_pauses.sql",
+        include_str!("../migrations/0006_daemon_pauses.sql"),
+    ),
 ];
 
 /// Attempt-log entries kept per video.
@@ -808,6 +812,66 @@ impl Queue {
         }
         tx.commit().map_err(sql("commit enqueue"))?;
         Ok(out)
+    }
+
+    /// Replaces the published pauses with `pauses` (empty: none in force).
+    pub fn set_pauses(&mut self, pauses: &[crate::pause::Record]) -> Result<(), QueueError> {
+        with_busy_retry("publish pauses", || {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM daemon_pauses", [])?;
+            for p in pauses {
+                let ago = format!("-{:.3} seconds", p.since_ago.min(MAX_DELAY).as_secs_f64());
+                tx.execute(
+                    "INSERT INTO daemon_pauses(reason, detail, since, until, advice) VALUES \
+                     (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3), \
+                      CASE WHEN ?4 IS NULL THEN NULL \
+                      ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?4) END, ?5)",
+                    params![
+                        p.reason.as_str(),
+                        p.detail,
+                        ago,
+                        p.until_in.map(sqlite_offset),
+                        p.advice
+                    ],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// The pauses the daemon last published (stale if no daemon is running).
+    pub fn pauses(&self) -> Result<Vec<crate::pause::Published>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT reason, detail, since, until, advice FROM daemon_pauses ORDER BY since",
+            )
+            .map_err(sql("read pauses"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    crate::pause::Published {
+                        reason: crate::pause::Reason::Token,
+                        detail: r.get(1)?,
+                        since: r.get(2)?,
+                        until: r.get(3)?,
+                        advice: r.get(4)?,
+                    },
+                ))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(sql("read pauses"))?;
+        // A reason this version does not know (written by a newer one) is skipped.
+        Ok(rows
+            .into_iter()
+            .filter_map(|(reason, p)| {
+                crate::pause::Reason::parse(&reason)
+                    .map(|reason| crate::pause::Published { reason, ..p })
+            })
+            .collect())
     }
 
     /// Rows per state and the archived bytes, in one pass over the `(state, bytes)` index (the
