@@ -295,7 +295,7 @@ impl Archive {
 
     /// Renames whatever is at the final path to `.<id>.mp4.replaced-<UTC time>`, a name no
     /// other file has, and makes the rename durable.
-    fn set_aside(&self, id: &VideoId) -> Result<PathBuf, ArchiveError> {
+    pub fn set_aside(&self, id: &VideoId) -> Result<PathBuf, ArchiveError> {
         let from = self.final_path(id);
         let stamp = utc_stamp(SystemTime::now());
         let mut n = 1;

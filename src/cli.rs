@@ -113,8 +113,27 @@ pub enum Command {
         /// Every done video, and look for orphan files (the default without IDs).
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// Put each video whose file is missing or changed back to pending, to be downloaded
+        /// again (a changed file is renamed aside, never deleted).
+        #[arg(long)]
+        repair: bool,
         #[arg(value_name = "ID")]
         ids: Vec<String>,
+    },
+    /// Remove videos from the queue. A done video's file stays unless --delete-file.
+    #[command(
+        after_help = "Example:\n  hingnetd remove video_abc123\n  hingnetd remove --delete-file video_abc123"
+    )]
+    Remove {
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+        /// Remove a video even while it is being downloaded (the download in flight may still
+        /// archive its file, which `verify` then reports as an orphan).
+        #[arg(long)]
+        force: bool,
+        /// Also delete the archived file and its .json sidecar.
+        #[arg(long)]
+        delete_file: bool,
     },
     /// Download one video now, in the foreground, the way the daemon would.
     #[command(after_help = "Example:\n  hingnetd fetch video_abc123")]
@@ -122,12 +141,17 @@ pub enum Command {
         #[arg(value_name = "ID")]
         id: String,
     },
-    /// Validate the configuration and print it as in force, with the token redacted.
+    /// Validate the configuration, the token and the CA store, and print the configuration
+    /// as in force, with the token redacted.
     #[command(
         name = "check-config",
         after_help = "Example:\n  hingnetd --config /etc/hingnetd/hingnetd.toml check-config"
     )]
-    CheckConfig,
+    CheckConfig {
+        /// Print nothing when all is well (the unit's ExecReload= runs it before each reload).
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Create or upgrade the queue database schema, then exit.
     #[command(after_help = "Example:\n  hingnetd migrate")]
     Migrate,
@@ -201,9 +225,14 @@ pub fn main_with(cli: Cli) -> ExitCode {
         Command::List { state, limit, json } => list(&cfg, state.as_deref(), limit, json),
         Command::Show { id, json } => show(&cfg, &id, json),
         Command::Retry { ids, failed } => retry(&cfg, ids, failed),
-        Command::Verify { all, ids } => verify(&cfg, all || ids.is_empty(), ids),
+        Command::Verify { all, repair, ids } => verify(&cfg, all || ids.is_empty(), ids, repair),
+        Command::Remove {
+            ids,
+            force,
+            delete_file,
+        } => remove(&cfg, ids, force, delete_file),
         Command::Fetch { id } => fetch(cfg, &id),
-        Command::CheckConfig => check_config(&cfg, &cli.config),
+        Command::CheckConfig { quiet } => check_config(&cfg, &cli.config, quiet),
         Command::Migrate => migrate(&cfg),
         Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     };
@@ -229,11 +258,18 @@ fn migrate(cfg: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
-fn check_config(cfg: &Config, path: &Path) -> Result<(), Failure> {
+fn check_config(cfg: &Config, path: &Path, quiet: bool) -> Result<(), Failure> {
     no_core_dumps();
-    let (_token, source) =
+    let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
+    // The HTTP client as `run` builds it, which loads the system's CA certificates: a missing
+    // trust store fails here, not at the service's first start.
+    ApiClient::new(&cfg.api, cfg.base_url(), token)
+        .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
     let text = toml::to_string(cfg).map_err(|e| Failure::new(exit::FAILURE, e))?;
+    if quiet {
+        return Ok(());
+    }
     let mut o = out();
     let _ = writeln!(o, "# {}: valid", path.display());
     let _ = writeln!(o, "# token: read from {source} (redacted)");
@@ -412,6 +448,14 @@ fn list(cfg: &Config, state: Option<&str>, limit: usize, json: bool) -> Result<(
         );
         return Ok(());
     }
+    // A header for a person; scripts that read the columns get none.
+    if std::io::stdout().is_terminal() {
+        let _ = writeln!(
+            o,
+            "{:<40} {:<11} {:>3} {:<24} {:>4} LAST ERROR",
+            "VIDEO ID", "STATE", "TRY", "NEXT ATTEMPT / FINISHED", "HTTP"
+        );
+    }
     for r in rows {
         let when = r.finished_at.as_deref().unwrap_or(&r.next_attempt_at);
         let _ = writeln!(
@@ -537,8 +581,8 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-fn verify(cfg: &Config, all: bool, ids: Vec<String>) -> Result<(), Failure> {
-    let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(), Failure> {
+    let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     let report = crate::verify::run(&q, &cfg.archive.dir, all, &ids, |total| {
         progress_bar(total, "verifying")
     })
@@ -548,14 +592,116 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>) -> Result<(), Failure> {
         let _ = writeln!(o, "{p}");
     }
     let _ = writeln!(o, "{}", report.summary());
-    if report.problems.is_empty() {
+    let mut left = report.problems.len();
+    if repair {
+        let archive = Archive::open(&cfg.archive.dir)
+            .map_err(|e| Failure::new(exit::IO, format!("{e} (archive.dir)")))?;
+        let repairs = crate::verify::repair(&mut q, &archive, &report)
+            .map_err(|e| Failure::new(exit::IO, e))?;
+        for r in &repairs {
+            let _ = writeln!(o, "{r}");
+        }
+        let fixed = repairs
+            .iter()
+            .filter(|r| matches!(r, crate::verify::Repair::Requeued { .. }))
+            .count();
+        let _ = writeln!(o, "repaired {fixed} video(s)");
+        left -= fixed;
+    }
+    if left == 0 {
         Ok(())
     } else {
         Err(Failure::new(
             exit::PROBLEM,
-            format!("{} problem(s) found", report.problems.len()),
+            if repair {
+                format!("{left} problem(s) not repaired")
+            } else {
+                format!("{left} problem(s) found")
+            },
         ))
     }
+}
+
+/// `hingnetd remove`: the rows go; a done video's file stays unless `delete_file`, and what a
+/// pending or failed one left half-downloaded goes with it.
+fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Result<(), Failure> {
+    use crate::queue::Removal;
+    let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let archive = Archive::open(&cfg.archive.dir).ok();
+    let mut o = out();
+    let mut refused = 0;
+    for raw in &ids {
+        let id = raw.trim();
+        let row = match q.remove(id, force).map_err(queue_failure)? {
+            Removal::Missing => {
+                eprintln!("hingnetd: {id}: not in the queue");
+                refused += 1;
+                continue;
+            }
+            Removal::Busy(_) => {
+                eprintln!(
+                    "hingnetd: {id}: being downloaded now; not removed (--force removes it anyway)"
+                );
+                refused += 1;
+                continue;
+            }
+            Removal::Removed(row) => row,
+        };
+        let vid = VideoId::from_queued(&row.video_id).ok().map(|(v, _)| v);
+        if let (Some(a), Some(v)) = (&archive, &vid)
+            && let Err(e) = a.remove_leftovers(v)
+        {
+            eprintln!("hingnetd: {id}: cannot remove its partial file: {e}");
+        }
+        let file = match (&row.path, delete_file) {
+            (None, _) => String::new(),
+            (Some(p), false) => format!("; its file stays at {p}"),
+            (Some(p), true) => {
+                let sidecar = match (&archive, &vid) {
+                    (Some(a), Some(v)) => Some(a.sidecar_path(v)),
+                    _ => None,
+                };
+                match delete_archived(Path::new(p), sidecar.as_deref()) {
+                    Ok(()) => format!("; deleted {p}"),
+                    Err(e) => {
+                        eprintln!("hingnetd: {id}: removed from the queue, but {e}");
+                        refused += 1;
+                        format!("; its file stays at {p}")
+                    }
+                }
+            }
+        };
+        let busy = if row.state == "downloading" {
+            " (its download in flight may still archive a file no row names)"
+        } else {
+            ""
+        };
+        let _ = writeln!(o, "removed {id} ({}){file}{busy}", row.state);
+    }
+    match refused {
+        0 => Ok(()),
+        n => Err(Failure::new(exit::DATA, format!("{n} id(s) not removed"))),
+    }
+}
+
+/// Deletes an archived file and its sidecar: regular files only (a directory or device planted
+/// there is not ours to delete).
+fn delete_archived(path: &Path, sidecar: Option<&Path>) -> Result<(), String> {
+    for p in std::iter::once(path).chain(sidecar) {
+        match std::fs::symlink_metadata(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(format!(
+                    "{} is not a regular file; left as it is",
+                    p.display()
+                ));
+            }
+            Ok(_) => std::fs::remove_file(p)
+                .map_err(|e| format!("cannot delete {}: {e}", p.display()))?,
+        }
+    }
+    Ok(())
 }
 
 fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
@@ -566,6 +712,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     let id = id.as_str();
     no_core_dumps();
     let (token, _) = config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
+    become_archive_owner(&cfg.archive.dir)?;
     let archive = Archive::open(&cfg.archive.dir)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
@@ -689,6 +836,53 @@ fn flat_memory() {
             libc::mallopt(libc::M_ARENA_MAX, arenas.max(1));
         }
     }
+}
+
+/// `hingnetd fetch` run as root writes the files the daemon would: as the archive directory's
+/// owner (the daemon's user), with the unit's `UMask=0007`. A root-owned file would be
+/// unreadable to the daemon, and `verify` would call it changed. Done after the token is read
+/// (its file is root's) and before anything is created; `fetch` stops if it cannot.
+fn become_archive_owner(dir: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        Failure::new(
+            exit::CONFIG,
+            format!("archive.dir {}: {e}", dir.display()),
+        )
+    })?;
+    let (uid, gid) = (meta.uid(), meta.gid());
+    if uid == 0 {
+        return Ok(());
+    }
+    let cannot = |what: &str| {
+        Failure::new(
+            exit::FAILURE,
+            format!(
+                "running as root, cannot become the archive's owner {uid}:{gid} ({what}: {}); run fetch as that user (e.g. `sudo -u hingnetd hingnetd fetch ID`)",
+                std::io::Error::last_os_error()
+            ),
+        )
+    };
+    // SAFETY: plain syscalls on integers; the order (groups, gid, then uid) is the one that
+    // leaves no root privilege behind.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(cannot("setgroups"));
+        }
+        if libc::setresgid(gid, gid, gid) != 0 {
+            return Err(cannot("setresgid"));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(cannot("setresuid"));
+        }
+        libc::umask(0o007);
+    }
+    tracing::info!(uid, gid, "running as the archive directory's owner, as the daemon does");
+    Ok(())
 }
 
 /// Every command that reads the token first turns core dumps off: one would hold the token

@@ -205,6 +205,15 @@ pub enum Finish {
     },
 }
 
+/// What `Queue::remove` did.
+#[derive(Debug)]
+pub enum Removal {
+    Removed(RowView),
+    /// Being downloaded; not removed without `force`.
+    Busy(RowView),
+    Missing,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Status {
     pub pending: u64,
@@ -1089,6 +1098,62 @@ impl Queue {
         }
         tx.commit().map_err(sql("commit retry"))?;
         Ok(changed)
+    }
+
+    /// Deletes a video's row and its attempt log (`hingnetd remove`). A row being downloaded
+    /// is left alone unless `force`: its downloader would archive a file no row names.
+    pub fn remove(&mut self, video_id: &str, force: bool) -> Result<Removal, QueueError> {
+        let Some(key) = self.resolve(video_id)? else {
+            return Ok(Removal::Missing);
+        };
+        let what = format!("remove {video_id}");
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(what.clone()))?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"),
+                [&key],
+                RowView::from_row,
+            )
+            .optional()
+            .map_err(sql(what.clone()))?;
+        let Some(row) = row else {
+            return Ok(Removal::Missing);
+        };
+        if row.state == "downloading" && !force {
+            return Ok(Removal::Busy(row));
+        }
+        tx.execute("DELETE FROM queue WHERE video_id = ?1", [&key])
+            .and_then(|_| tx.execute("DELETE FROM attempt_log WHERE video_id = ?1", [&key]))
+            .map_err(sql(what.clone()))?;
+        tx.commit().map_err(sql(what))?;
+        Ok(Removal::Removed(row))
+    }
+
+    /// Puts a row whose archived file is missing or changed back to pending, to be downloaded
+    /// again (`verify --repair`). Only if it still records the file `verify` checked
+    /// (`sha256`): a row that changed meanwhile is not touched. Returns whether it was.
+    pub fn requeue_archived(
+        &mut self,
+        video_id: &str,
+        sha256: Option<&str>,
+        why: &str,
+    ) -> Result<bool, QueueError> {
+        let n = self
+            .conn
+            .execute(
+                &format!(
+                    "UPDATE queue SET state = 'pending', next_attempt_at = {NOW}, attempts = 0, \
+                     first_attempt_at = NULL, finished_at = NULL, path = NULL, sha256 = NULL, \
+                     bytes = NULL, http_status = NULL, last_error = ?3 \
+                     WHERE video_id = ?1 AND state IN ('done', 'failed') AND sha256 IS ?2"
+                ),
+                params![video_id, sha256, why],
+            )
+            .map_err(sql(format!("put {video_id} back to pending")))?;
+        Ok(n == 1)
     }
 
     /// Claims one specific video for `hingnetd fetch`, as the daemon would claim it: a pending

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 
-use crate::archive::{VideoId, hex};
+use crate::archive::{Archive, VideoId, hex};
 use crate::queue::{Queue, QueueError, RowView};
 
 /// Rows read from the database at a time (no read snapshot is held across the whole run).
@@ -22,6 +22,97 @@ pub enum VerifyError {
     Queue(#[from] QueueError),
     #[error("cannot list archive directory {path}: {source}")]
     Dir { path: PathBuf, source: io::Error },
+}
+
+/// What `repair` did about one missing or changed file.
+#[derive(Debug)]
+pub enum Repair {
+    /// Back to pending: the daemon downloads it again (a changed file was renamed aside
+    /// first, never deleted).
+    Requeued {
+        id: String,
+        set_aside: Option<PathBuf>,
+    },
+    /// Left as it is, and why.
+    Skipped { id: String, why: String },
+}
+
+impl fmt::Display for Repair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Repair::Requeued {
+                id,
+                set_aside: None,
+            } => write!(f, "REPAIRED {id}: back to pending, to be downloaded again"),
+            Repair::Requeued {
+                id,
+                set_aside: Some(p),
+            } => write!(
+                f,
+                "REPAIRED {id}: the changed file is kept as {}; back to pending, to be downloaded again",
+                p.display()
+            ),
+            Repair::Skipped { id, why } => write!(f, "NOT REPAIRED {id}: {why}"),
+        }
+    }
+}
+
+/// `verify --repair`: every row whose file is missing or changed goes back to pending. A
+/// changed file is first renamed aside (`.<id>.mp4.replaced-<UTC>`), so that the download
+/// cannot adopt it and nothing is deleted. If the video has expired meanwhile, the API's
+/// answer fails the row as usual.
+pub fn repair(q: &mut Queue, archive: &Archive, report: &Report) -> Result<Vec<Repair>, VerifyError> {
+    let mut done = Vec::new();
+    for p in &report.problems {
+        let (id, path, changed) = match p {
+            Problem::Missing { id, path } => (id, path, false),
+            Problem::Changed { id, path, .. } => (id, path, true),
+            _ => continue,
+        };
+        let skip = |why: String| Repair::Skipped {
+            id: id.clone(),
+            why,
+        };
+        let Ok((vid, _)) = VideoId::from_queued(id) else {
+            done.push(skip("not a valid video ID".into()));
+            continue;
+        };
+        let Some(row) = q.get(id)? else {
+            done.push(skip("no longer in the queue".into()));
+            continue;
+        };
+        let mut aside = None;
+        if changed {
+            if Path::new(path) != archive.final_path(&vid) {
+                done.push(skip(format!(
+                    "its file {path} is not where the archive keeps it ({}); move it there or remove the row",
+                    archive.final_path(&vid).display()
+                )));
+                continue;
+            }
+            match archive.set_aside(&vid) {
+                Ok(p) => aside = Some(p),
+                Err(e) => {
+                    done.push(skip(format!("cannot rename the changed file aside: {e}")));
+                    continue;
+                }
+            }
+        }
+        let why = if changed {
+            "verify --repair: the archived file had changed; downloading again"
+        } else {
+            "verify --repair: the archived file was missing; downloading again"
+        };
+        if q.requeue_archived(&row.video_id, row.sha256.as_deref(), why)? {
+            done.push(Repair::Requeued {
+                id: id.clone(),
+                set_aside: aside,
+            });
+        } else {
+            done.push(skip("its row changed meanwhile; run verify again".into()));
+        }
+    }
+    Ok(done)
 }
 
 #[derive(Debug, PartialEq)]

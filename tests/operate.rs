@@ -277,3 +277,238 @@ fn under_systemd_the_token_advice_is_a_restart() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs the unit's `ExecReload=` lines as systemd does: in order, each with `$MAINPID`, the
+/// first failure failing the reload (and the rest not run). The packaged paths are mapped to
+/// this test's binary and config.
+fn systemctl_reload(env: &Env, d: &Daemon) -> Result<(), String> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/hingnetd.service"
+    ))
+    .unwrap();
+    let lines: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+        .collect();
+    assert!(lines.len() >= 2, "a check, then the signal: {lines:?}");
+    for line in lines {
+        let args: Vec<String> = line
+            .split_whitespace()
+            .map(|w| match w {
+                "/usr/bin/hingnetd" => support::harness::BIN.to_owned(),
+                "/etc/hingnetd/hingnetd.toml" => env.config.to_str().unwrap().to_owned(),
+                "$MAINPID" => d.child.id().to_string(),
+                w => w.to_owned(),
+            })
+            .collect();
+        let out = Command::new(&args[0]).args(&args[1..]).output().unwrap();
+        if !out.status.success() {
+            return Err(format!("{line}: {}{}", stdout(&out), stderr(&out)));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_reload_with_a_bad_config_fails_the_reload_command_and_signals_nothing() {
+    let (_api, env) = setup();
+    let d = env.start();
+    d.wait_log("hingnetd ready");
+    let good = env.render();
+    std::fs::write(&env.config, good.replace("concurrency = 2", "concurrency = \"four\"")).unwrap();
+    let err = systemctl_reload(&env, &d).unwrap_err();
+    assert!(err.contains("check-config"), "{err}");
+    assert!(err.contains("download.concurrency"), "{err}");
+    assert!(err.contains("hingnetd.toml:"), "names the line: {err}");
+    // The daemon heard nothing: no SIGHUP, no reload attempt.
+    assert!(!d.log().contains("SIGHUP"), "{}", d.log());
+    // A good config: checked quietly, then signalled, and taken.
+    std::fs::write(&env.config, good.replace("concurrency = 2", "concurrency = 3")).unwrap();
+    systemctl_reload(&env, &d).unwrap();
+    d.wait_log("configuration reloaded");
+    assert!(d.log().contains("concurrency=3"), "{}", d.log());
+}
+
+#[test]
+fn check_config_fails_without_a_trust_store_as_the_service_would() {
+    let (_api, env) = setup();
+    let empty = env.dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let no_dir = env.dir.path().join("no-certs");
+    std::fs::create_dir(&no_dir).unwrap();
+    let out = env
+        .command(&["check-config"])
+        .env("SSL_CERT_FILE", &empty)
+        .env("SSL_CERT_DIR", &no_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("No CA certificates"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("valid"), "{}", stdout(&out));
+    // With the system's store: valid.
+    let out = env.cmd(&["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flight() {
+    let (api, env) = setup();
+    let kept = api.add_video("video_rm_kept", 20_000);
+    let gone = api.add_video("video_rm_gone", 20_000);
+    api.add_video("video_rm_busy", 200_000);
+    api.script("video_rm_busy", vec![Step::Hold(1000)]);
+    let d = env.start();
+    env.insert_sqlite3(&["video_rm_kept", "video_rm_gone", "video_rm_busy"]);
+    support::audit::assert_archived(&env, &kept);
+    support::audit::assert_archived(&env, &gone);
+    env.wait_state("video_rm_busy", "downloading");
+
+    // Being downloaded: refused, and the row stays.
+    let out = env.cmd(&["remove", "video_rm_busy"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("being downloaded"), "{}", stderr(&out));
+    assert_eq!(env.row("video_rm_busy").unwrap().state, "downloading");
+
+    // Done: the row goes, the file and its sidecar stay.
+    let out = env.cmd(&["remove", "video_rm_kept"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("its file stays at"), "{}", stdout(&out));
+    assert!(env.row("video_rm_kept").is_none());
+    assert_eq!(
+        support::harness::file_sha256(&env.final_path("video_rm_kept")),
+        kept.sha256
+    );
+    assert!(env.sidecar_path("video_rm_kept").exists());
+    // --delete-file: the file and its sidecar go too.
+    let out = env.cmd(&["remove", "--delete-file", "video_rm_gone"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(env.row("video_rm_gone").is_none());
+    assert!(!env.final_path("video_rm_gone").exists());
+    assert!(!env.sidecar_path("video_rm_gone").exists());
+    // Unknown IDs are named; the others in the same command are still removed.
+    let out = env.cmd(&["remove", "video_rm_nope", "--force", "video_rm_busy"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("video_rm_nope: not in the queue"), "{}", stderr(&out));
+    assert!(env.row("video_rm_busy").is_none());
+    // The attempt log went with the rows.
+    let n: i64 = env
+        .open_db()
+        .query_row(
+            "SELECT count(*) FROM attempt_log WHERE video_id LIKE 'video_rm_%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0);
+    api.release("video_rm_busy");
+    drop(d);
+}
+
+#[test]
+fn verify_repair_downloads_missing_and_changed_files_again_keeping_the_changed_one() {
+    let (api, env) = setup();
+    let lost = api.add_video("video_fix_lost", 30_000);
+    let hurt = api.add_video("video_fix_hurt", 30_000);
+    let fine = api.add_video("video_fix_fine", 30_000);
+    let _d = env.start();
+    env.insert_sqlite3(&["video_fix_lost", "video_fix_hurt", "video_fix_fine"]);
+    for v in [&lost, &hurt, &fine] {
+        support::audit::assert_archived(&env, v);
+    }
+    std::fs::remove_file(env.final_path("video_fix_lost")).unwrap();
+    let mut bytes = std::fs::read(env.final_path("video_fix_hurt")).unwrap();
+    bytes[20_000] ^= 0xff;
+    std::fs::write(env.final_path("video_fix_hurt"), &bytes).unwrap();
+    let requests_before = api.requests().len();
+
+    // Without --repair: found, nothing changed.
+    let out = env.cmd(&["verify", "--all"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(env.row("video_fix_lost").unwrap().state, "done");
+
+    let out = env.cmd(&["verify", "--all", "--repair"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("REPAIRED video_fix_lost"), "{text}");
+    assert!(text.contains("REPAIRED video_fix_hurt"), "{text}");
+    assert!(text.contains("repaired 2 video(s)"), "{text}");
+    // Both are downloaded again; the untouched one is not.
+    support::audit::assert_archived(&env, &lost);
+    support::audit::assert_archived(&env, &hurt);
+    let again: Vec<String> = api.requests()[requests_before..]
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert!(
+        !again.iter().any(|r| r.contains("video_fix_fine")),
+        "{again:?}"
+    );
+    // The changed file was renamed aside, not deleted.
+    let aside: Vec<String> = env
+        .archive_files()
+        .into_iter()
+        .filter(|f| f.starts_with(".video_fix_hurt.mp4.replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{:?}", env.archive_files());
+    assert_eq!(std::fs::read(env.archive.join(&aside[0])).unwrap(), bytes);
+    let out = env.cmd(&["verify", "--all"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+}
+
+#[test]
+fn fetch_run_as_root_writes_files_the_daemon_can_read_as_their_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid(2) has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs as root, as CI does (it proves what `sudo hingnetd fetch` leaves)"
+    );
+    let (api, env) = setup();
+    let v = api.add_video("video_as_root", 40_000);
+    env.insert_sqlite3(&["video_as_root"]);
+    // The packaged layout: the state directory and the archive belong to the daemon's user
+    // (nobody here), the token file stays root's.
+    const DAEMON: u32 = 65534;
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(&env.archive).unwrap();
+    for dir in [env.db.parent().unwrap(), &env.archive] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            std::os::unix::fs::chown(entry.unwrap().path(), Some(DAEMON), Some(DAEMON)).unwrap();
+        }
+        std::os::unix::fs::chown(dir, Some(DAEMON), Some(DAEMON)).unwrap();
+    }
+    let out = env.cmd(&["fetch", "video_as_root"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    support::audit::assert_archived(&env, &v);
+    for p in [env.final_path("video_as_root"), env.sidecar_path("video_as_root")] {
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (DAEMON, DAEMON), "{}", p.display());
+        assert_eq!(m.mode() & 0o007, 0, "{} is {:o}", p.display(), m.mode());
+    }
+}
+
+#[test]
+fn list_prints_a_header_on_a_terminal_only() {
+    let (_api, env) = setup();
+    env.insert_sqlite3(&["video_listed"]);
+    let piped = stdout(&env.cmd(&["list"]));
+    assert!(piped.starts_with("video_listed"), "{piped}");
+    // script(1) gives the command a terminal.
+    let cmd = format!(
+        "{} --config {} list",
+        support::harness::BIN,
+        env.config.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    let first = text.lines().next().unwrap_or("");
+    assert!(first.starts_with("VIDEO ID"), "{text}");
+    assert!(text.contains("video_listed"), "{text}");
+}
