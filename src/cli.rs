@@ -994,9 +994,14 @@ fn spawn_signal_handler(
     Ok(())
 }
 
-/// Logs go to stderr (journald under systemd): text without colours unless stderr is a
-/// terminal, or JSON. `RUST_LOG` overrides `[log] level`.
+/// Under systemd (stderr is the journal's stream: `JOURNAL_STREAM`), events go to the journal
+/// natively, with their priority and fields (`journal`); otherwise to stderr: text without
+/// colours unless stderr is a terminal, or JSON. `RUST_LOG` overrides `[log] level`, for both.
 pub fn init_logging(log: &LogConfig) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     // The HTTP stack's debug output names request URIs, and a signed URL is a credential:
@@ -1004,12 +1009,30 @@ pub fn init_logging(log: &LogConfig) {
     for quiet in ["reqwest", "hyper", "hyper_util", "h2", "rustls"] {
         filter = filter.add_directive(format!("{quiet}=info").parse().expect("valid directive"));
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let registry = tracing_subscriber::registry().with(filter);
+    let to_journal = crate::journal::stderr_is_journal();
+    let mut no_native = None;
+    if to_journal {
+        match crate::journal::JournalLayer::new() {
+            Ok(layer) => {
+                registry.with(layer).init();
+                return;
+            }
+            Err(e) => no_native = Some(e),
+        }
+    }
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    // journald stamps each line it reads: a second timestamp would only widen it.
+    let fmt = match (log.format, to_journal) {
+        (LogFormat::Json, false) => fmt.json().flatten_event(true).boxed(),
+        (LogFormat::Json, true) => fmt.json().flatten_event(true).without_time().boxed(),
+        (LogFormat::Text, false) => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        (LogFormat::Text, true) => fmt.with_ansi(false).without_time().boxed(),
+    };
+    registry.with(fmt).init();
+    if let Some(e) = no_native {
+        tracing::warn!(error = %e, "cannot log to the journal natively; logging lines to stderr");
     }
 }

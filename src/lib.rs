@@ -4,7 +4,9 @@
 //! HTTP client and the status-to-action table), `archive` (file discipline), `mp4` (what a
 //! whole video file is), `fetch` (one download attempt), `daemon` (the scheduler loop and retry
 //! policy), `watch` (noticing new rows), `service` (sd_notify), `verify` (re-checking the
-//! archive), `cli` (commands and exit codes).
+//! archive), `journal` (native journald logging under systemd), `metrics` (Prometheus counters
+//! and the `/metrics` listener), `pause` (what the daemon publishes about its pauses), `cli`
+//! (commands and exit codes).
 
 pub mod api;
 pub mod archive;
@@ -12,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fetch;
+pub mod journal;
 pub mod metrics;
 pub mod mp4;
 pub mod pause;
