@@ -244,7 +244,14 @@ pub fn main_with(cli: Cli) -> ExitCode {
 
 /// The one line an operator sees, on stderr (journald under systemd).
 fn fail(f: &Failure) -> ExitCode {
-    eprintln!("hingnetd: error: {}", f.message);
+    // On the journal's stream, `<3>` makes the line an error there (journald reads the syslog
+    // prefix), so that `journalctl -p err` shows why the service would not start.
+    let prefix = if crate::journal::stderr_is_journal() {
+        "<3>"
+    } else {
+        ""
+    };
+    eprintln!("{prefix}hingnetd: error: {}", f.message);
     ExitCode::from(f.code)
 }
 
