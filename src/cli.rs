@@ -855,12 +855,16 @@ fn become_archive_owner(dir: &Path) -> Result<(), Failure> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
-    let meta = std::fs::metadata(dir).map_err(|e| {
-        Failure::new(
-            exit::CONFIG,
-            format!("archive.dir {}: {e}", dir.display()),
-        )
-    })?;
+    // A directory not made yet is made by its parent's owner (`/var/lib/hingnetd`'s).
+    let meta = dir
+        .ancestors()
+        .find_map(|d| std::fs::metadata(d).ok())
+        .ok_or_else(|| {
+            Failure::new(
+                exit::CONFIG,
+                format!("archive.dir {}: no such directory", dir.display()),
+            )
+        })?;
     let (uid, gid) = (meta.uid(), meta.gid());
     if uid == 0 {
         return Ok(());
@@ -888,7 +892,11 @@ fn become_archive_owner(dir: &Path) -> Result<(), Failure> {
         }
         libc::umask(0o007);
     }
-    tracing::info!(uid, gid, "running as the archive directory's owner, as the daemon does");
+    tracing::info!(
+        uid,
+        gid,
+        "running as the archive directory's owner, as the daemon does"
+    );
     Ok(())
 }
 

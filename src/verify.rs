@@ -61,7 +61,11 @@ impl fmt::Display for Repair {
 /// changed file is first renamed aside (`.<id>.mp4.replaced-<UTC>`), so that the download
 /// cannot adopt it and nothing is deleted. If the video has expired meanwhile, the API's
 /// answer fails the row as usual.
-pub fn repair(q: &mut Queue, archive: &Archive, report: &Report) -> Result<Vec<Repair>, VerifyError> {
+pub fn repair(
+    q: &mut Queue,
+    archive: &Archive,
+    report: &Report,
+) -> Result<Vec<Repair>, VerifyError> {
     let mut done = Vec::new();
     for p in &report.problems {
         let (id, path, changed) = match p {

@@ -316,7 +316,11 @@ fn a_reload_with_a_bad_config_fails_the_reload_command_and_signals_nothing() {
     let d = env.start();
     d.wait_log("hingnetd ready");
     let good = env.render();
-    std::fs::write(&env.config, good.replace("concurrency = 2", "concurrency = \"four\"")).unwrap();
+    std::fs::write(
+        &env.config,
+        good.replace("concurrency = 2", "concurrency = \"four\""),
+    )
+    .unwrap();
     let err = systemctl_reload(&env, &d).unwrap_err();
     assert!(err.contains("check-config"), "{err}");
     assert!(err.contains("download.concurrency"), "{err}");
@@ -324,7 +328,11 @@ fn a_reload_with_a_bad_config_fails_the_reload_command_and_signals_nothing() {
     // The daemon heard nothing: no SIGHUP, no reload attempt.
     assert!(!d.log().contains("SIGHUP"), "{}", d.log());
     // A good config: checked quietly, then signalled, and taken.
-    std::fs::write(&env.config, good.replace("concurrency = 2", "concurrency = 3")).unwrap();
+    std::fs::write(
+        &env.config,
+        good.replace("concurrency = 2", "concurrency = 3"),
+    )
+    .unwrap();
     systemctl_reload(&env, &d).unwrap();
     d.wait_log("configuration reloaded");
     assert!(d.log().contains("concurrency=3"), "{}", d.log());
@@ -344,7 +352,11 @@ fn check_config_fails_without_a_trust_store_as_the_service_would() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
-    assert!(stderr(&out).contains("No CA certificates"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("No CA certificates"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!stdout(&out).contains("valid"), "{}", stdout(&out));
     // With the system's store: valid.
     let out = env.cmd(&["check-config"]);
@@ -367,13 +379,21 @@ fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flig
     // Being downloaded: refused, and the row stays.
     let out = env.cmd(&["remove", "video_rm_busy"]);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
-    assert!(stderr(&out).contains("being downloaded"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("being downloaded"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(env.row("video_rm_busy").unwrap().state, "downloading");
 
     // Done: the row goes, the file and its sidecar stay.
     let out = env.cmd(&["remove", "video_rm_kept"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("its file stays at"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("its file stays at"),
+        "{}",
+        stdout(&out)
+    );
     assert!(env.row("video_rm_kept").is_none());
     assert_eq!(
         support::harness::file_sha256(&env.final_path("video_rm_kept")),
@@ -389,7 +409,11 @@ fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flig
     // Unknown IDs are named; the others in the same command are still removed.
     let out = env.cmd(&["remove", "video_rm_nope", "--force", "video_rm_busy"]);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
-    assert!(stderr(&out).contains("video_rm_nope: not in the queue"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("video_rm_nope: not in the queue"),
+        "{}",
+        stderr(&out)
+    );
     assert!(env.row("video_rm_busy").is_none());
     // The attempt log went with the rows.
     let n: i64 = env
@@ -482,7 +506,10 @@ fn fetch_run_as_root_writes_files_the_daemon_can_read_as_their_owner() {
     let out = env.cmd(&["fetch", "video_as_root"]);
     assert!(out.status.success(), "{}", stderr(&out));
     support::audit::assert_archived(&env, &v);
-    for p in [env.final_path("video_as_root"), env.sidecar_path("video_as_root")] {
+    for p in [
+        env.final_path("video_as_root"),
+        env.sidecar_path("video_as_root"),
+    ] {
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!((m.uid(), m.gid()), (DAEMON, DAEMON), "{}", p.display());
         assert_eq!(m.mode() & 0o007, 0, "{} is {:o}", p.display(), m.mode());
