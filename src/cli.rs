@@ -708,6 +708,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
             concurrency = cfg.download.concurrency,
             "hingnetd ready"
         );
+        crate::daemon::log_rate_limit(cfg.download.rate_limit);
         let service = Service::from_env();
         service.ready();
         let settings = Settings {
