@@ -64,6 +64,8 @@ PROFILES = {
         scale_probes=20,
         status_reps=5,
         scale_idle_seconds=5,
+        # --only rate: download.rate_limit over a 20 s window after a 3 s warm-up.
+        rate=dict(limit=50 * MiB, concurrency=(1, 4, 16), warmup=3.0, window=20.0, file=1536 * MiB),
     ),
     "smoke": dict(
         rounds={"large": 1, "small": 1, "medium": 1},
@@ -81,9 +83,12 @@ PROFILES = {
         scale_probes=3,
         status_reps=2,
         scale_idle_seconds=1,
+        rate=dict(limit=8 * MiB, concurrency=(1, 4), warmup=0.5, window=2.0, file=64 * MiB),
     ),
 }
 WORKLOADS = ["large", "small", "medium", "conc16", "pickup", "idle", "scale"]
+# Run only when named in --only: not part of the default run, nor of CI's smoke run.
+OPT_IN = ["rate"]
 TINY = 4 * KiB  # the files behind pickup and scale IDs
 CLAIM_LINE = re.compile(r"claimed due rows claimed=[1-9]\d* took_us=(\d+)")
 
@@ -516,7 +521,8 @@ class Notify(threading.Thread):
 class Daemon:
     """One `hingnetd run` on a fresh queue database and a fresh archive directory."""
 
-    def __init__(self, bench, name, concurrency=8, poll="5s", initial_delay="30s", db=None, env=None):
+    def __init__(self, bench, name, concurrency=8, poll="5s", initial_delay="30s", db=None, env=None,
+                 rate_limit=None):
         self.bench = bench
         self.env = env or {}
         self.name = name
@@ -530,6 +536,7 @@ class Daemon:
         self.hwm_kib = None
         self.max_threads = 0
         token_file = os.path.join(self.dir, "token")
+        rate_line = f'rate_limit = "{rate_limit}/s"' if rate_limit else ""
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(fd, bench.token.encode() + b"\n")
         os.close(fd)
@@ -548,6 +555,7 @@ dir = "{self.archive}"
 
 [download]
 concurrency = {concurrency}
+{rate_line}
 
 [retry]
 initial_delay = "{initial_delay}"
@@ -1060,6 +1068,101 @@ class Bench:
             fh.write("\n".join(text) + "\n")
         log(f"written: {report}")
 
+    # -- the bandwidth cap (download.rate_limit) --
+
+    def archive_bytes(self, d):
+        """Bytes in the archive directory (partials and finished files): what the daemon has
+        written, read from outside. Partials are not preallocated, so a size is bytes written."""
+        total = 0
+        try:
+            with os.scandir(d.archive) as it:
+                for e in it:
+                    if e.name.endswith((".mp4", ".mp4.part")):
+                        try:
+                            total += e.stat().st_size
+                        except FileNotFoundError:
+                            pass  # renamed from partial to final between listing and stat
+        except FileNotFoundError:
+            pass
+        return total
+
+    def rate_window(self, name, conc, limit, ids, warmup, window):
+        """One daemon, `conc` downloads of files large enough to last the window, a warm-up,
+        then the archive's growth over the window, sampled every second."""
+        d = Daemon(self, name, concurrency=conc, rate_limit=limit)
+        self.settle()
+        d.start()
+        d.wait_ready()
+        d.enqueue(ids)
+        con = d.ro()
+        deadline = time.time() + 30
+        while con.execute("SELECT count(*) FROM queue WHERE state = 'downloading'").fetchone()[0] < conc:
+            if time.time() > deadline:
+                raise RuntimeError(f"{name}: {conc} downloads did not start: {d.log_tail()}")
+            time.sleep(0.01)
+        time.sleep(warmup)
+        samples = []
+        t_end = time.time() + window
+        while True:
+            t = time.time()
+            samples.append((t, self.archive_bytes(d)))
+            if t >= t_end:
+                break
+            time.sleep(min(1.0, max(0.0, t_end - time.time())))
+        unfinished = con.execute("SELECT count(*) FROM queue WHERE state = 'downloading'").fetchone()[0]
+        con.close()
+        d.stop()
+        d.remove()
+        if unfinished < conc:
+            self.anomaly(name, f"only {unfinished} of {conc} downloads were still running at the end of the window")
+        (t0, b0), (t1, b1) = samples[0], samples[-1]
+        per_s = [(bb - ba) / (tb - ta) for (ta, ba), (tb, bb) in zip(samples, samples[1:]) if tb > ta]
+        return (b1 - b0) / (t1 - t0), t1 - t0, b1 - b0, per_s
+
+    def rate(self):
+        cfg = self.profile["rate"]
+        limit = cfg["limit"]
+        # One file, linked under every ID: the server sends one page-cached file, and the disk
+        # holds it once, however many downloads read it.
+        self.files.ensure(["rate_src"], cfg["file"])
+        self.files.prewarm(["rate_src"])
+        src = self.files.path("rate_src")
+        n = max(cfg["concurrency"])
+        ids = [f"rate_{i:02d}" for i in range(n)]
+        for i in ids:
+            dst = self.files.path(i)
+            if not os.path.exists(dst):
+                os.link(src, dst)
+        out = {"limit_bytes_s": limit, "window_s": cfg["window"], "warmup_s": cfg["warmup"], "runs": []}
+        # The headroom: one whole file with no limit, from the INSERT to the row's finished_at.
+        d = Daemon(self, "rate-unlimited", concurrency=1)
+        self.settle()
+        d.start()
+        d.wait_ready()
+        t0 = time.time()
+        d.enqueue(ids[:1])
+        d.wait_drained(timeout=self.args.timeout)
+        con = d.ro()
+        t1 = parse_ts(con.execute("SELECT finished_at FROM queue").fetchone()[0])
+        con.close()
+        d.stop()
+        d.remove()
+        got = cfg["file"] / (t1 - t0)
+        out["unlimited_c1_bytes_s"] = got
+        log(f"  rate: unlimited, 1 download: {got / MiB:.0f} MiB/s ({cfg['file'] / MiB:.0f} MiB in {t1 - t0:.2f} s; "
+            "the headroom)")
+        for conc in cfg["concurrency"]:
+            got, secs, nbytes, per_s = self.rate_window(f"rate-c{conc}", conc, limit, ids[:conc], cfg["warmup"],
+                                                        cfg["window"])
+            dev = (got - limit) / limit * 100
+            r = {"concurrency": conc, "achieved_bytes_s": got, "window_s": secs, "bytes": nbytes,
+                 "deviation_pct": dev, "per_second_min": min(per_s) if per_s else None,
+                 "per_second_max": max(per_s) if per_s else None}
+            out["runs"].append(r)
+            log(f"  rate: limit {limit / MiB:.0f} MiB/s, {conc:2} downloads: {got / MiB:.2f} MiB/s over {secs:.1f} s "
+                f"({dev:+.2f}%), per second {r['per_second_min'] / MiB:.1f}..{r['per_second_max'] / MiB:.1f} MiB/s")
+        self.results["rate"] = out
+
     # -- pickup latency --
 
     def pickup(self):
@@ -1449,7 +1552,7 @@ PRAGMA journal_mode = WAL;
             return True
 
         together = "pickup" in self.args.only and "idle" in self.args.only
-        for w in WORKLOADS:
+        for w in WORKLOADS + OPT_IN:
             if w not in self.args.only or (w == "pickup" and together):
                 continue
             name = "idle + pickup, side by side" if w == "idle" and together else w
@@ -1555,6 +1658,12 @@ PRAGMA journal_mode = WAL;
             else:
                 add(f"{n}: claim < 1 ms", None, "no claim timings in the daemon's log")
             add(f"{n}: `hingnetd status` < 200 ms", sc["status_s"] < 0.2, f"{sc['status_s'] * 1000:.0f} ms")
+        rt = self.results.get("rate")
+        if rt:
+            for r in rt["runs"]:
+                add(f"rate_limit {rt['limit_bytes_s'] / MiB:.0f} MiB/s held within 5% over {rt['window_s']:.0f} s, "
+                    f"{r['concurrency']} download(s)", abs(r["deviation_pct"]) <= 5,
+                    f"{r['achieved_bytes_s'] / MiB:.2f} MiB/s ({r['deviation_pct']:+.2f}%)")
         return t
 
     def report(self, env, gen_s, total_s):
@@ -1654,6 +1763,19 @@ PRAGMA journal_mode = WAL;
                 ("peak RSS", f"{sc['maxrss_kib'] / 1024:.1f} MiB"),
             ):
                 L.append(f"| {label} | {v} |")
+        rt = self.results.get("rate")
+        if rt:
+            L.append("\n## Bandwidth cap (download.rate_limit)\n")
+            L.append(f"Limit {rt['limit_bytes_s'] / MiB:.0f} MiB/s for the whole daemon. Achieved = growth of the archive "
+                     f"directory (partials and files, their sizes read from outside) over a {rt['window_s']:.0f} s window "
+                     f"after a {rt['warmup_s']:g} s warm-up, every download running throughout. Without a limit one "
+                     f"download gets {rt['unlimited_c1_bytes_s'] / MiB:.0f} MiB/s here.\n")
+            L.append("| downloads | limit MiB/s | achieved MiB/s | deviation | 1-s samples, MiB/s |")
+            L.append("|---:|---:|---:|---:|---|")
+            for r in rt["runs"]:
+                L.append(f"| {r['concurrency']} | {rt['limit_bytes_s'] / MiB:.0f} | {r['achieved_bytes_s'] / MiB:.2f} | "
+                         f"{r['deviation_pct']:+.2f}% | {f(r['per_second_min'] / MiB, '.1f')} – "
+                         f"{f(r['per_second_max'] / MiB, '.1f')} |")
         L.append("\n## Targets (issue 5; reported, not asserted)\n")
         L.append("| target | status | measured |")
         L.append("|---|---|---|")
@@ -1738,7 +1860,9 @@ def main():
     ap.add_argument("--repo", help="the checkout, to name the commit in the report")
     ap.add_argument("--seed", type=int, default=5, help="seed of the file contents and insert spacing (default 5)")
     ap.add_argument("--rounds", type=int, help="rounds per throughput workload (default 3; smoke 1)")
-    ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    ap.add_argument("--only", default=",".join(WORKLOADS),
+                    help=f"comma-separated subset of {','.join(WORKLOADS)} (the default), or the opt-in "
+                    f"{','.join(OPT_IN)} (download.rate_limit at 1, 4 and 16 downloads over 20 s: about 90 s)")
     ap.add_argument("--workdir", help="where files and runs go (default: a new directory under --tmpdir)")
     ap.add_argument("--tmpdir", default=None, help="parent of the default work dir (default $TMPDIR or /tmp)")
     ap.add_argument("--keep-data", action="store_true", help="keep the generated files for the next run (with --workdir)")
@@ -1758,7 +1882,7 @@ def main():
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
     if args.timeout is None:
         args.timeout = 60 if args.smoke else 900
-    unknown = set(args.only) - set(WORKLOADS)
+    unknown = set(args.only) - set(WORKLOADS) - set(OPT_IN)
     if unknown:
         ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     b = Bench(args)

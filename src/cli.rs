@@ -953,6 +953,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         metrics
             .apply(cfg.metrics.addr(), cfg.archive.min_free)
             .map_err(|e| Failure::new(exit::CONFIG, e))?;
+        crate::daemon::log_rate_limit(cfg.download.rate_limit);
         let service = Service::from_env();
         service.ready();
         let settings = Settings {

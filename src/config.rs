@@ -124,6 +124,10 @@ pub struct DownloadConfig {
     pub low_speed_limit: u64,
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub low_speed_time: Duration,
+    /// Bytes a second for all downloads of the process together (0: unlimited), so that the
+    /// archive does not starve the server's own traffic. Changes live on reload.
+    #[serde(deserialize_with = "rate", serialize_with = "ser_rate")]
+    pub rate_limit: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -203,6 +207,7 @@ impl Default for DownloadConfig {
             max_bytes: 16 << 30,
             low_speed_limit: 1 << 10,
             low_speed_time: Duration::from_secs(60),
+            rate_limit: 0,
         }
     }
 }
@@ -605,7 +610,7 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-const SIZE_UNITS: [(&str, u64); 9] = [
+const SIZE_UNITS: [(&str, u64); 10] = [
     ("TiB", 1 << 40),
     ("GiB", 1 << 30),
     ("MiB", 1 << 20),
@@ -614,6 +619,8 @@ const SIZE_UNITS: [(&str, u64); 9] = [
     ("GB", 1_000_000_000),
     ("MB", 1_000_000),
     ("KB", 1_000),
+    // SI's own spelling of the kilo; the other prefixes are capitals either way.
+    ("kB", 1_000),
     ("B", 1),
 ];
 
@@ -632,7 +639,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             .find(|(name, _)| *name == u)
             .map(|(_, m)| *m)
             .ok_or_else(|| {
-                format!("{s:?} has unknown unit {u:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+                format!("{s:?} has unknown unit {u:?} (B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)")
             })?,
     };
     n.checked_mul(mult)
@@ -660,6 +667,56 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         Size::Bytes(n) => Ok(n),
         Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
     }
+}
+
+/// What a rate must look like, for the error that refuses one.
+const RATE_FORM: &str =
+    "a rate like \"50MiB/s\", \"500KiB/s\", \"2MB/s\", \"1000000/s\", or \"0\" for unlimited";
+
+/// Parses `download.rate_limit`: a size (`parse_size`'s units) per second, or `0`.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(0);
+    }
+    let refused = || format!("{s:?} is not {RATE_FORM}");
+    let per_second = t.strip_suffix("/s").ok_or_else(refused)?;
+    // The size's own message would speak of sizes; the operator wrote a rate.
+    parse_size(per_second).map_err(|_| refused())
+}
+
+/// `50MiB/s`, `2000000B/s`, `0`: as `parse_rate` reads it back.
+pub fn format_rate(n: u64) -> String {
+    match n {
+        0 => "0".into(),
+        n => format!("{}/s", format_size(n)),
+    }
+}
+
+/// A visitor rather than an untagged enum, so that a wrong type (`-5`, `1.5`) is told the form
+/// too. The key and line come from `toml_error_at`.
+fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Rate;
+    impl serde::de::Visitor<'_> for Rate {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "{RATE_FORM}")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n).map_err(|_| E::custom(format!("{n} is not {RATE_FORM}")))
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<u64, E> {
+            parse_rate(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Rate)
+}
+
+fn ser_rate<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_rate(*n))
 }
 
 fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -746,6 +803,72 @@ mod tests {
     }
 
     #[test]
+    fn rates() {
+        for (text, want) in [
+            ("50MiB/s", 50 << 20),
+            ("500KiB/s", 500 << 10),
+            ("1GiB/s", 1 << 30),
+            ("2MB/s", 2_000_000),
+            ("500kB/s", 500_000),
+            ("500KB/s", 500_000),
+            ("1GB/s", 1_000_000_000),
+            ("1000000/s", 1_000_000),
+            ("64B/s", 64),
+            (" 8 MiB/s ", 8 << 20),
+            ("0", 0),
+            ("0/s", 0),
+        ] {
+            assert_eq!(parse_rate(text), Ok(want), "{text}");
+        }
+        for bad in [
+            "fast",
+            "50MiB",
+            "50 MiB per second",
+            "50MiBps",
+            "50Mb/s",
+            "-1/s",
+            "/s",
+            "",
+        ] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(
+                e.contains("\"50MiB/s\"") && e.contains(&format!("{bad:?}")),
+                "{e}"
+            );
+        }
+        for n in [0, 50 << 20, 500 << 10, 2_000_000, 1] {
+            assert_eq!(parse_rate(&format_rate(n)), Ok(n));
+        }
+        let p = Path::new("c.toml");
+        let c = Config::parse("[download]\nrate_limit = \"50MiB/s\"\n", p).unwrap();
+        assert_eq!(c.download.rate_limit, 50 << 20);
+        let c = Config::parse("[download]\nrate_limit = 0\n", p).unwrap();
+        assert_eq!(c.download.rate_limit, 0);
+        let c = Config::parse("[download]\nrate_limit = 1000000\n", p).unwrap();
+        assert_eq!(c.download.rate_limit, 1_000_000);
+        for wrong_type in ["-5", "1.5", "true"] {
+            let e = Config::parse(&format!("[download]\nrate_limit = {wrong_type}\n"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("download.rate_limit") && e.contains("\"50MiB/s\""),
+                "{e}"
+            );
+        }
+        assert_eq!(Config::default().download.rate_limit, 0);
+        let e = Config::parse("[download]\nrate_limit = \"50MiB\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("download.rate_limit")
+                && e.contains("\"50MiB\"")
+                && e.contains("\"50MiB/s\"")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = Config::parse("", Path::new("x.toml")).unwrap();
         assert_eq!(c.download.concurrency, 4);
@@ -769,7 +892,7 @@ mod tests {
             .values()
             .map(|v| v.as_table().map_or(0, |t| t.len()))
             .sum();
-        assert_eq!(keys, 21, "hingnetd.toml.example should document every key");
+        assert_eq!(keys, 22, "hingnetd.toml.example should document every key");
     }
 
     #[test]

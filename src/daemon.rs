@@ -731,6 +731,7 @@ impl Scheduler {
         self.fetcher.replace_api(api);
         self.fetcher.set_limits(Limits::of(&new));
         tracing::info!(token_from = %source, concurrency = new.download.concurrency, "token and settings re-read");
+        log_rate_limit(new.download.rate_limit);
         self.settings.config = new;
         Ok(())
     }
@@ -1255,6 +1256,18 @@ fn token_advice() -> String {
             "write the new token where the daemon reads it; it is re-read before each probe, and `kill -HUP {}` probes at once",
             std::process::id()
         )
+    }
+}
+
+/// At start and on every reload: what the operator set, as it is in force.
+pub fn log_rate_limit(rate: u64) {
+    match rate {
+        0 => tracing::info!("download rate limit: unlimited"),
+        r => tracing::info!(
+            rate_limit = %config::format_rate(r),
+            "download rate limit: {} (shared by all downloads)",
+            crate::bandwidth::describe(r)
+        ),
     }
 }
 

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Action, Answer, ApiClient, StatusObject, StatusRead, VideoState};
 use crate::archive::{Archive, ArchiveError, Existing, Partial, Published, VideoId};
+use crate::bandwidth::Bandwidth;
 use crate::config::{Config, format_duration, format_size};
 
 /// Chunks queued between the network and the writer thread: bounds memory per download. A
@@ -135,6 +136,8 @@ pub struct Limits {
     pub low_speed: (u64, Duration),
     /// `archive.sidecar`.
     pub sidecar: bool,
+    /// `download.rate_limit` (bytes a second for the whole process; 0: unlimited).
+    pub rate_limit: u64,
     /// How often a video's status object may be read.
     pub status_every: Duration,
     /// How far apart the two JSON 404s that fail a video as not found must be
@@ -158,6 +161,7 @@ impl Limits {
                 config.download.low_speed_time,
             ),
             sidecar: config.archive.sidecar,
+            rate_limit: config.download.rate_limit,
             status_every: status_interval(&config.retry),
             confirm_gap: config.retry.initial_delay,
         }
@@ -209,6 +213,8 @@ pub struct Fetcher {
     progress: Option<Progress>,
     limits: RwLock<Limits>,
     seen: Mutex<Memory>,
+    /// One budget for every download this fetcher runs: the limit is their total.
+    bandwidth: Bandwidth,
 }
 
 impl Fetcher {
@@ -217,13 +223,16 @@ impl Fetcher {
             api: RwLock::new(Arc::new(api)),
             archive,
             progress: None,
+            bandwidth: Bandwidth::new(limits.rate_limit),
             limits: RwLock::new(limits),
             seen: Mutex::default(),
         }
     }
 
-    /// The settings, after a reload.
+    /// The settings, after a reload. The rate limit reaches downloads in flight too (they
+    /// keep the rest of the settings they started with).
     pub fn set_limits(&self, limits: Limits) {
+        self.bandwidth.set_rate(limits.rate_limit);
         *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
     }
 
@@ -924,6 +933,15 @@ impl Attempt<'_> {
                     }
                 }
             };
+            // Paid for before it is written: a wait here holds back the next read, so the
+            // server's sending slows to the rate (TCP's window does the rest). Shutdown does
+            // not wait for the budget.
+            let paid = tokio::select! {
+                w = self.fetcher.bandwidth.take(chunk.len() as u64) => w,
+                _ = self.cancel.cancelled() => { end = StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }); break }
+            };
+            // The speed floor judges the server, not our own limit.
+            floor.pause(paid);
             floor.add(chunk.len());
             crate::metrics::get().received(chunk.len() as u64);
             // A body without a length is held to the limit as it arrives.
@@ -1209,6 +1227,13 @@ impl SpeedFloor {
 
     fn add(&mut self, n: usize) {
         self.bytes += n as u64;
+    }
+
+    /// Time spent waiting for `download.rate_limit` is left out of the window.
+    fn pause(&mut self, waited: Duration) {
+        if !waited.is_zero() {
+            self.start += waited;
+        }
     }
 
     /// At the end of a window: why the body is too slow, or `None` (and a new window begins).

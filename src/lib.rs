@@ -2,7 +2,8 @@
 //!
 //! Modules, one concern each: `config` (the file and the token), `queue` (all SQL), `api` (the
 //! HTTP client and the status-to-action table), `archive` (file discipline), `mp4` (what a
-//! whole video file is), `fetch` (one download attempt), `daemon` (the scheduler loop and retry
+//! whole video file is), `fetch` (one download attempt), `bandwidth` (the
+//! one rate limit all downloads share), `daemon` (the scheduler loop and retry
 //! policy), `watch` (noticing new rows), `service` (sd_notify), `verify` (re-checking the
 //! archive), `journal` (native journald logging under systemd), `metrics` (Prometheus counters
 //! and the `/metrics` listener), `pause` (what the daemon publishes about its pauses), `cli`
@@ -10,6 +11,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod bandwidth;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -462,3 +462,112 @@ fn a_reload_ends_the_token_pause_at_once() {
     let row = env.wait_state("video_after_fix", "done");
     assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
 }
+
+/// `download.rate_limit` holds in a real run, and a reload lifts it from a download in flight.
+/// Only a lower bound on time is asserted (load cannot make a download faster), and the lifted
+/// limit is shown by the row becoming done within the usual generous deadline, where the old
+/// limit would have needed minutes.
+#[test]
+fn the_rate_limit_holds_and_a_reload_lifts_it_mid_download() {
+    const KIB: u64 = 1 << 10;
+    let api = StandIn::start(TOKEN);
+    let mut settings = Settings::new(&api.base_url());
+    settings.rate_limit = Some("256KiB/s");
+    let mut env = Env::new(settings, TOKEN);
+    let size: u64 = 1 << 20;
+    let v = api.add_video("video_capped", size as usize);
+    let d = env.start();
+    d.wait_log("download rate limit: 256 KiB/s (shared by all downloads)");
+    let t0 = Instant::now();
+    env.insert_sqlite3(&["video_capped"]);
+    let row = env.wait_state("video_capped", "done");
+    let took = t0.elapsed();
+    assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
+    // A full bucket (256 KiB) goes at once; every other byte waits for the rate.
+    let floor = Duration::from_secs_f64((size - 256 * KIB) as f64 / (256 * KIB) as f64);
+    assert!(
+        took >= floor,
+        "1 MiB at 256 KiB/s took {took:?}, less than {floor:?}"
+    );
+
+    // 16 MiB at 64 KiB/s would take over four minutes: the reload must reach it in flight.
+    env.settings.rate_limit = Some("64KiB/s");
+    env.write_config();
+    d.signal(libc::SIGHUP);
+    d.wait_log("download rate limit: 64 KiB/s");
+    let w = api.add_video("video_lifted", 16 << 20);
+    env.insert_sqlite3(&["video_lifted"]);
+    let lifted = |r: &support::standin::Request| r.video_id().as_deref() == Some("video_lifted");
+    api.wait_for("the body under way", DEADLINE, |l| {
+        l.iter().any(|r| lifted(r) && r.body_sent > 0)
+    });
+    assert_eq!(env.row("video_lifted").unwrap().state, "downloading");
+    env.settings.rate_limit = Some("0");
+    env.write_config();
+    d.signal(libc::SIGHUP);
+    d.wait_log("download rate limit: unlimited");
+    let row = env.wait_state("video_lifted", "done");
+    assert_eq!(row.sha256.as_deref(), Some(w.sha256.as_str()));
+    // Lifted in flight: one attempt, one request, no restart.
+    assert_eq!(row.attempts, 1);
+    let requests = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_content() && lifted(r))
+        .count();
+    assert_eq!(requests, 1, "{}", api.dump());
+}
+
+#[test]
+fn check_config_refuses_a_bad_rate_limit_naming_key_value_and_form() {
+    let (_api, env) = setup();
+    let with_rate = |rate: &str| {
+        let text = env.render().replace(
+            "[download]\n",
+            &format!("[download]\nrate_limit = {rate:?}\n"),
+        );
+        std::fs::write(&env.config, text).unwrap();
+        env.cmd(&["check-config"])
+    };
+    for bad in ["50MiB", "fast", "50Mbit/s"] {
+        let out = with_rate(bad);
+        assert_eq!(out.status.code(), Some(78), "{bad}: {}", stderr(&out));
+        let e = stderr(&out);
+        assert!(
+            e.contains("download.rate_limit")
+                && e.contains(&format!("{bad:?}"))
+                && e.contains("\"50MiB/s\""),
+            "{e}"
+        );
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    }
+    let out = with_rate("2MB/s");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("rate_limit = \"2000000B/s\""),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// A shutdown does not wait for the budget: at 1 KiB/s the read past the first 256 KiB would
+/// wait minutes, and the daemon still parks the download and exits within the grace period's
+/// reach (the test's deadline is the usual generous one).
+#[test]
+fn a_shutdown_is_not_held_up_by_a_rate_wait() {
+    let api = StandIn::start(TOKEN);
+    let mut settings = Settings::new(&api.base_url());
+    settings.rate_limit = Some("1KiB/s");
+    let env = Env::new(settings, TOKEN);
+    api.add_video("video_waiting", 4 << 20);
+    // 512 KiB reach the socket, twice the burst: past it, the reader waits on the bucket.
+    api.script("video_waiting", vec![Step::Hold(512 << 10), Step::Serve]);
+    let mut d = env.start();
+    env.insert_sqlite3(&["video_waiting"]);
+    api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert_eq!(env.row("video_waiting").unwrap().state, "pending");
+    assert!(d.log().contains("partial file kept"), "{}", d.log());
+}

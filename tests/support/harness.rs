@@ -40,6 +40,8 @@ pub struct Settings {
     pub low_speed: Option<(&'static str, &'static str)>,
     /// `archive.sidecar`.
     pub sidecar: bool,
+    /// `download.rate_limit`; `None`: the daemon's default (unlimited).
+    pub rate_limit: Option<&'static str>,
 }
 
 impl Settings {
@@ -58,6 +60,7 @@ impl Settings {
             allow_plain_http: false,
             low_speed: None,
             sidecar: true,
+            rate_limit: None,
         }
     }
 }
@@ -96,7 +99,7 @@ impl Env {
             "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n{}\
              [queue]\ndatabase = {:?}\npoll_interval = {:?}\n\
              [archive]\ndir = {:?}\nmin_free = {:?}\n{}\
-             [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n{}\
+             [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n{}{}\
              [retry]\ninitial_delay = {:?}\nmax_delay = {:?}\ngive_up_after = {:?}\n",
             s.base_url,
             self.token_file,
@@ -119,6 +122,8 @@ impl Env {
             s.low_speed.map_or(String::new(), |(limit, time)| format!(
                 "low_speed_limit = {limit:?}\nlow_speed_time = {time:?}\n"
             )),
+            s.rate_limit
+                .map_or(String::new(), |r| format!("rate_limit = {r:?}\n")),
             s.initial_delay,
             s.max_delay,
             s.give_up_after,
