@@ -539,3 +539,38 @@ fn list_prints_a_header_on_a_terminal_only() {
     assert!(first.starts_with("VIDEO ID"), "{text}");
     assert!(text.contains("video_listed"), "{text}");
 }
+
+#[test]
+fn fetch_of_a_done_video_whose_file_is_gone_says_so_and_how_to_repair_it() {
+    let (api, env) = setup();
+    let v = api.add_video("video_fetch_gone", 20_000);
+    env.insert_sqlite3(&["video_fetch_gone"]);
+    let out = env.cmd(&["fetch", "video_fetch_gone"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    support::audit::assert_archived(&env, &v);
+    let out = env.cmd(&["fetch", "video_fetch_gone"]);
+    assert!(
+        stdout(&out).contains("already archived"),
+        "{}",
+        stdout(&out)
+    );
+    std::fs::remove_file(env.final_path("video_fetch_gone")).unwrap();
+    let out = env.cmd(&["fetch", "video_fetch_gone"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        !stdout(&out).contains("already archived"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("verify --repair video_fetch_gone"),
+        "{}",
+        stderr(&out)
+    );
+    // And the repair it names works.
+    let out = env.cmd(&["verify", "--repair", "video_fetch_gone"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let out = env.cmd(&["fetch", "video_fetch_gone"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    support::audit::assert_archived(&env, &v);
+}
