@@ -312,16 +312,18 @@ fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
     // The chunked video is retried meanwhile (with no reserve in force yet, each retry runs
     // into the full disk again), and its partial may hold the room this ballast needs: write
     // it between two retries.
-    wait_until("room for the second ballast", DEADLINE, || {
-        match std::fs::write(&filler2, vec![0xa5u8; 12 << 20]) {
+    wait_until(
+        "room for the second ballast",
+        DEADLINE,
+        || match std::fs::write(&filler2, vec![0xa5u8; 12 << 20]) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
                 let _ = std::fs::remove_file(&filler2);
                 false
             }
             Err(e) => panic!("write ballast: {e}"),
-        }
-    });
+        },
+    );
     d.wait_log("NEW DOWNLOADS PAUSED");
     assert!(d.log().contains("disk short"), "{}", d.log());
     let sized: Vec<Video> = (0..3)
