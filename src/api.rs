@@ -476,13 +476,7 @@ impl ApiClient {
                 Ok(Ok(r)) => r,
             };
             let status = response.status();
-            crate::metrics::get().http_response(
-                match host {
-                    Host::Api => crate::metrics::Role::Api,
-                    Host::Cdn => crate::metrics::Role::Cdn,
-                },
-                status.as_u16(),
-            );
+            crate::metrics::get().http_response(host, status.as_u16());
             if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
                 return Ok(Answer {
                     response,

@@ -645,7 +645,7 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
                 refused += 1;
                 continue;
             }
-            Removal::Busy(_) => {
+            Removal::Busy => {
                 eprintln!(
                     "hingnetd: {id}: being downloaded now; not removed (--force removes it anyway)"
                 );
@@ -967,7 +967,6 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
             scrape: Arc::new(crate::metrics::Scrape::new(
                 cfg.queue.database.clone(),
                 cfg.archive.dir.clone(),
-                Arc::new(std::sync::atomic::AtomicU64::new(cfg.archive.min_free)),
             )),
             endpoint: None,
         };

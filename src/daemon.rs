@@ -590,7 +590,7 @@ impl Scheduler {
                 advice: Some(format!(
                     "free space in the archive's filesystem ({}); new downloads start once it has archive.min_free ({}) free",
                     self.fetcher.archive.dir().display(),
-                    crate::config::format_size(self.settings.config.archive.min_free)
+                    config::format_size(self.settings.config.archive.min_free)
                 )),
             });
         }

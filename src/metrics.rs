@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::Host;
 use crate::pause::Reason;
 use crate::queue::Queue;
 
@@ -72,13 +73,6 @@ struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabel {
     version: &'static str,
-}
-
-/// Which host answered: the API (which sees the token) or the CDN it redirected to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Api,
-    Cdn,
 }
 
 pub struct Metrics {
@@ -219,7 +213,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn http_response(&self, role: Role, status: u16) {
+    pub fn http_response(&self, host: Host, status: u16) {
         let class = match status {
             200..=299 => "2xx",
             300..=399 => "3xx",
@@ -227,9 +221,9 @@ impl Metrics {
             // 1xx never reaches us (hyper handles it); anything odd counts with the errors.
             _ => "5xx",
         };
-        let role = match role {
-            Role::Api => "api",
-            Role::Cdn => "cdn",
+        let role = match host {
+            Host::Api => "api",
+            Host::Cdn => "cdn",
         };
         self.http.get_or_create(&HttpLabel { role, class }).inc();
     }
@@ -282,18 +276,18 @@ pub enum MetricsError {
 pub struct Scrape {
     pub database: PathBuf,
     pub archive_dir: PathBuf,
-    /// `archive.min_free`, which a reload may change.
-    pub reserve: Arc<AtomicU64>,
+    /// `archive.min_free`, which a reload may change (`Serving::apply`).
+    reserve: AtomicU64,
     /// A read connection kept between scrapes (opened on the first).
     queue: Mutex<Option<Queue>>,
 }
 
 impl Scrape {
-    pub fn new(database: PathBuf, archive_dir: PathBuf, reserve: Arc<AtomicU64>) -> Scrape {
+    pub fn new(database: PathBuf, archive_dir: PathBuf) -> Scrape {
         Scrape {
             database,
             archive_dir,
-            reserve,
+            reserve: AtomicU64::new(0),
             queue: Mutex::new(None),
         }
     }
@@ -337,10 +331,8 @@ impl Scrape {
         if let Ok(free) = crate::archive::available_bytes(&self.archive_dir) {
             m.free.set(i64::try_from(free).unwrap_or(i64::MAX));
         }
-        m.reserve.set(
-            i64::try_from(self.reserve.load(std::sync::atomic::Ordering::Relaxed))
-                .unwrap_or(i64::MAX),
-        );
+        m.reserve
+            .set(i64::try_from(self.reserve.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     }
 }
 
@@ -366,19 +358,15 @@ impl Serving {
                 }
             };
         }
-        self.scrape
-            .reserve
-            .store(min_free, std::sync::atomic::Ordering::Relaxed);
+        self.scrape.reserve.store(min_free, Ordering::Relaxed);
         Ok(())
     }
 }
 
 /// A running `/metrics` listener; dropping it stops it.
 pub struct Endpoint {
-    /// The address configured (its port may be 0).
-    pub asked: SocketAddr,
-    /// The address bound.
-    pub addr: SocketAddr,
+    /// The address configured (its port may be 0; the log names the one bound).
+    asked: SocketAddr,
     stop: CancellationToken,
 }
 
@@ -432,7 +420,7 @@ impl Endpoint {
             }
         });
         tracing::info!(listen = %addr, "serving metrics at /metrics");
-        Ok(Endpoint { asked, addr, stop })
+        Ok(Endpoint { asked, stop })
     }
 }
 

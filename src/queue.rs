@@ -208,9 +208,9 @@ pub enum Finish {
 /// What `Queue::remove` did.
 #[derive(Debug)]
 pub enum Removal {
-    Removed(RowView),
+    Removed(Box<RowView>),
     /// Being downloaded; not removed without `force`.
-    Busy(RowView),
+    Busy,
     Missing,
 }
 
@@ -860,27 +860,22 @@ impl Queue {
             .map_err(sql("read pauses"))?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    crate::pause::Published {
-                        reason: crate::pause::Reason::Token,
-                        detail: r.get(1)?,
-                        since: r.get(2)?,
-                        until: r.get(3)?,
-                        advice: r.get(4)?,
-                    },
-                ))
+                // A reason this version does not know (a newer one wrote it) is skipped.
+                let Some(reason) = crate::pause::Reason::parse(&r.get::<_, String>(0)?) else {
+                    return Ok(None);
+                };
+                Ok(Some(crate::pause::Published {
+                    reason,
+                    detail: r.get(1)?,
+                    since: r.get(2)?,
+                    until: r.get(3)?,
+                    advice: r.get(4)?,
+                }))
             })
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(sql("read pauses"))?;
-        // A reason this version does not know (written by a newer one) is skipped.
-        Ok(rows
-            .into_iter()
-            .filter_map(|(reason, p)| {
-                crate::pause::Reason::parse(&reason)
-                    .map(|reason| crate::pause::Published { reason, ..p })
-            })
-            .collect())
+        rows.filter_map(Result::transpose)
+            .collect::<Result<_, _>>()
+            .map_err(sql("read pauses"))
     }
 
     /// Rows per state and the archived bytes, in one pass over the `(state, bytes)` index (the
@@ -1123,13 +1118,13 @@ impl Queue {
             return Ok(Removal::Missing);
         };
         if row.state == "downloading" && !force {
-            return Ok(Removal::Busy(row));
+            return Ok(Removal::Busy);
         }
         tx.execute("DELETE FROM queue WHERE video_id = ?1", [&key])
             .and_then(|_| tx.execute("DELETE FROM attempt_log WHERE video_id = ?1", [&key]))
             .map_err(sql(what.clone()))?;
         tx.commit().map_err(sql(what))?;
-        Ok(Removal::Removed(row))
+        Ok(Removal::Removed(Box::new(row)))
     }
 
     /// Puts a row whose archived file is missing or changed back to pending, to be downloaded
