@@ -800,29 +800,24 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
 /// Why `fetch` did not claim the row, in an operator's words.
 fn not_claimed(cfg: &Config, q: &mut Queue, id: &str, state: &str) -> Result<(), Failure> {
     if state == "done" {
-        let row = q.get(id).map_err(queue_failure)?;
-        let (path, bytes) = row.map_or((String::new(), None), |r| {
-            (r.path.unwrap_or_default(), r.bytes)
-        });
-        // Only a cheap look (the size): `verify` re-hashes. A file that is gone or of another
-        // size is not "archived", whatever the row says.
-        let problem = match std::fs::metadata(&path) {
-            Err(e) => Some(format!("its file {path} cannot be read: {e}")),
-            Ok(m) if Some(m.len() as i64) != bytes => Some(format!(
-                "its file {path} is {} bytes, the row recorded {}",
-                m.len(),
-                bytes.unwrap_or(-1)
-            )),
-            Ok(_) => None,
-        };
-        if let Some(p) = problem {
+        // The row says done; the file must say so too (what `verify ID` checks).
+        let report = crate::verify::run(q, &cfg.archive.dir, false, &[id.to_owned()], |total| {
+            progress_bar(total, "verifying")
+        })
+        .map_err(|e| Failure::new(exit::IO, e))?;
+        if let Some(p) = report.problems.first() {
             return Err(Failure::new(
                 exit::PROBLEM,
                 format!(
-                    "{id} is done, but {p}; `hingnetd verify --repair {id}` puts it back to be downloaded again"
+                    "{id} is done, but: {p}; `hingnetd verify --repair {id}` puts it back to be downloaded again"
                 ),
             ));
         }
+        let path = q
+            .get(id)
+            .map_err(queue_failure)?
+            .and_then(|r| r.path)
+            .unwrap_or_default();
         let _ = writeln!(out(), "{id}: already archived at {path}");
         return Ok(());
     }

@@ -554,6 +554,18 @@ fn fetch_of_a_done_video_whose_file_is_gone_says_so_and_how_to_repair_it() {
         "{}",
         stdout(&out)
     );
+    // Changed in place, same size: not "archived" either.
+    let mut bytes = std::fs::read(env.final_path("video_fetch_gone")).unwrap();
+    bytes[10_000] ^= 0xff;
+    std::fs::write(env.final_path("video_fetch_gone"), &bytes).unwrap();
+    let out = env.cmd(&["fetch", "video_fetch_gone"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("sha256"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("verify --repair video_fetch_gone"),
+        "{}",
+        stderr(&out)
+    );
     std::fs::remove_file(env.final_path("video_fetch_gone")).unwrap();
     let out = env.cmd(&["fetch", "video_fetch_gone"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
