@@ -1128,16 +1128,23 @@ impl Queue {
     }
 
     /// Puts a row whose archived file is missing or changed back to pending, to be downloaded
-    /// again (`verify --repair`). Only if it still records the file `verify` checked
-    /// (`sha256`): a row that changed meanwhile is not touched. Returns whether it was.
-    pub fn requeue_archived(
+    /// again (`verify --repair`), only if it still records the file `verify` checked
+    /// (`sha256`): a row that changed meanwhile is not touched (`None`). `then` (setting the
+    /// changed file aside) runs inside the same transaction, after the update: no downloader
+    /// can claim the row before it has run, and its error rolls the update back.
+    pub fn requeue_archived<T>(
         &mut self,
         video_id: &str,
         sha256: Option<&str>,
         why: &str,
-    ) -> Result<bool, QueueError> {
-        let n = self
+        then: impl FnOnce() -> Result<T, String>,
+    ) -> Result<Option<Result<T, String>>, QueueError> {
+        let what = format!("put {video_id} back to pending");
+        let tx = self
             .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(what.clone()))?;
+        let n = tx
             .execute(
                 &format!(
                     "UPDATE queue SET state = 'pending', next_attempt_at = {NOW}, attempts = 0, \
@@ -1147,8 +1154,18 @@ impl Queue {
                 ),
                 params![video_id, sha256, why],
             )
-            .map_err(sql(format!("put {video_id} back to pending")))?;
-        Ok(n == 1)
+            .map_err(sql(what.clone()))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match then() {
+            Ok(t) => {
+                tx.commit().map_err(sql(what))?;
+                Ok(Some(Ok(t)))
+            }
+            // Dropping the transaction rolls the update back.
+            Err(e) => Ok(Some(Err(e))),
+        }
     }
 
     /// Claims one specific video for `hingnetd fetch`, as the daemon would claim it: a pending

@@ -68,9 +68,23 @@ pub fn repair(
 ) -> Result<Vec<Repair>, VerifyError> {
     let mut done = Vec::new();
     for p in &report.problems {
-        let (id, path, changed) = match p {
-            Problem::Missing { id, path } => (id, path, false),
-            Problem::Changed { id, path, .. } => (id, path, true),
+        let (id, path, recorded, changed) = match p {
+            Problem::Missing { id, path, recorded } => (id, path, recorded, false),
+            Problem::Changed {
+                id,
+                path,
+                recorded,
+                unreadable: false,
+                ..
+            } => (id, path, recorded, true),
+            // Not known to be wrong: the file could not be read.
+            Problem::Changed { id, detail, .. } => {
+                done.push(Repair::Skipped {
+                    id: id.clone(),
+                    why: format!("{detail}; fix what keeps it from being read, then verify again"),
+                });
+                continue;
+            }
             _ => continue,
         };
         let skip = |why: String| Repair::Skipped {
@@ -81,54 +95,55 @@ pub fn repair(
             done.push(skip("not a valid video ID".into()));
             continue;
         };
-        let Some(row) = q.get(id)? else {
-            done.push(skip("no longer in the queue".into()));
+        if changed && Path::new(path) != archive.final_path(&vid) {
+            done.push(skip(format!(
+                "its file {path} is not where the archive keeps it ({}); move it there or remove the row",
+                archive.final_path(&vid).display()
+            )));
             continue;
-        };
-        let mut aside = None;
-        if changed {
-            if Path::new(path) != archive.final_path(&vid) {
-                done.push(skip(format!(
-                    "its file {path} is not where the archive keeps it ({}); move it there or remove the row",
-                    archive.final_path(&vid).display()
-                )));
-                continue;
-            }
-            match archive.set_aside(&vid) {
-                Ok(p) => aside = Some(p),
-                Err(e) => {
-                    done.push(skip(format!("cannot rename the changed file aside: {e}")));
-                    continue;
-                }
-            }
         }
         let why = if changed {
             "verify --repair: the archived file had changed; downloading again"
         } else {
             "verify --repair: the archived file was missing; downloading again"
         };
-        if q.requeue_archived(&row.video_id, row.sha256.as_deref(), why)? {
-            done.push(Repair::Requeued {
-                id: id.clone(),
-                set_aside: aside,
-            });
-        } else {
-            done.push(skip("its row changed meanwhile; run verify again".into()));
-        }
+        // The file is set aside only once the row is back to pending, in the same
+        // transaction; a row re-archived since `verify` read it is left alone.
+        let set_aside = || {
+            changed
+                .then(|| archive.set_aside(&vid))
+                .transpose()
+                .map_err(|e| format!("cannot rename the changed file aside: {e}"))
+        };
+        done.push(
+            match q.requeue_archived(id, recorded.as_deref(), why, set_aside)? {
+                Some(Ok(set_aside)) => Repair::Requeued {
+                    id: id.clone(),
+                    set_aside,
+                },
+                Some(Err(e)) => skip(e),
+                None => skip("its row changed since it was checked; run verify again".into()),
+            },
+        );
     }
     Ok(done)
 }
 
 #[derive(Debug, PartialEq)]
 pub enum Problem {
+    /// `recorded`: the SHA-256 the row held when it was checked.
     Missing {
         id: String,
         path: String,
+        recorded: Option<String>,
     },
+    /// `unreadable`: the file could not be read, so it is not known to be wrong.
     Changed {
         id: String,
         path: String,
         detail: String,
+        recorded: Option<String>,
+        unreadable: bool,
     },
     Orphan {
         path: PathBuf,
@@ -151,8 +166,10 @@ pub enum Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Problem::Missing { id, path } => write!(f, "MISSING {id} {path}"),
-            Problem::Changed { id, path, detail } => write!(f, "CHANGED {id} {path}: {detail}"),
+            Problem::Missing { id, path, .. } => write!(f, "MISSING {id} {path}"),
+            Problem::Changed {
+                id, path, detail, ..
+            } => write!(f, "CHANGED {id} {path}: {detail}"),
             Problem::Orphan { path } => {
                 write!(f, "ORPHAN  {} (no done row names it)", path.display())
             }
@@ -258,20 +275,25 @@ fn names_a_file(r: &RowView) -> bool {
 fn check(row: &RowView, report: &mut Report, bar: Option<&ProgressBar>) {
     report.checked += 1;
     let path = row.path.clone().unwrap_or_default();
-    let changed = |detail: String| Problem::Changed {
+    let problem = |detail: String, unreadable| Problem::Changed {
         id: row.video_id.clone(),
         path: path.clone(),
         detail,
+        recorded: row.sha256.clone(),
+        unreadable,
     };
+    let changed = |detail| problem(detail, false);
+    let unreadable = |e: io::Error| problem(format!("cannot read: {e}"), true);
     let meta = match std::fs::symlink_metadata(&path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             report.problems.push(Problem::Missing {
                 id: row.video_id.clone(),
                 path: path.clone(),
+                recorded: row.sha256.clone(),
             });
             return;
         }
-        Err(e) => return report.problems.push(changed(format!("cannot read: {e}"))),
+        Err(e) => return report.problems.push(unreadable(e)),
         Ok(m) => m,
     };
     if !meta.file_type().is_file() {
@@ -285,7 +307,7 @@ fn check(row: &RowView, report: &mut Report, bar: Option<&ProgressBar>) {
         )));
     }
     match hash_file(Path::new(&path), bar) {
-        Err(e) => report.problems.push(changed(format!("cannot read: {e}"))),
+        Err(e) => report.problems.push(unreadable(e)),
         Ok(sha) if Some(&sha) != row.sha256.as_ref() => report.problems.push(changed(format!(
             "sha256 {sha}, recorded {}",
             row.sha256.as_deref().unwrap_or("none")
@@ -368,4 +390,79 @@ fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), Verify
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A done row for `video_r` whose file at the archive's path holds `bytes`, recorded with
+    /// `sha256`.
+    fn archived(dir: &Path, bytes: &[u8], sha256: &str) -> (Queue, Archive, PathBuf) {
+        let db = dir.join("q.db");
+        let mut q = Queue::open_and_migrate(&db).unwrap();
+        q.enqueue(["video_r"].into_iter()).unwrap();
+        let archive = Archive::open(&dir.join("videos")).unwrap();
+        let path = archive.final_path(&VideoId::parse("video_r").unwrap());
+        std::fs::write(&path, bytes).unwrap();
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute(
+                "UPDATE queue SET state = 'done', path = ?1, sha256 = ?2, bytes = ?3",
+                rusqlite::params![path.to_str().unwrap(), sha256, bytes.len() as i64],
+            )
+            .unwrap();
+        (q, archive, path)
+    }
+
+    fn changed(path: &Path, recorded: &str, unreadable: bool) -> Report {
+        Report {
+            problems: vec![Problem::Changed {
+                id: "video_r".into(),
+                path: path.to_str().unwrap().into(),
+                detail: "sha256 x, recorded y".into(),
+                recorded: Some(recorded.into()),
+                unreadable,
+            }],
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn a_changed_file_is_set_aside_and_its_row_goes_back_to_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, archive, path) = archived(dir.path(), b"tampered", "aa");
+        let done = repair(&mut q, &archive, &changed(&path, "aa", false)).unwrap();
+        let Repair::Requeued {
+            set_aside: Some(aside),
+            ..
+        } = &done[0]
+        else {
+            panic!("{done:?}");
+        };
+        assert_eq!(std::fs::read(aside).unwrap(), b"tampered");
+        assert!(!path.exists());
+        assert_eq!(q.get("video_r").unwrap().unwrap().state, "pending");
+    }
+
+    #[test]
+    fn a_row_archived_again_since_the_check_keeps_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Checked while the row recorded "old"; archived again since, as "new".
+        let (mut q, archive, path) = archived(dir.path(), b"the new file", "new");
+        let done = repair(&mut q, &archive, &changed(&path, "old", false)).unwrap();
+        assert!(matches!(done[0], Repair::Skipped { .. }), "{done:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"the new file");
+        assert_eq!(q.get("video_r").unwrap().unwrap().state, "done");
+    }
+
+    #[test]
+    fn a_file_that_could_not_be_read_is_not_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, archive, path) = archived(dir.path(), b"fine, perhaps", "aa");
+        let done = repair(&mut q, &archive, &changed(&path, "aa", true)).unwrap();
+        assert!(matches!(done[0], Repair::Skipped { .. }), "{done:?}");
+        assert!(path.exists());
+        assert_eq!(q.get("video_r").unwrap().unwrap().state, "done");
+    }
 }
