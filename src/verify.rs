@@ -401,7 +401,7 @@ mod tests {
     fn archived(dir: &Path, bytes: &[u8], sha256: &str) -> (Queue, Archive, PathBuf) {
         let db = dir.join("q.db");
         let mut q = Queue::open_and_migrate(&db).unwrap();
-        q.enqueue(["video_r"].into_iter()).unwrap();
+        q.enqueue(["video_r"]).unwrap();
         let archive = Archive::open(&dir.join("videos")).unwrap();
         let path = archive.final_path(&VideoId::parse("video_r").unwrap());
         std::fs::write(&path, bytes).unwrap();
