@@ -578,8 +578,7 @@ impl Scheduler {
         self.service.status(text);
     }
 
-    /// Every pause in force now, the one an operator must act on first first: a short disk,
-    /// a refused token, then the ones that end by themselves.
+    /// Every pause in force now, in `pause::Reason`'s order: the one to act on first first.
     fn pauses(&self) -> Vec<Pause> {
         let mut out = Vec::new();
         if let Some(s) = &self.storage {

@@ -6,25 +6,27 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Why new downloads wait. A closed set: it is a metrics label, and `status` names each.
+/// Why new downloads wait. A closed set: it is a metrics label, and `status` names each. In
+/// the order an operator acts on them (`Ord`): a short disk and a refused token first, then
+/// the pauses that end by themselves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
+    /// The archive's disk is short of `archive.min_free`, or its directory is unusable.
+    Storage,
     /// The API refused the token (or a video: a probe tells which).
     Token,
     /// 429: the whole client waits.
     RateLimited,
     /// The API host could not be reached.
     Unreachable,
-    /// The archive's disk is short of `archive.min_free`, or its directory is unusable.
-    Storage,
 }
 
 impl Reason {
     pub const ALL: [Reason; 4] = [
+        Reason::Storage,
         Reason::Token,
         Reason::RateLimited,
         Reason::Unreachable,
-        Reason::Storage,
     ];
 
     pub fn as_str(self) -> &'static str {

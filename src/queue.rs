@@ -831,7 +831,8 @@ impl Queue {
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute("DELETE FROM daemon_pauses", [])?;
             for p in pauses {
-                let ago = format!("-{:.3} seconds", p.since_ago.min(MAX_DELAY).as_secs_f64());
+                // Not capped like a delay: a pause may have lasted longer than any of those.
+                let ago = format!("-{:.3} seconds", p.since_ago.as_secs_f64());
                 tx.execute(
                     "INSERT INTO daemon_pauses(reason, detail, since, until, advice) VALUES \
                      (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3), \
@@ -850,13 +851,12 @@ impl Queue {
         })
     }
 
-    /// The pauses the daemon last published (stale if no daemon is running).
+    /// The pauses the daemon last published (stale if no daemon is running), in the order to
+    /// act on them (`Reason`'s).
     pub fn pauses(&self) -> Result<Vec<crate::pause::Published>, QueueError> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT reason, detail, since, until, advice FROM daemon_pauses ORDER BY since",
-            )
+            .prepare("SELECT reason, detail, since, until, advice FROM daemon_pauses")
             .map_err(sql("read pauses"))?;
         let rows = stmt
             .query_map([], |r| {
@@ -873,9 +873,12 @@ impl Queue {
                 }))
             })
             .map_err(sql("read pauses"))?;
-        rows.filter_map(Result::transpose)
+        let mut pauses: Vec<crate::pause::Published> = rows
+            .filter_map(Result::transpose)
             .collect::<Result<_, _>>()
-            .map_err(sql("read pauses"))
+            .map_err(sql("read pauses"))?;
+        pauses.sort_by_key(|p| p.reason);
+        Ok(pauses)
     }
 
     /// Rows per state and the archived bytes, in one pass over the `(state, bytes)` index (the
@@ -1417,6 +1420,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open_and_migrate(&dir.path().join("q.db")).unwrap();
         (dir, q)
+    }
+
+    #[test]
+    fn pauses_read_back_in_the_order_to_act_on_them_with_since_kept() {
+        use crate::pause::{Reason, Record};
+        let (_dir, mut q) = temp_queue();
+        let record = |reason, ago: u64| Record {
+            reason,
+            detail: format!("{reason:?}"),
+            since_ago: Duration::from_secs(ago),
+            until_in: None,
+            advice: None,
+        };
+        // The token was refused long before the disk filled (and eight days ago: older than
+        // any delay cap).
+        q.set_pauses(&[
+            record(Reason::Storage, 10),
+            record(Reason::Token, 8 * 86400),
+        ])
+        .unwrap();
+        let read = q.pauses().unwrap();
+        let reasons: Vec<Reason> = read.iter().map(|p| p.reason).collect();
+        assert_eq!(reasons, [Reason::Storage, Reason::Token]);
+        let age = |p: &crate::pause::Published| q.age_of(&p.since).unwrap().unwrap();
+        assert!(age(&read[1]) >= Duration::from_secs(8 * 86400), "{read:?}");
+        assert!(age(&read[0]) < Duration::from_secs(86400), "{read:?}");
     }
 
     #[test]
