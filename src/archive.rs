@@ -334,6 +334,26 @@ impl Archive {
         matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
     }
 
+    /// Deletes a published video and its sidecar (`hingnetd remove --delete-file`): regular
+    /// files only; a directory or device planted there is not ours to delete.
+    pub fn delete_published(&self, id: &VideoId) -> Result<(), ArchiveError> {
+        for path in [self.final_path(id), self.sidecar_path(id)] {
+            let file = |source| ArchiveError::File {
+                path: path.clone(),
+                source,
+            };
+            match std::fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(file(e)),
+                Ok(m) if !m.file_type().is_file() => {
+                    return Err(file(io::Error::other("not a regular file; left as it is")));
+                }
+                Ok(_) => remove_if_exists(&path).map_err(file)?,
+            }
+        }
+        sync_dir(&self.dir)
+    }
+
     /// Removes what a download of this video left (its partial and resume record) once its
     /// row has failed: nothing will resume it. A partial another process holds
     /// (a `hingnetd fetch` that has just started) is left to it.

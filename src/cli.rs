@@ -634,7 +634,20 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
 fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Result<(), Failure> {
     use crate::queue::Removal;
     let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
-    let archive = Archive::open(&cfg.archive.dir).ok();
+    let archive = match Archive::open(&cfg.archive.dir) {
+        Ok(a) => Some(a),
+        // Before any row goes: a row removed with its file kept was not what was asked.
+        Err(e) if delete_file => {
+            return Err(Failure::new(
+                exit::CONFIG,
+                format!("{e} (archive.dir); nothing removed, as --delete-file needs the archive"),
+            ));
+        }
+        Err(e) => {
+            eprintln!("hingnetd: {e} (archive.dir); partial files of removed videos stay");
+            None
+        }
+    };
     let mut o = out();
     let mut refused = 0;
     for raw in &ids {
@@ -660,15 +673,10 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
         {
             eprintln!("hingnetd: {id}: cannot remove its partial file: {e}");
         }
-        let file = match (&row.path, delete_file) {
-            (None, _) => String::new(),
-            (Some(p), false) => format!("; its file stays at {p}"),
-            (Some(p), true) => {
-                let sidecar = match (&archive, &vid) {
-                    (Some(a), Some(v)) => Some(a.sidecar_path(v)),
-                    _ => None,
-                };
-                match delete_archived(Path::new(p), sidecar.as_deref()) {
+        let file = match (&row.path, delete_file, &archive, &vid) {
+            (None, ..) => String::new(),
+            (Some(p), true, Some(a), Some(v)) if Path::new(p) == a.final_path(v) => {
+                match a.delete_published(v) {
                     Ok(()) => format!("; deleted {p}"),
                     Err(e) => {
                         eprintln!("hingnetd: {id}: removed from the queue, but {e}");
@@ -677,6 +685,14 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
                     }
                 }
             }
+            (Some(p), true, ..) => {
+                eprintln!(
+                    "hingnetd: {id}: removed from the queue, but its file {p} is not where the archive keeps it; left as it is"
+                );
+                refused += 1;
+                format!("; its file stays at {p}")
+            }
+            (Some(p), false, ..) => format!("; its file stays at {p}"),
         };
         let busy = if row.state == "downloading" {
             " (its download in flight may still archive a file no row names)"
@@ -687,28 +703,11 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
     }
     match refused {
         0 => Ok(()),
-        n => Err(Failure::new(exit::DATA, format!("{n} id(s) not removed"))),
+        n => Err(Failure::new(
+            exit::DATA,
+            format!("{n} id(s) not removed, or removed with their file kept"),
+        )),
     }
-}
-
-/// Deletes an archived file and its sidecar: regular files only (a directory or device planted
-/// there is not ours to delete).
-fn delete_archived(path: &Path, sidecar: Option<&Path>) -> Result<(), String> {
-    for p in std::iter::once(path).chain(sidecar) {
-        match std::fs::symlink_metadata(p) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
-            Ok(m) if !m.file_type().is_file() => {
-                return Err(format!(
-                    "{} is not a regular file; left as it is",
-                    p.display()
-                ));
-            }
-            Ok(_) => std::fs::remove_file(p)
-                .map_err(|e| format!("cannot delete {}: {e}", p.display()))?,
-        }
-    }
-    Ok(())
 }
 
 fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {

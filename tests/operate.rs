@@ -586,3 +586,22 @@ fn fetch_of_a_done_video_whose_file_is_gone_says_so_and_how_to_repair_it() {
     assert!(out.status.success(), "{}", stderr(&out));
     support::audit::assert_archived(&env, &v);
 }
+
+#[test]
+fn remove_delete_file_without_a_usable_archive_removes_nothing() {
+    let (api, env) = setup();
+    let v = api.add_video("video_rm_noarchive", 20_000);
+    env.insert_sqlite3(&["video_rm_noarchive"]);
+    let out = env.cmd(&["fetch", "video_rm_noarchive"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    support::audit::assert_archived(&env, &v);
+    // The archive directory is replaced by a file: nothing can be deleted in it.
+    let moved = env.dir.path().join("videos.moved");
+    std::fs::rename(&env.archive, &moved).unwrap();
+    std::fs::write(&env.archive, "not a directory").unwrap();
+    let out = env.cmd(&["remove", "--delete-file", "video_rm_noarchive"]);
+    assert_eq!(out.status.code(), Some(78), "{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("nothing removed"), "{}", stderr(&out));
+    assert_eq!(env.row("video_rm_noarchive").unwrap().state, "done");
+    assert!(moved.join("video_rm_noarchive.mp4").exists());
+}
