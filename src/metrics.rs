@@ -347,18 +347,34 @@ impl Serving {
     /// Serves at `addr` (none: not at all): the new address is bound before the old listener
     /// stops, so a reload that cannot bind it changes nothing.
     pub fn apply(&mut self, addr: Option<SocketAddr>, min_free: u64) -> Result<(), MetricsError> {
-        if self.endpoint.as_ref().map(|e| e.asked) != addr {
-            self.endpoint = match addr {
-                Some(a) => Some(Endpoint::start(a, self.scrape.clone())?),
-                None => {
-                    if self.endpoint.is_some() {
-                        tracing::info!("metrics listener stopped");
-                    }
-                    None
-                }
-            };
-        }
         self.scrape.reserve.store(min_free, Ordering::Relaxed);
+        let old = self.endpoint.as_ref().map(|e| e.asked);
+        if old == addr {
+            return Ok(());
+        }
+        let Some(a) = addr else {
+            self.endpoint = None;
+            tracing::info!("metrics listener stopped");
+            return Ok(());
+        };
+        let started = match Endpoint::start(a, self.scrape.clone()) {
+            // The old listener holds the port (0.0.0.0:9464 becoming 127.0.0.1:9464): it
+            // stops first, and comes back if the new address cannot be bound either.
+            Err(MetricsError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && old.is_some_and(|o| o.port() == a.port()) =>
+            {
+                self.endpoint = None;
+                Endpoint::start(a, self.scrape.clone()).inspect_err(|_| {
+                    self.endpoint = old.and_then(|o| Endpoint::start(o, self.scrape.clone()).ok());
+                })
+            }
+            other => other,
+        }?;
+        if old.is_some() {
+            tracing::info!("metrics listener moved to {a}; the old one stopped");
+        }
+        self.endpoint = Some(started);
         Ok(())
     }
 }
@@ -434,7 +450,14 @@ async fn answer(mut stream: TcpStream, scrape: Arc<Scrape>) {
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
         if head.len() > MAX_REQUEST {
-            let _ = respond(&mut stream, "431 Request Header Fields Too Large", "", "").await;
+            let _ = respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "",
+                "",
+                true,
+            )
+            .await;
             return;
         }
     }
@@ -445,19 +468,21 @@ async fn answer(mut stream: TcpStream, scrape: Arc<Scrape>) {
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let body = tokio::task::spawn_blocking(move || {
+            let rendered = tokio::task::spawn_blocking(move || {
                 let m = get();
                 scrape.refresh(m);
                 m.render()
             })
-            .await
-            .unwrap_or_default();
-            let body = if method == "HEAD" { "" } else { &body };
+            .await;
+            let Ok(body) = rendered else {
+                let _ = respond(&mut stream, "500 Internal Server Error", "", "", true).await;
+                return;
+            };
             let ct = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-            let _ = respond(&mut stream, "200 OK", ct, body).await;
+            let _ = respond(&mut stream, "200 OK", ct, &body, method == "GET").await;
         }
         (_, "/metrics") => {
-            let _ = respond(&mut stream, "405 Method Not Allowed", "", "").await;
+            let _ = respond(&mut stream, "405 Method Not Allowed", "", "", true).await;
         }
         _ => {
             let _ = respond(
@@ -465,17 +490,20 @@ async fn answer(mut stream: TcpStream, scrape: Arc<Scrape>) {
                 "404 Not Found",
                 "text/plain",
                 "hingnetd serves /metrics only\n",
+                true,
             )
             .await;
         }
     }
 }
 
+/// `send_body` false: a HEAD's answer, with the length the GET's body would have.
 async fn respond(
     stream: &mut TcpStream,
     status: &str,
     content_type: &str,
     body: &str,
+    send_body: bool,
 ) -> std::io::Result<()> {
     let mut head = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -486,7 +514,9 @@ async fn respond(
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    if send_body {
+        stream.write_all(body.as_bytes()).await?;
+    }
     stream.shutdown().await
 }
 

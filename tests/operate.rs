@@ -187,11 +187,52 @@ fn a_reload_starts_moves_and_stops_the_metrics_listener() {
     d.wait_log("reload rejected");
     assert!(d.log().contains("metrics.listen"), "{}", d.log());
     scrape(&addr);
+    // Moved: the new address serves, the old one stops.
+    with_metrics(&env, "127.0.0.2:0");
+    d.signal(libc::SIGHUP);
+    d.wait_log("metrics listener moved");
+    let moved = metrics_addr(&d);
+    assert!(moved.starts_with("127.0.0.2:"), "{moved}");
+    scrape(&moved);
+    refused(&addr);
     // Empty: stopped.
     with_metrics(&env, "");
     d.signal(libc::SIGHUP);
     d.wait_log("metrics listener stopped");
-    assert!(http_get(&addr, "/metrics").is_err(), "still listening");
+    refused(&moved);
+}
+
+/// Waits until nothing listens at `addr` (a stopped listener's task ends just after the log
+/// line that says so).
+fn refused(addr: &str) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_ok() {
+        assert!(start.elapsed() < DEADLINE, "{addr} still listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_head_request_gets_the_length_of_the_metrics_without_them() {
+    let (_api, env) = setup();
+    with_metrics(&env, "127.0.0.1:0");
+    let d = env.start();
+    let addr = metrics_addr(&d);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "HEAD /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(length > 1000, "{head}");
+    assert_eq!(body, "");
 }
 
 #[test]
@@ -600,7 +641,13 @@ fn remove_delete_file_without_a_usable_archive_removes_nothing() {
     std::fs::rename(&env.archive, &moved).unwrap();
     std::fs::write(&env.archive, "not a directory").unwrap();
     let out = env.cmd(&["remove", "--delete-file", "video_rm_noarchive"]);
-    assert_eq!(out.status.code(), Some(78), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("nothing removed"), "{}", stderr(&out));
     assert_eq!(env.row("video_rm_noarchive").unwrap().state, "done");
     assert!(moved.join("video_rm_noarchive.mp4").exists());
