@@ -873,6 +873,14 @@ fn become_archive_owner(dir: &Path) -> Result<(), Failure> {
     // A directory not made yet is made by its parent's owner (`/var/lib/hingnetd`'s).
     let meta = dir
         .ancestors()
+        // A relative path's last ancestor is "": the working directory.
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        })
         .find_map(|d| std::fs::metadata(d).ok())
         .ok_or_else(|| {
             Failure::new(

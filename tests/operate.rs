@@ -652,3 +652,23 @@ fn remove_delete_file_without_a_usable_archive_removes_nothing() {
     assert_eq!(env.row("video_rm_noarchive").unwrap().state, "done");
     assert!(moved.join("video_rm_noarchive.mp4").exists());
 }
+
+#[test]
+fn fetch_as_root_with_a_relative_archive_dir_not_made_yet_makes_it() {
+    let (api, env) = setup();
+    let v = api.add_video("video_relative", 20_000);
+    env.insert_sqlite3(&["video_relative"]);
+    let text = env.render().replace(
+        &format!("dir = {:?}", env.archive),
+        "dir = \"relative-videos\"",
+    );
+    std::fs::write(&env.config, text).unwrap();
+    let out = env
+        .command(&["fetch", "video_relative"])
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = env.dir.path().join("relative-videos/video_relative.mp4");
+    assert_eq!(support::harness::file_sha256(&file), v.sha256);
+}
