@@ -273,10 +273,10 @@ fn check_config(cfg: &Config, path: &Path, quiet: bool) -> Result<(), Failure> {
     // trust store fails here, not at the service's first start.
     ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
-    let text = toml::to_string(cfg).map_err(|e| Failure::new(exit::FAILURE, e))?;
     if quiet {
         return Ok(());
     }
+    let text = toml::to_string(cfg).map_err(|e| Failure::new(exit::FAILURE, e))?;
     let mut o = out();
     let _ = writeln!(o, "# {}: valid", path.display());
     let _ = writeln!(o, "# token: read from {source} (redacted)");

@@ -392,59 +392,40 @@ fn toml_error_at(text: &str, e: &toml::de::Error) -> (String, String) {
     };
     let start = span.start.min(text.len());
     let line = text[..start].matches('\n').count() + 1;
-    let at = match key_at(text, start) {
+    let key = keyed_lines(text).find(|(l, _)| *l == line).map(|(_, k)| k);
+    let at = match key {
         Some(key) => format!(":{line}: {key}"),
         None => format!(":{line}"),
     };
     (at, message)
 }
 
-/// The dotted key whose line holds byte `offset`: the `[table]` above it and the name left of
-/// `=` (or the table itself, on a header line).
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
-    if let Some(header) = table_name(line) {
-        return Some(header.to_owned());
-    }
-    let (name, _) = line.split_once('=')?;
-    let name = name.trim().trim_matches('"');
-    if name.is_empty() {
-        return None;
-    }
-    let table = text[..line_start]
-        .lines()
-        .rev()
-        .find_map(|l| table_name(l.trim()));
-    Some(match table {
-        Some(t) => format!("{t}.{name}"),
-        None => name.to_owned(),
-    })
-}
-
-fn table_name(line: &str) -> Option<&str> {
-    let inner = line.strip_prefix('[')?.split(']').next()?;
-    Some(inner.trim_matches(|c| c == '[' || c == ' '))
-}
-
 /// The line that sets a dotted key (`retry.max_delay`), if the file sets it.
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
-    let mut current = "";
-    for (i, l) in text.lines().enumerate() {
+    keyed_lines(text).find(|(_, k)| k == key).map(|(l, _)| l)
+}
+
+/// Each line that names a key, with its number (from 1) and the dotted key: a `[table]`
+/// header names the table; `name = ...` names `table.name`, the table being the last header
+/// above it.
+fn keyed_lines(text: &str) -> impl Iterator<Item = (usize, String)> + '_ {
+    let mut table = String::new();
+    text.lines().enumerate().filter_map(move |(i, l)| {
         let l = l.trim();
-        if let Some(t) = table_name(l) {
-            current = t;
-            continue;
+        if l.starts_with('#') {
+            return None;
         }
-        if current == table
-            && let Some((k, _)) = l.split_once('=')
-            && k.trim().trim_matches('"') == name
-        {
-            return Some(i + 1);
+        if let Some(t) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = t.trim_matches(|c| c == '[' || c == ' ').to_owned();
+            return Some((i + 1, table.clone()));
         }
-    }
-    None
+        let name = l.split_once('=')?.0.trim().trim_matches('"');
+        match (name.is_empty(), table.is_empty()) {
+            (true, _) => None,
+            (false, true) => Some((i + 1, name.to_owned())),
+            (false, false) => Some((i + 1, format!("{table}.{name}"))),
+        }
+    })
 }
 
 /// The secret. Its `Debug` and `Display` never show it, so it cannot leak through a log line

@@ -84,7 +84,25 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The outcome's name as a metrics label (`metrics::OUTCOMES`).
+    /// Every `label`, for the metrics to create their series up front.
+    pub const LABELS: [&'static str; 14] = [
+        "archived",
+        "kept",
+        "not_ready",
+        "maybe_missing",
+        "transient",
+        "gone",
+        "blocked",
+        "invalid_id",
+        "refused",
+        "rate_limited",
+        "unreachable",
+        "interrupted",
+        "storage",
+        "disk_short",
+    ];
+
+    /// The outcome's name as a metrics label.
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Archived { .. } => "archived",

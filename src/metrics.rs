@@ -23,25 +23,6 @@ use crate::api::Host;
 use crate::pause::Reason;
 use crate::queue::Queue;
 
-/// Attempt outcomes, as labels (`Outcome::label`). Every series is created up front (each
-/// guard dropped at once), so that `rate()` and the alerts see it from the first scrape.
-pub const OUTCOMES: [&str; 14] = [
-    "archived",
-    "kept",
-    "not_ready",
-    "maybe_missing",
-    "transient",
-    "gone",
-    "blocked",
-    "invalid_id",
-    "refused",
-    "rate_limited",
-    "unreachable",
-    "interrupted",
-    "storage",
-    "disk_short",
-];
-
 const STATES: [&str; 4] = ["pending", "downloading", "done", "failed"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,13 +106,15 @@ impl Metrics {
             reserve: Gauge::default(),
             registry: Registry::default(),
         };
+        // Every series is created up front (each guard dropped at once), so that `rate()` and
+        // the alerts see it from the first scrape.
         for state in STATES {
             drop(m.rows.get_or_create(&StateLabel { state }));
         }
         for result in ["done", "failed"] {
             drop(m.downloads.get_or_create(&ResultLabel { result }));
         }
-        for outcome in OUTCOMES {
+        for outcome in crate::fetch::Outcome::LABELS {
             drop(m.attempts.get_or_create(&OutcomeLabel { outcome }));
         }
         for role in ["api", "cdn"] {

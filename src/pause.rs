@@ -9,7 +9,8 @@ use tokio::time::Instant;
 /// Why new downloads wait. A closed set: it is a metrics label, and `status` names each. In
 /// the order an operator acts on them (`Ord`): a short disk and a refused token first, then
 /// the pauses that end by themselves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// The archive's disk is short of `archive.min_free`, or its directory is unusable.
     Storage,
@@ -40,12 +41,6 @@ impl Reason {
 
     pub fn parse(s: &str) -> Option<Reason> {
         Reason::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-}
-
-impl serde::Serialize for Reason {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
     }
 }
 
@@ -80,4 +75,17 @@ pub struct Published {
     pub since: String,
     pub until: Option<String>,
     pub advice: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_serializes_as_its_label() {
+        for r in Reason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+    }
 }

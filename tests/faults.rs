@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::audit::audit;
-use support::harness::{DEADLINE, Env, Settings, stderr};
+use support::harness::{DEADLINE, Env, Settings, stderr, wait_until};
 use support::standin::{Request, StandIn, Step, Video};
 
 const TOKEN: &str = "hn-faults-token-5d2c";
@@ -42,15 +42,6 @@ fn setup_with(tune: impl FnOnce(&mut Settings)) -> (StandIn, Env) {
     tune(&mut s);
     let env = Env::new(s, TOKEN);
     (api, env)
-}
-
-/// Polls `cond` every 5 ms until it holds; panics with `what` after the deadline.
-fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Rows per state, read the way an operator's tool reads them.

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::harness::{DEADLINE, Daemon, Env, Settings, stderr, stdout};
+use support::harness::{DEADLINE, Daemon, Env, Settings, stderr, stdout, wait_until};
 use support::standin::{StandIn, Step};
 
 const TOKEN: &str = "oh-operate-canary-77b1";
@@ -205,11 +205,21 @@ fn a_reload_starts_moves_and_stops_the_metrics_listener() {
 /// Waits until nothing listens at `addr` (a stopped listener's task ends just after the log
 /// line that says so).
 fn refused(addr: &str) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(addr).is_ok() {
-        assert!(start.elapsed() < DEADLINE, "{addr} still listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&format!("{addr} to stop listening"), DEADLINE, || {
+        std::net::TcpStream::connect(addr).is_err()
+    });
+}
+
+/// `hingnetd status` once it shows the token pause, confirmed as the token's.
+fn status_with_a_token_pause(env: &Env) -> String {
+    let mut text = String::new();
+    wait_until("status to show the token pause", DEADLINE, || {
+        let out = env.cmd(&["status"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        text = stdout(&out);
+        text.contains("PAUSED (token)") && text.contains("API rejected the token")
+    });
+    text
 }
 
 #[test]
@@ -247,17 +257,7 @@ fn status_shows_a_token_pause_with_the_advice_for_where_the_daemon_runs() {
     env.insert_sqlite3(&["video_p0", "video_p1"]);
     // Confirmed as the token's: both videos refused.
     d.wait_log("API rejected the token for another video too");
-    let start = Instant::now();
-    let text = loop {
-        let out = env.cmd(&["status"]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        let text = stdout(&out);
-        if text.contains("PAUSED (token)") && text.contains("API rejected the token") {
-            break text;
-        }
-        assert!(start.elapsed() < DEADLINE, "no token pause in:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let text = status_with_a_token_pause(&env);
     // Not under systemd: the token file is re-read before each probe.
     assert!(text.contains("re-read before each probe"), "{text}");
     assert!(text.contains("HTTP 401"), "{text}");
@@ -306,17 +306,9 @@ fn under_systemd_the_token_advice_is_a_restart() {
         "{}",
         d.log()
     );
-    let start = Instant::now();
-    loop {
-        let text = stdout(&env.cmd(&["status"]));
-        if text.contains("PAUSED (token)") && text.contains("API rejected the token") {
-            assert!(text.contains("systemctl restart hingnetd"), "{text}");
-            assert!(!text.contains("re-read before each probe"), "{text}");
-            break;
-        }
-        assert!(start.elapsed() < DEADLINE, "no token pause in:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let text = status_with_a_token_pause(&env);
+    assert!(text.contains("systemctl restart hingnetd"), "{text}");
+    assert!(!text.contains("re-read before each probe"), "{text}");
 }
 
 /// Runs the unit's `ExecReload=` lines as systemd does: in order, each with `$MAINPID`, the
