@@ -951,16 +951,6 @@ impl Attempt<'_> {
                     }
                 }
             };
-            // Paid for before it is written: a wait here holds back the next read, so the
-            // server's sending slows to the rate (TCP's window does the rest). Shutdown does
-            // not wait for the budget.
-            let paid = tokio::select! {
-                w = self.fetcher.bandwidth.take(chunk.len() as u64) => w,
-                _ = self.cancel.cancelled() => { end = StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }); break }
-            };
-            // The speed floor judges the server, not our own limit.
-            floor.pause(paid);
-            floor.add(chunk.len());
             crate::metrics::get().received(chunk.len() as u64);
             // A body without a length is held to the limit as it arrives.
             if start + received > max {
@@ -971,6 +961,18 @@ impl Attempt<'_> {
                 );
                 break;
             }
+            // Paid for before it is written: a wait here holds back the next read, so the
+            // server's sending slows to the rate (TCP's window does the rest). Shutdown does
+            // not wait for the budget. `biased`: without a limit `take` is ready at once, and
+            // the cancellation is then not registered and dropped again for every chunk.
+            let paid = tokio::select! {
+                biased;
+                w = self.fetcher.bandwidth.take(chunk.len() as u64) => w,
+                _ = self.cancel.cancelled() => { end = StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }); break }
+            };
+            // The speed floor judges the server, not our own limit.
+            floor.pause(paid);
+            floor.add(chunk.len());
             if tx.send(chunk).await.is_err() {
                 break; // the writer stopped; why is collected below
             }

@@ -508,7 +508,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_family_is_exported_from_the_start_without_video_ids() {
+    fn every_family_is_exported_from_the_start() {
         let text = get().render();
         for name in [
             "hingnetd_queue_rows{state=\"pending\"}",

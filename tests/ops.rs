@@ -520,13 +520,10 @@ fn the_rate_limit_holds_and_a_reload_lifts_it_mid_download() {
 
 #[test]
 fn check_config_refuses_a_bad_rate_limit_naming_key_value_and_form() {
-    let (_api, env) = setup();
-    let with_rate = |rate: &str| {
-        let text = env.render().replace(
-            "[download]\n",
-            &format!("[download]\nrate_limit = {rate:?}\n"),
-        );
-        std::fs::write(&env.config, text).unwrap();
+    let (_api, mut env) = setup();
+    let mut with_rate = |rate: &'static str| {
+        env.settings.rate_limit = Some(rate);
+        env.write_config();
         env.cmd(&["check-config"])
     };
     for bad in ["50MiB", "fast", "50Mbit/s"] {
