@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Response, StatusCode, Url};
 
-use crate::archive::VideoId;
 use crate::config::{ApiConfig, Token};
+use crate::id::VideoId;
 
 /// Error pages and status JSON are read up to this size.
 const SMALL_BODY: usize = 64 * 1024;

@@ -12,24 +12,25 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiClient;
-use crate::archive::{Archive, VideoId};
+use crate::archive::Archive;
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogConfig, LogFormat};
 use crate::daemon::{Scheduler, Settings, attempt};
 use crate::fetch::{Fetcher, Limits, Outcome};
+use crate::id::VideoId;
 use crate::queue::{InstanceLock, Queue, QueueError, SharedQueue};
 use crate::service::Service;
 
 /// Exit codes (sysexits.h), so a unit can tell "fix the config" from "try again".
 pub mod exit {
-    /// Something did not check out: `verify` found problems, `fetch` did not archive.
-    pub const PROBLEM: u8 = 1;
     /// Bad input: invalid video IDs.
     pub const DATA: u8 = 65;
     /// Another daemon already serves this database, or is downloading that video now.
     pub const ALREADY_RUNNING: u8 = 75;
     /// Config file, token or archive directory unusable: restarting will not help.
     pub const CONFIG: u8 = 78;
-    /// Anything else (database errors at start, I/O).
+    /// Something did not check out (`verify` found problems, `fetch` did not archive), or
+    /// anything else failed (database errors at start, I/O): one code, as for any command
+    /// that did not do what it was asked.
     pub const FAILURE: u8 = 1;
     /// `verify` could not do its job (database or archive directory unreadable): not the same
     /// as finding a problem.
@@ -266,7 +267,7 @@ fn migrate(cfg: &Config) -> Result<(), Failure> {
 }
 
 fn check_config(cfg: &Config, path: &Path, quiet: bool) -> Result<(), Failure> {
-    no_core_dumps();
+    crate::sys::no_core_dumps();
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     // The HTTP client as `run` builds it, which loads the system's CA certificates: a missing
@@ -619,7 +620,7 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
         Ok(())
     } else {
         Err(Failure::new(
-            exit::PROBLEM,
+            exit::FAILURE,
             if repair {
                 format!("{left} problem(s) not repaired")
             } else {
@@ -716,7 +717,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     };
     let id = vid.as_str().to_owned();
     let id = id.as_str();
-    no_core_dumps();
+    crate::sys::no_core_dumps();
     let (token, _) = config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     become_archive_owner(&cfg.archive.dir)?;
     let archive = Archive::open(&cfg.archive.dir)
@@ -790,7 +791,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
             Ok(())
         }
         (_, f) => Err(Failure::new(
-            exit::PROBLEM,
+            exit::FAILURE,
             format!("{id}: {}", f.describe()),
         )),
     }
@@ -806,7 +807,7 @@ fn not_claimed(cfg: &Config, q: &mut Queue, id: &str, state: &str) -> Result<(),
         .map_err(|e| Failure::new(exit::IO, e))?;
         if let Some(p) = report.problems.first() {
             return Err(Failure::new(
-                exit::PROBLEM,
+                exit::FAILURE,
                 format!(
                     "{id} is done, but: {p}; `hingnetd verify --repair {id}` puts it back to be downloaded again"
                 ),
@@ -831,33 +832,11 @@ fn not_claimed(cfg: &Config, q: &mut Queue, id: &str, state: &str) -> Result<(),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    flat_memory();
+    crate::sys::flat_memory();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start the runtime: {e}")))
-}
-
-/// Buffers of 128 KiB and more (hyper's read buffers are about 400 KiB, one or more per download)
-/// get their own mappings, returned to the kernel when freed. By default glibc raises this
-/// threshold after the first such free and keeps later buffers in its heaps, where freed memory
-/// stays resident: peak RSS then grows with concurrency (measured in BENCHMARKS.md).
-///
-/// And one malloc arena per core, not glibc's eight: the download, writer and database threads
-/// each touching an arena of their own kept a few MiB resident for nothing (BENCHMARKS.md:
-/// peak RSS 2,000 x 1 MiB 26.3 -> about 20 MiB, time unchanged).
-fn flat_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let arenas = libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX);
-        // SAFETY: mallopt(3) only sets allocator parameters; called before any other thread
-        // exists.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-            libc::mallopt(libc::M_ARENA_MAX, arenas.max(1));
-        }
-    }
 }
 
 /// `hingnetd fetch` run as root writes the files the daemon would: as the archive directory's
@@ -866,8 +845,7 @@ fn flat_memory() {
 /// (its file is root's) and before anything is created; `fetch` stops if it cannot.
 fn become_archive_owner(dir: &Path) -> Result<(), Failure> {
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::sys::running_as_root() {
         return Ok(());
     }
     // A directory not made yet is made by its parent's owner (`/var/lib/hingnetd`'s).
@@ -892,29 +870,14 @@ fn become_archive_owner(dir: &Path) -> Result<(), Failure> {
     if uid == 0 {
         return Ok(());
     }
-    let cannot = |what: &str| {
+    crate::sys::become_user(uid, gid).map_err(|(what, e)| {
         Failure::new(
             exit::FAILURE,
             format!(
-                "running as root, cannot become the archive's owner {uid}:{gid} ({what}: {}); run fetch as that user (e.g. `sudo -u hingnetd hingnetd fetch ID`)",
-                std::io::Error::last_os_error()
+                "running as root, cannot become the archive's owner {uid}:{gid} ({what}: {e}); run fetch as that user (e.g. `sudo -u hingnetd hingnetd fetch ID`)"
             ),
         )
-    };
-    // SAFETY: plain syscalls on integers; the order (groups, gid, then uid) is the one that
-    // leaves no root privilege behind.
-    unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err(cannot("setgroups"));
-        }
-        if libc::setresgid(gid, gid, gid) != 0 {
-            return Err(cannot("setresgid"));
-        }
-        if libc::setresuid(uid, uid, uid) != 0 {
-            return Err(cannot("setresuid"));
-        }
-        libc::umask(0o007);
-    }
+    })?;
     tracing::info!(
         uid,
         gid,
@@ -923,23 +886,10 @@ fn become_archive_owner(dir: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Every command that reads the token first turns core dumps off: one would hold the token
-/// (and signed URLs) in the clear.
-fn no_core_dumps() {
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit with a valid pointer to an initialised struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) } != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot turn core dumps off");
-    }
-}
-
 /// `hingnetd run`: every check that can fail on bad configuration happens before any work, and
 /// systemd hears READY=1 only once the database is open and migrated and the token read.
 fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
-    no_core_dumps();
+    crate::sys::no_core_dumps();
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = Archive::open(&cfg.archive.dir)

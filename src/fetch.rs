@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Action, Answer, ApiClient, StatusObject, StatusRead, VideoState};
-use crate::archive::{Archive, ArchiveError, Existing, Partial, Published, VideoId};
+use crate::archive::{Archive, ArchiveError, Existing, Partial, Published};
 use crate::bandwidth::Bandwidth;
 use crate::config::{Config, format_duration, format_size};
+use crate::id::VideoId;
 
 /// Chunks queued between the network and the writer thread: bounds memory per download. A
 /// chunk is what hyper read at once (up to about 400 KiB on a fast link), so two keep the

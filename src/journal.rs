@@ -71,7 +71,7 @@ pub enum JournalError {
 pub fn stderr_is_journal() -> bool {
     is_journal_stream(
         std::env::var_os("JOURNAL_STREAM").as_deref(),
-        libc::STDERR_FILENO,
+        std::os::fd::AsRawFd::as_raw_fd(&io::stderr()),
     )
 }
 
@@ -85,18 +85,7 @@ fn is_journal_stream(value: Option<&OsStr>, fd: RawFd) -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat(2) fills the buffer it is given; it is read only when the call succeeded.
-    let st = unsafe {
-        if libc::fstat(fd, st.as_mut_ptr()) != 0 {
-            return false;
-        }
-        st.assume_init()
-    };
-    // dev_t and ino_t are not u64 on every target.
-    #[allow(clippy::unnecessary_cast)]
-    let same = st.st_dev as u64 == dev && st.st_ino as u64 == ino;
-    same
+    crate::sys::fd_identity(fd) == Some((dev, ino))
 }
 
 /// The layer. `W` is where events go when the journal does not take them: stderr, except in tests.

@@ -21,27 +21,27 @@ use rusqlite::{
 const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_queue.sql",
-        include_str!("../migrations/0001_queue.sql"),
+        include_str!("../migrations/sqlite/0001_queue.sql"),
     ),
     (
         "0002_attempt_log.sql",
-        include_str!("../migrations/0002_attempt_log.sql"),
+        include_str!("../migrations/sqlite/0002_attempt_log.sql"),
     ),
     (
         "0003_claimed_by.sql",
-        include_str!("../migrations/0003_claimed_by.sql"),
+        include_str!("../migrations/sqlite/0003_claimed_by.sql"),
     ),
     (
         "0004_state_bytes_index.sql",
-        include_str!("../migrations/0004_state_bytes_index.sql"),
+        include_str!("../migrations/sqlite/0004_state_bytes_index.sql"),
     ),
     (
         "0005_expiry_metadata.sql",
-        include_str!("../migrations/0005_expiry_metadata.sql"),
+        include_str!("../migrations/sqlite/0005_expiry_metadata.sql"),
     ),
     (
         "0006_daemon_pauses.sql",
-        include_str!("../migrations/0006_daemon_pauses.sql"),
+        include_str!("../migrations/sqlite/0006_daemon_pauses.sql"),
     ),
 ];
 
@@ -1273,7 +1273,7 @@ fn id_text(v: ValueRef<'_>) -> String {
         ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
         ValueRef::Integer(i) => i.to_string(),
         ValueRef::Real(f) => f.to_string(),
-        ValueRef::Blob(b) => format!("x'{}'", crate::archive::hex(b)),
+        ValueRef::Blob(b) => format!("x'{}'", crate::id::hex(b)),
         ValueRef::Null => "NULL".into(),
     }
 }

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 
-use crate::archive::{Archive, VideoId, hex};
+use crate::archive::Archive;
+use crate::id::{VideoId, hex};
 use crate::queue::{Queue, QueueError, RowView};
 
 /// Rows read from the database at a time (no read snapshot is held across the whole run).

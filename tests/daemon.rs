@@ -340,7 +340,7 @@ fn a_complete_parked_partial_is_verified_not_fetched_again() {
     let v = api.add_video("video_whole", 300_000);
     let archive = hingnetd::archive::Archive::open(&env.archive).unwrap();
     let mut p = archive
-        .begin(&hingnetd::archive::VideoId::parse("video_whole").unwrap())
+        .begin(&hingnetd::id::VideoId::parse("video_whole").unwrap())
         .unwrap();
     p.write(&v.bytes).unwrap();
     assert_eq!(p.park().unwrap(), 300_000);

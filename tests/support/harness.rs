@@ -487,5 +487,5 @@ pub fn stdout(o: &Output) -> String {
 pub fn file_sha256(p: &Path) -> String {
     use sha2::Digest;
     let bytes = fs::read(p).expect("read archived file");
-    hingnetd::archive::hex(&sha2::Sha256::digest(&bytes))
+    hingnetd::id::hex(&sha2::Sha256::digest(&bytes))
 }
