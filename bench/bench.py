@@ -1391,7 +1391,7 @@ PRAGMA journal_mode = WAL;
         for rnd in range(1, p["scale_rounds"] + 1):
             # The daemon logs each claim's own time (the UPDATE and its commit) at debug level.
             d = Daemon(self, f"scale-r{rnd}", concurrency=8, poll="5s", db=base,
-                       env={"RUST_LOG": "info,hingnetd::daemon=debug"})
+                       env={"RUST_LOG": "info,hingnetd::queue=debug"})
             # After the copy: its 650 MiB of dirty pages would otherwise be written back by the
             # daemon's first WAL checkpoint, and billed to one claim (a 559 ms one was seen).
             self.settle()

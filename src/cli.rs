@@ -17,7 +17,7 @@ use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogConfig, LogFormat};
 use crate::daemon::{Scheduler, Settings, attempt};
 use crate::fetch::{Fetcher, Limits, Outcome};
 use crate::id::VideoId;
-use crate::queue::{InstanceLock, Queue, QueueError, SharedQueue};
+use crate::queue::{self, QueueError, State};
 use crate::service::Service;
 
 /// Exit codes (sysexits.h), so a unit can tell "fix the config" from "try again".
@@ -223,7 +223,9 @@ pub fn main_with(cli: Cli) -> ExitCode {
         Command::Run => run(cfg, cli.config),
         Command::Enqueue { ids } => enqueue(&cfg, ids),
         Command::Status { json } => status(&cfg, json),
-        Command::List { state, limit, json } => list(&cfg, state.as_deref(), limit, json),
+        Command::List { state, limit, json } => {
+            list(&cfg, state.as_deref().and_then(State::parse), limit, json)
+        }
         Command::Show { id, json } => show(&cfg, &id, json),
         Command::Retry { ids, failed } => retry(&cfg, ids, failed),
         Command::Verify { all, repair, ids } => verify(&cfg, all || ids.is_empty(), ids, repair),
@@ -261,8 +263,8 @@ fn out() -> std::io::StdoutLock<'static> {
 }
 
 fn migrate(cfg: &Config) -> Result<(), Failure> {
-    let q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
-    let _ = writeln!(out(), "{}: schema up to date", q.path().display());
+    let q = queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let _ = writeln!(out(), "{}: schema up to date", q.location());
     Ok(())
 }
 
@@ -314,10 +316,8 @@ fn read_ids(args: Vec<String>) -> Result<(Vec<String>, usize), Failure> {
 
 fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
     let (good, bad) = read_ids(args)?;
-    let mut q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
-    let r = q
-        .enqueue(good.iter().map(|s| s.as_str()))
-        .map_err(queue_failure)?;
+    let q = queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let r = q.enqueue(&good).map_err(queue_failure)?;
     let _ = writeln!(
         out(),
         "enqueued {} new, {} already queued",
@@ -334,38 +334,40 @@ fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
 }
 
 fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
-    let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     let s = q.status(5).map_err(queue_failure)?;
-    let archived = s.archived_bytes;
-    let age = match &s.oldest_pending {
-        Some((_, at)) => q.age_of(at).map_err(queue_failure)?,
-        None => None,
-    };
-    let running = InstanceLock::is_held(&cfg.queue.database);
-    // What a daemon that is no longer running left behind is not in force.
-    let pauses = if running {
-        q.pauses().unwrap_or_else(|e| {
-            eprintln!("hingnetd: cannot read the daemon's pauses: {e}");
-            Vec::new()
-        })
-    } else {
+    let c = s.counts;
+    let archived = c.archived_bytes;
+    let age = s.oldest_pending.as_ref().and_then(|o| o.age);
+    let running = q.daemon_running();
+    let pauses = q.pauses().unwrap_or_else(|e| {
+        eprintln!("hingnetd: cannot read the daemon's pauses: {e}");
         Vec::new()
-    };
+    });
     let mut o = out();
     if json {
-        let mut v = serde_json::to_value(&s).expect("status serializes");
-        v["daemon_running"] = running.into();
-        v["pauses"] = serde_json::to_value(&pauses).expect("pauses serialize");
-        v["next_due_in_ms"] = s.next_due_in.map(|d| d.as_millis() as u64).into();
-        v["oldest_pending_age_s"] = age.map(|d| d.as_secs()).into();
-        v["archive_bytes"] = archived.into();
+        let v = serde_json::json!({
+            "pending": c.pending,
+            "downloading": c.downloading,
+            "done": c.done,
+            "failed": c.failed,
+            "expiring_soon": s.expiring_soon,
+            "expired_pending": s.expired_pending,
+            "oldest_pending": s.oldest_pending.as_ref().map(|o| (&o.video_id, &o.enqueued_at)),
+            "recent_failures": s.recent_failures,
+            "daemon_running": running,
+            "pauses": pauses,
+            "next_due_in_ms": s.next_due_in.map(|d| d.as_millis() as u64),
+            "oldest_pending_age_s": age.map(|d| d.as_secs()),
+            "archive_bytes": archived,
+        });
         let _ = writeln!(o, "{v}");
         return Ok(());
     }
     let _ = writeln!(
         o,
         "{} pending, {} downloading, {} done, {} failed",
-        s.pending, s.downloading, s.done, s.failed
+        c.pending, c.downloading, c.done, c.failed
     );
     let _ = writeln!(
         o,
@@ -387,8 +389,13 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
             let _ = writeln!(o, "  what to do: {advice}");
         }
     }
-    let _ = writeln!(o, "archive: {} in {} files", human_bytes(archived), s.done);
-    if let Some((id, at)) = &s.oldest_pending {
+    let _ = writeln!(o, "archive: {} in {} files", human_bytes(archived), c.done);
+    if let Some(queue::Oldest {
+        video_id: id,
+        enqueued_at: at,
+        ..
+    }) = &s.oldest_pending
+    {
         let age = age.map_or(String::new(), |a| {
             format!(
                 ", {} ago",
@@ -444,8 +451,8 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-fn list(cfg: &Config, state: Option<&str>, limit: usize, json: bool) -> Result<(), Failure> {
-    let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+fn list(cfg: &Config, state: Option<State>, limit: usize, json: bool) -> Result<(), Failure> {
+    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     let rows = q.list(state, limit).map_err(queue_failure)?;
     let mut o = out();
     if json {
@@ -481,7 +488,7 @@ fn list(cfg: &Config, state: Option<&str>, limit: usize, json: bool) -> Result<(
 }
 
 fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
-    let q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     let Some(row) = q.get(id).map_err(queue_failure)? else {
         return Err(Failure::new(
             exit::DATA,
@@ -490,24 +497,23 @@ fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
     };
     // The log is under the ID as the row holds it.
     let history = q.history(&row.video_id).map_err(queue_failure)?;
-    let due_in = q.age_of(&row.next_attempt_at).map_err(queue_failure)?;
-    let next = match row.state.as_str() {
-        "pending" => match (due_in, history.last()) {
-            // `age_of` is positive for times past: a due row waits only for a free slot.
-            (Some(_), _) if InstanceLock::is_held(&cfg.queue.database) => {
+    let next = match row.state {
+        State::Pending => match (row.due, history.last()) {
+            // A due row waits only for a free slot.
+            (true, _) if q.daemon_running() => {
                 "due now (waiting for a free download slot, or a pause to end)".to_string()
             }
-            (Some(_), _) => "due now, but no daemon is running".to_string(),
-            (None, Some(last)) => format!(
+            (true, _) => "due now, but no daemon is running".to_string(),
+            (false, Some(last)) => format!(
                 "at {}: {}",
                 row.next_attempt_at,
                 last.detail.as_deref().unwrap_or("")
             ),
-            (None, None) => format!("at {} (set by the producer)", row.next_attempt_at),
+            (false, None) => format!("at {} (set by the producer)", row.next_attempt_at),
         },
-        "downloading" => "downloading now".into(),
-        "done" => "never (done)".into(),
-        _ => "never (failed; `hingnetd retry` puts it back)".into(),
+        State::Downloading => "downloading now".into(),
+        State::Done => "never (done)".into(),
+        State::Failed => "never (failed; `hingnetd retry` puts it back)".into(),
     };
     let mut o = out();
     if json {
@@ -544,7 +550,7 @@ fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
 }
 
 fn retry(cfg: &Config, ids: Vec<String>, all_failed: bool) -> Result<(), Failure> {
-    let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     // Each ID as its row holds it (a producer's may have whitespace around it).
     let ids = ids
         .into_iter()
@@ -590,8 +596,8 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
 }
 
 fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(), Failure> {
-    let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
-    let report = crate::verify::run(&q, &cfg.archive.dir, all, &ids, |total| {
+    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let report = crate::verify::run(&*q, &cfg.archive.dir, all, &ids, |total| {
         progress_bar(total, "verifying")
     })
     .map_err(|e| Failure::new(exit::IO, e))?;
@@ -604,8 +610,8 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
     if repair {
         let archive = Archive::open(&cfg.archive.dir)
             .map_err(|e| Failure::new(exit::IO, format!("{e} (archive.dir)")))?;
-        let repairs = crate::verify::repair(&mut q, &archive, &report)
-            .map_err(|e| Failure::new(exit::IO, e))?;
+        let repairs =
+            crate::verify::repair(&*q, &archive, &report).map_err(|e| Failure::new(exit::IO, e))?;
         for r in &repairs {
             let _ = writeln!(o, "{r}");
         }
@@ -634,7 +640,7 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
 /// pending or failed one left half-downloaded goes with it.
 fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Result<(), Failure> {
     use crate::queue::Removal;
-    let mut q = Queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
     let archive = match Archive::open(&cfg.archive.dir) {
         Ok(a) => Some(a),
         // Before any row goes: a row removed with its file kept was not what was asked.
@@ -695,7 +701,7 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
             }
             (Some(p), false, ..) => format!("; its file stays at {p}"),
         };
-        let busy = if row.state == "downloading" {
+        let busy = if row.state == State::Downloading {
             " (its download in flight may still archive a file no row names)"
         } else {
             ""
@@ -724,9 +730,10 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
-    let mut q = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
-    // The partial file's lock first, then the claim: a daemon never sees this claim without a
-    // live lock behind it, so it never takes the row over.
+    let q = queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let runtime = runtime()?;
+    // The partial file first: one held by another process (the daemon downloading this
+    // video) stops here, before any claim.
     let partial = match archive.begin(&vid) {
         Ok(p) => p,
         Err(e @ crate::archive::ArchiveError::Busy { .. }) => {
@@ -735,11 +742,11 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         Err(e) => return Err(Failure::new(exit::FAILURE, e)),
     };
     // Not ours to download: leave no empty partial behind.
-    let claimed = match q.claim_one(id) {
+    let claimed = match runtime.block_on(q.claim_one(id)) {
         Ok(Ok(c)) => c,
         Ok(Err(state)) => {
             let _ = partial.park();
-            return not_claimed(&cfg, &mut q, id, &state);
+            return not_claimed(&cfg, &*q, id, state);
         }
         Err(e) => {
             let _ = partial.park();
@@ -757,7 +764,6 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         }));
     }
     let fetcher = Arc::new(fetcher);
-    let runtime = runtime()?;
     let ended = runtime.block_on(async {
         // Ctrl-C, a closing terminal or a kill park the download and give the row back. (A
         // SIGKILL leaves it `downloading`: the daemon's orphan check recovers it.)
@@ -770,8 +776,8 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         bar.finish_and_clear();
     }
     let (ended, finish, elapsed) = ended?;
-    let recorded = q
-        .finish(&claimed, &finish, elapsed, ended.expires_at)
+    let recorded = runtime
+        .block_on(q.finish(&claimed, &finish, elapsed, ended.expires_at))
         .map_err(queue_failure)?;
     if !recorded {
         eprintln!(
@@ -798,8 +804,8 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
 }
 
 /// Why `fetch` did not claim the row, in an operator's words.
-fn not_claimed(cfg: &Config, q: &mut Queue, id: &str, state: &str) -> Result<(), Failure> {
-    if state == "done" {
+fn not_claimed(cfg: &Config, q: &dyn queue::Admin, id: &str, state: State) -> Result<(), Failure> {
+    if state == State::Done {
         // The row says done; the file must say so too (what `verify ID` checks).
         let report = crate::verify::run(q, &cfg.archive.dir, false, &[id.to_owned()], |total| {
             progress_bar(total, "verifying")
@@ -821,7 +827,7 @@ fn not_claimed(cfg: &Config, q: &mut Queue, id: &str, state: &str) -> Result<(),
         let _ = writeln!(out(), "{id}: already archived at {path}");
         return Ok(());
     }
-    let why = if InstanceLock::is_held(&cfg.queue.database) {
+    let why = if q.daemon_running() {
         format!("{id} is {state}: the daemon is downloading it now")
     } else {
         format!(
@@ -894,15 +900,11 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = Archive::open(&cfg.archive.dir)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
-    let _lock = InstanceLock::acquire(&cfg.queue.database).map_err(queue_failure)?;
-    let queue = Queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let runtime = runtime()?;
+    let served = queue::serve(&cfg.queue.database).map_err(queue_failure)?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
-    let runtime = runtime()?;
     runtime.block_on(async move {
-        let wake = Arc::new(Notify::new());
-        let _watch = crate::watch::watch(&cfg.queue.database, wake.clone())
-            .map_err(|e| Failure::new(exit::FAILURE, e))?;
         let shutdown = CancellationToken::new();
         let reload = Arc::new(Notify::new());
         spawn_signal_handler(shutdown.clone(), Some(reload.clone()))?;
@@ -932,15 +934,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
             config: cfg,
             config_path,
         };
-        let scheduler = Scheduler::new(
-            settings,
-            SharedQueue::new(queue),
-            fetcher,
-            wake,
-            reload,
-            service,
-            metrics,
-        );
+        let scheduler = Scheduler::new(settings, served.claims, fetcher, reload, service, metrics);
         scheduler.run(shutdown).await;
         tracing::info!("hingnetd stopped");
         Ok(())

@@ -20,9 +20,8 @@ use crate::fetch::{Ended, Fetcher, Limits, Outcome};
 use crate::id::VideoId;
 use crate::pause::{self, Pause};
 use crate::policy::{REFUSALS_TO_FAIL, backoff, decide, rate_limit_wait};
-use crate::queue::{Claimed, Finish, SharedQueue};
+use crate::queue::{Claimed, Claims, Finish, QueueError};
 use crate::service::{Service, thousands};
-use crate::watch::Recheck;
 
 /// What the loop runs with. Replaced on SIGHUP, except what cannot change live.
 pub struct Settings {
@@ -131,9 +130,8 @@ impl AccountPause {
 
 pub struct Scheduler {
     settings: Settings,
-    queue: SharedQueue,
+    queue: Arc<dyn Claims>,
     fetcher: Arc<Fetcher>,
-    wake: Arc<Notify>,
     tasks: JoinSet<Report>,
     /// Videos this daemon is downloading now, by task (the rest of `downloading` rows belong to
     /// a `hingnetd fetch`, or to a downloader that died). A panicked task is removed by its id.
@@ -172,9 +170,8 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(
         settings: Settings,
-        queue: SharedQueue,
+        queue: Arc<dyn Claims>,
         fetcher: Arc<Fetcher>,
-        wake: Arc<Notify>,
         reload: Arc<Notify>,
         service: Service,
         metrics: crate::metrics::Serving,
@@ -183,7 +180,6 @@ impl Scheduler {
             settings,
             queue,
             fetcher,
-            wake,
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
             orphans_checked: None,
@@ -208,10 +204,8 @@ impl Scheduler {
 
     /// Runs until `shutdown` is cancelled, then drains (see `drain`).
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut recheck = Recheck::default();
         // Pauses a daemon that died left behind are not in force.
         self.clear_pauses().await;
-        let mut data_version = self.queue.call(|q| q.data_version()).await.unwrap_or(0);
         // Whether a due row may be waiting: set by anything that can make one due.
         let mut look = true;
         let mut next_due: Option<Instant> = None;
@@ -299,7 +293,6 @@ impl Scheduler {
                 self.counts_at
                     .filter(|_| self.counts_stale)
                     .map(|t| t + STATUS_EVERY),
-                recheck.due_at(),
             ]
             .into_iter()
             .flatten()
@@ -326,27 +319,17 @@ impl Scheduler {
                     self.counts_stale = true;
                     look = true;
                 }
-                _ = self.wake.notified() => recheck.start(),
+                // Another process added or changed rows.
+                _ = self.queue.changed() => {
+                    self.counts_stale = true;
+                    look = true;
+                }
                 _ = self.reload.notified() => {
                     self.apply_reload();
                     look = true;
                 }
                 _ = tokio::time::sleep_until(wake_at) => {
-                    let now = Instant::now();
-                    if recheck.due_at().is_some_and(|t| t <= now) {
-                        match self.queue.call(|q| q.data_version()).await {
-                            Ok(v) if v != data_version => {
-                                data_version = v;
-                                self.counts_stale = true;
-                                // Keep looking: the event that started this check may belong
-                                // to a later commit than the one just seen.
-                                recheck.start();
-                                look = true;
-                            }
-                            _ => recheck.advance(),
-                        }
-                    }
-                    if look_at <= now {
+                    if look_at <= Instant::now() {
                         look = true;
                     }
                 }
@@ -366,7 +349,7 @@ impl Scheduler {
             return;
         }
         self.counts_at = Some(Instant::now());
-        let counts = match self.queue.call(|q| q.counts()).await {
+        let counts = match self.queue.counts().await {
             Ok(c) => c,
             // Stays stale: tried again after STATUS_EVERY.
             Err(e) => {
@@ -457,7 +440,7 @@ impl Scheduler {
 
     async fn clear_pauses(&mut self) {
         crate::metrics::get().set_paused(&[]);
-        match self.queue.call(|q| q.set_pauses(&[])).await {
+        match self.queue.set_pauses(Vec::new()).await {
             Ok(()) => self.published.clear(),
             Err(e) => tracing::warn!(error = %e, "cannot clear the published pauses"),
         }
@@ -484,7 +467,7 @@ impl Scheduler {
             })
             .collect();
         crate::metrics::get().set_paused(&records.iter().map(|r| r.reason).collect::<Vec<_>>());
-        match self.queue.call(move |q| q.set_pauses(&records)).await {
+        match self.queue.set_pauses(records).await {
             Ok(()) => self.published = now,
             Err(e) => tracing::warn!(error = %e, "cannot publish the pauses for `hingnetd status`"),
         }
@@ -558,37 +541,20 @@ impl Scheduler {
     }
 
     /// Rows left `downloading` by a downloader that is gone (a crashed daemon, a killed
-    /// `hingnetd fetch`, a panicked task) go back to `pending`. A row is another process's
-    /// while it holds the lock on the video's partial file; the token guard makes the release
-    /// lose any race with a downloader that finishes meanwhile.
-    async fn recover_orphans(&mut self) -> Result<(), crate::queue::QueueError> {
-        let rows = self.queue.call(|q| q.downloading()).await?;
-        for held in rows {
-            if self.in_flight.values().any(|v| *v == held.video_id) {
-                continue;
-            }
-            let fetcher = self.fetcher.clone();
-            let id = held.video_id.clone();
-            let live = tokio::task::spawn_blocking(move || {
-                VideoId::from_queued(&id).is_ok_and(|(v, _)| fetcher.archive.partial_in_use(&v))
-            })
-            .await
-            .unwrap_or(false);
-            if live {
-                continue;
-            }
-            let id = held.video_id.clone();
-            if self.queue.call(move |q| q.release_stale(&held)).await? {
-                tracing::warn!(video_id = %id, "row was left downloading by a downloader that stopped; pending again");
-                self.counts_stale = true;
-            }
+    /// `hingnetd fetch`, a panicked task) go back to `pending`; the queue tells which claims
+    /// are still alive, apart from the downloads in flight here.
+    async fn recover_orphans(&mut self) -> Result<(), QueueError> {
+        let ours = self.in_flight.values().cloned().collect();
+        for id in self.queue.recover_stale(ours).await? {
+            tracing::warn!(video_id = %id, "row was left downloading by a downloader that stopped; pending again");
+            self.counts_stale = true;
         }
         Ok(())
     }
 
     /// Claims as many due rows as there are free slots, starts their downloads, and returns
     /// when the next pending row falls due (if none is due now).
-    async fn fill_slots(&mut self) -> Result<Option<Instant>, crate::queue::QueueError> {
+    async fn fill_slots(&mut self) -> Result<Option<Instant>, QueueError> {
         let now = Instant::now();
         let free = if self.rate_limited_until.is_some() || self.unreachable_until.is_some() {
             0
@@ -642,25 +608,8 @@ impl Scheduler {
             ),
             None => (Vec::new(), true),
         };
-        let (mut claimed, took) = self
-            .queue
-            .call(move |q| {
-                let t = std::time::Instant::now();
-                let mut c = q.claim(free, &except)?;
-                if c.is_empty() && !except.is_empty() && any_at {
-                    c = q.claim(free, &[])?;
-                }
-                Ok((c, t.elapsed()))
-            })
-            .await?;
+        let mut claimed = self.queue.claim(free, except, any_at).await?;
         let got = claimed.len();
-        // The claim's own cost (the UPDATE and its commit, on the database thread); the
-        // benchmark reads it to report claim time on a large queue.
-        tracing::debug!(
-            claimed = got,
-            took_us = took.as_micros() as u64,
-            "claimed due rows"
-        );
         if self.account.is_some() {
             // The operator may have fixed the token: the probe goes with what is there now.
             let probe = claimed.pop().map(|c| {
@@ -689,7 +638,7 @@ impl Scheduler {
             // Every slot was filled; the next completion triggers the next look.
             return Ok(None);
         }
-        let due = self.queue.call(|q| q.next_due_in()).await?;
+        let due = self.queue.next_due_in().await?;
         // A row that is due by the clock but was not claimed has a timestamp that compares
         // differently as text (a producer's own format); look again soon, without spinning.
         let due = due.map(|d| if got == 0 && d.is_zero() { RELOOK } else { d });
@@ -706,10 +655,8 @@ impl Scheduler {
             let started = Instant::now();
             let (ended, finish, elapsed) =
                 attempt(&fetcher, &claimed, None, &retry, &cancel).await;
-            let (c, f) = (claimed.clone(), finish);
-            let expires_at = ended.expires_at;
             match queue
-                .call(move |q| q.finish(&c, &f, elapsed, expires_at))
+                .finish(&claimed, &finish, elapsed, ended.expires_at)
                 .await
             {
                 Ok(true) => {}
@@ -893,10 +840,9 @@ impl Scheduler {
             let error = format!(
                 "the API refused this video {REFUSALS_TO_FAIL} times ({http_status}) while it accepted the token for others: {reason}"
             );
-            let (c, e) = (claimed.clone(), error.clone());
             match self
                 .queue
-                .call(move |q| q.fail_released(&c, &e, Some(http_status)))
+                .fail_released(&claimed, &error, Some(http_status))
                 .await
             {
                 Ok(true) => {

@@ -26,4 +26,3 @@ pub mod queue;
 pub mod service;
 pub mod sys;
 pub mod verify;
-pub mod watch;

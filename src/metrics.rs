@@ -21,9 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::Host;
 use crate::pause::Reason;
-use crate::queue::Queue;
-
-const STATES: [&str; 4] = ["pending", "downloading", "done", "failed"];
+use crate::queue::{self, Admin, State};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -108,8 +106,10 @@ impl Metrics {
         };
         // Every series is created up front (each guard dropped at once), so that `rate()` and
         // the alerts see it from the first scrape.
-        for state in STATES {
-            drop(m.rows.get_or_create(&StateLabel { state }));
+        for state in State::ALL {
+            drop(m.rows.get_or_create(&StateLabel {
+                state: state.as_str(),
+            }));
         }
         for result in ["done", "failed"] {
             drop(m.downloads.get_or_create(&ResultLabel { result }));
@@ -262,7 +262,7 @@ pub struct Scrape {
     /// `archive.min_free`, which a reload may change (`Serving::apply`).
     reserve: AtomicU64,
     /// A read connection kept between scrapes (opened on the first).
-    queue: Mutex<Option<Queue>>,
+    queue: Mutex<Option<Box<dyn Admin>>>,
 }
 
 impl Scrape {
@@ -279,7 +279,7 @@ impl Scrape {
     fn refresh(&self, m: &Metrics) {
         let mut slot = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            match Queue::open_existing(&self.database) {
+            match queue::open_existing(&self.database) {
                 Ok(q) => *slot = Some(q),
                 Err(e) => tracing::warn!(error = %e, "metrics: cannot open the queue database"),
             }
@@ -287,19 +287,16 @@ impl Scrape {
         if let Some(q) = slot.as_ref() {
             match q.status(0) {
                 Ok(s) => {
-                    for (state, n) in
-                        STATES
-                            .into_iter()
-                            .zip([s.pending, s.downloading, s.done, s.failed])
-                    {
-                        m.rows.get_or_create(&StateLabel { state }).set(n as i64);
+                    for state in State::ALL {
+                        m.rows
+                            .get_or_create(&StateLabel {
+                                state: state.as_str(),
+                            })
+                            .set(s.counts.of(state) as i64);
                     }
                     m.expiring_soon.set(s.expiring_soon as i64);
                     m.expired.set(s.expired_pending as i64);
-                    let age = s
-                        .oldest_pending
-                        .as_ref()
-                        .and_then(|(_, at)| q.age_of(at).ok().flatten());
+                    let age = s.oldest_pending.as_ref().and_then(|o| o.age);
                     m.oldest_pending_age
                         .set(age.map_or(0.0, |a| a.as_secs_f64()));
                 }

@@ -211,7 +211,7 @@ mod tests {
 
     fn claimed(attempts: u32, since: u64, expires_at: Option<i64>) -> Claimed {
         Claimed {
-            key: rusqlite::types::Value::Text("v".into()),
+            row: crate::queue::RowId(b"tv".to_vec()),
             video_id: "v".into(),
             token: "t".into(),
             attempts,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::Archive;
 use crate::id::{VideoId, hex};
-use crate::queue::{Queue, QueueError, RowView};
+use crate::queue::{Admin, Cursor, QueueError, RowView, State};
 
 /// Rows read from the database at a time (no read snapshot is held across the whole run).
 const PAGE: usize = 500;
@@ -63,7 +63,7 @@ impl fmt::Display for Repair {
 /// cannot adopt it and nothing is deleted. If the video has expired meanwhile, the API's
 /// answer fails the row as usual.
 pub fn repair(
-    q: &mut Queue,
+    q: &dyn Admin,
     archive: &Archive,
     report: &Report,
 ) -> Result<Vec<Repair>, VerifyError> {
@@ -110,14 +110,14 @@ pub fn repair(
         };
         // The file is set aside only once the row is back to pending, in the same
         // transaction; a row re-archived since `verify` read it is left alone.
-        let set_aside = || {
+        let mut set_aside = || {
             changed
                 .then(|| archive.set_aside(&vid))
                 .transpose()
                 .map_err(|e| format!("cannot rename the changed file aside: {e}"))
         };
         done.push(
-            match q.requeue_archived(id, recorded.as_deref(), why, set_aside)? {
+            match q.requeue_archived(id, recorded.as_deref(), why, &mut set_aside)? {
                 Some(Ok(set_aside)) => Repair::Requeued {
                     id: id.clone(),
                     set_aside,
@@ -151,7 +151,7 @@ pub enum Problem {
     },
     NotDone {
         id: String,
-        state: String,
+        state: State,
     },
     NotQueued {
         id: String,
@@ -222,7 +222,7 @@ impl Report {
 
 /// Checks every done row (`all`, which also looks for orphans) or the given IDs.
 pub fn run(
-    q: &Queue,
+    q: &dyn Admin,
     dir: &Path,
     all: bool,
     ids: &[String],
@@ -231,9 +231,9 @@ pub fn run(
     let mut report = Report::default();
     if all {
         let bar = make_bar(q.archived_bytes()?);
-        let mut after = 0;
+        let mut after = Cursor::default();
         loop {
-            let page = q.done_page(after, PAGE)?;
+            let page = q.archived_page(after, PAGE)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
             for (_, row) in &page {
@@ -250,7 +250,7 @@ pub fn run(
         for id in ids {
             match q.get(id)? {
                 None => report.problems.push(Problem::NotQueued { id: id.clone() }),
-                Some(r) if !names_a_file(&r) => report.problems.push(Problem::NotDone {
+                Some(r) if !r.names_a_file() => report.problems.push(Problem::NotDone {
                     id: id.clone(),
                     state: r.state,
                 }),
@@ -266,11 +266,6 @@ pub fn run(
         }
     }
     Ok(report)
-}
-
-/// Whether the row names an archived file: done, or failed with the bytes the API served kept.
-fn names_a_file(r: &RowView) -> bool {
-    r.state == "done" || (r.state == "failed" && r.path.is_some())
 }
 
 fn check(row: &RowView, report: &mut Report, bar: Option<&ProgressBar>) {
@@ -339,7 +334,7 @@ fn hash_file(path: &Path, bar: Option<&ProgressBar>) -> io::Result<String> {
 /// Files in the archive directory that no row names (a video, or its `<id>.json` beside it),
 /// and hidden partial files whose video will never resume them. Other hidden files (downloads
 /// in progress, files set aside as `.<id>.mp4.replaced-...`) are not reported.
-fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), VerifyError> {
+fn find_orphans(q: &dyn Admin, dir: &Path, report: &mut Report) -> Result<(), VerifyError> {
     let entries = match std::fs::read_dir(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
@@ -362,7 +357,7 @@ fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), Verify
             if let Some(id) = crate::archive::leftover_of(&name) {
                 let why = match q.get(id)? {
                     None => "its video is not in the queue".to_owned(),
-                    Some(r) if r.state == "pending" || r.state == "downloading" => continue,
+                    Some(r) if matches!(r.state, State::Pending | State::Downloading) => continue,
                     Some(r) => format!("its video is {}", r.state),
                 };
                 report.problems.push(Problem::Leftover { path, why });
@@ -380,8 +375,8 @@ fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), Verify
             Some(id) => {
                 let mp4 = canonical.join(format!("{id}.mp4"));
                 q.get(id.as_str())?.is_some_and(|r| {
-                    r.state == "downloading"
-                        || (names_a_file(&r) && r.path.as_deref() == mp4.to_str())
+                    r.state == State::Downloading
+                        || (r.names_a_file() && r.path.as_deref() == mp4.to_str())
                 })
             }
             None => false,
@@ -395,24 +390,39 @@ fn find_orphans(q: &Queue, dir: &Path, report: &mut Report) -> Result<(), Verify
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
 
     /// A done row for `video_r` whose file at the archive's path holds `bytes`, recorded with
     /// `sha256`.
-    fn archived(dir: &Path, bytes: &[u8], sha256: &str) -> (Queue, Archive, PathBuf) {
-        let db = dir.join("q.db");
-        let mut q = Queue::open_and_migrate(&db).unwrap();
-        q.enqueue(["video_r"]).unwrap();
+    fn archived(
+        dir: &Path,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> (Arc<dyn crate::queue::Backend>, Archive, PathBuf) {
+        use crate::queue::{FileRecord, Finish};
+        let q = crate::queue::open_and_migrate(&dir.join("q.db")).unwrap();
         let archive = Archive::open(&dir.join("videos")).unwrap();
         let path = archive.final_path(&VideoId::parse("video_r").unwrap());
         std::fs::write(&path, bytes).unwrap();
-        rusqlite::Connection::open(&db)
-            .unwrap()
-            .execute(
-                "UPDATE queue SET state = 'done', path = ?1, sha256 = ?2, bytes = ?3",
-                rusqlite::params![path.to_str().unwrap(), sha256, bytes.len() as i64],
-            )
+        let done = Finish::Done {
+            file: FileRecord {
+                path: path.to_str().unwrap().into(),
+                sha256: sha256.into(),
+                bytes: bytes.len() as u64,
+                metadata: None,
+            },
+            http_status: 200,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
             .unwrap();
+        runtime.block_on(async {
+            let c = q.claim_one("video_r").await.unwrap().unwrap();
+            assert!(q.finish(&c, &done, Duration::ZERO, None).await.unwrap());
+        });
         (q, archive, path)
     }
 
@@ -432,8 +442,8 @@ mod tests {
     #[test]
     fn a_changed_file_is_set_aside_and_its_row_goes_back_to_pending() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut q, archive, path) = archived(dir.path(), b"tampered", "aa");
-        let done = repair(&mut q, &archive, &changed(&path, "aa", false)).unwrap();
+        let (q, archive, path) = archived(dir.path(), b"tampered", "aa");
+        let done = repair(&*q, &archive, &changed(&path, "aa", false)).unwrap();
         let Repair::Requeued {
             set_aside: Some(aside),
             ..
@@ -450,8 +460,8 @@ mod tests {
     fn a_row_archived_again_since_the_check_keeps_its_file() {
         let dir = tempfile::tempdir().unwrap();
         // Checked while the row recorded "old"; archived again since, as "new".
-        let (mut q, archive, path) = archived(dir.path(), b"the new file", "new");
-        let done = repair(&mut q, &archive, &changed(&path, "old", false)).unwrap();
+        let (q, archive, path) = archived(dir.path(), b"the new file", "new");
+        let done = repair(&*q, &archive, &changed(&path, "old", false)).unwrap();
         assert!(matches!(done[0], Repair::Skipped { .. }), "{done:?}");
         assert_eq!(std::fs::read(&path).unwrap(), b"the new file");
         assert_eq!(q.get("video_r").unwrap().unwrap().state, "done");
@@ -460,8 +470,8 @@ mod tests {
     #[test]
     fn a_file_that_could_not_be_read_is_not_repaired() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut q, archive, path) = archived(dir.path(), b"fine, perhaps", "aa");
-        let done = repair(&mut q, &archive, &changed(&path, "aa", true)).unwrap();
+        let (q, archive, path) = archived(dir.path(), b"fine, perhaps", "aa");
+        let done = repair(&*q, &archive, &changed(&path, "aa", true)).unwrap();
         assert!(matches!(done[0], Repair::Skipped { .. }), "{done:?}");
         assert!(path.exists());
         assert_eq!(q.get("video_r").unwrap().unwrap().state, "done");

@@ -778,7 +778,7 @@ fn the_wal_is_cut_back_after_a_long_reader() {
     std::io::Write::write_all(reader.stdin.as_mut().unwrap(), b"\n").unwrap();
     assert!(reader.wait().unwrap().success());
     // More work after the reader left: checkpoints complete, and the WAL restarts small.
-    let limit = hingnetd::queue::WAL_SIZE_LIMIT as u64;
+    let limit = hingnetd::queue::sqlite::WAL_SIZE_LIMIT as u64;
     let mut extra = 0;
     while wal_size() > limit && extra < 2_000 {
         let batch: Vec<String> = (n..n + 20).map(|i| format!("video_w{i:05}")).collect();

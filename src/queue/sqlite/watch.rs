@@ -2,7 +2,7 @@
 //!
 //! A producer's commit lands in the `-wal` file, not the database file, and inotify reports the
 //! write of the WAL frames *before* SQLite publishes the commit in the shared-memory index. So a
-//! file event only says "look soon": the scheduler confirms with `PRAGMA data_version`, and
+//! file event only says "look soon": `Sqlite::changed` confirms with `PRAGMA data_version`, and
 //! re-checks a few times over the next second (`Recheck`) when the first look sees nothing yet.
 
 use std::ffi::OsString;

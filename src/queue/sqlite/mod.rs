@@ -1,19 +1,35 @@
-//! The SQLite queue: opening it, migrations, the single-daemon lock, and every SQL statement
-//! the daemon and the CLI run against it.
+//! The queue on SQLite, the embedded default: opening it, migrations, busy retries, every SQL
+//! statement, the single-daemon lock and claim locks (`lock`), and the file watch with
+//! `PRAGMA data_version` as its change notification (`watch`).
 //!
-//! rusqlite is blocking. The daemon keeps it off the async workers: `SharedQueue` runs every
-//! call on tokio's blocking pool, one at a time over one connection.
+//! rusqlite is blocking. The daemon's calls (`Claims`) never run on an async worker: each goes
+//! to tokio's blocking pool, one at a time over one connection (`Sqlite::call`). The operator's
+//! commands (`Admin`) block their own thread.
 
-use std::fs::File;
-use std::io::{Read, Seek, Write};
+mod lock;
+mod sys;
+mod watch;
+
+use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::types::ValueRef;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{
     Connection, ErrorCode, OptionalExtension, TransactionBehavior, named_params, params,
+};
+use tokio::sync::Notify;
+
+use lock::ClaimLock;
+pub use lock::InstanceLock;
+pub use watch::WatchError;
+
+use super::{
+    Claimed, Counts, Cursor, EXPIRING_SOON, Enqueued, FailureRow, FileRecord, Finish, LogEntry,
+    MAX_DELAY, Oldest, QueueError, Removal, RowId, RowView, State, Status,
 };
 
 /// The migrations, in order. `PRAGMA user_version` records how many have been applied.
@@ -21,27 +37,27 @@ use rusqlite::{
 const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_queue.sql",
-        include_str!("../migrations/sqlite/0001_queue.sql"),
+        include_str!("../../../migrations/sqlite/0001_queue.sql"),
     ),
     (
         "0002_attempt_log.sql",
-        include_str!("../migrations/sqlite/0002_attempt_log.sql"),
+        include_str!("../../../migrations/sqlite/0002_attempt_log.sql"),
     ),
     (
         "0003_claimed_by.sql",
-        include_str!("../migrations/sqlite/0003_claimed_by.sql"),
+        include_str!("../../../migrations/sqlite/0003_claimed_by.sql"),
     ),
     (
         "0004_state_bytes_index.sql",
-        include_str!("../migrations/sqlite/0004_state_bytes_index.sql"),
+        include_str!("../../../migrations/sqlite/0004_state_bytes_index.sql"),
     ),
     (
         "0005_expiry_metadata.sql",
-        include_str!("../migrations/sqlite/0005_expiry_metadata.sql"),
+        include_str!("../../../migrations/sqlite/0005_expiry_metadata.sql"),
     ),
     (
         "0006_daemon_pauses.sql",
-        include_str!("../migrations/sqlite/0006_daemon_pauses.sql"),
+        include_str!("../../../migrations/sqlite/0006_daemon_pauses.sql"),
     ),
 ];
 
@@ -58,84 +74,45 @@ const EXPIRY_KEY: &str = "coalesce(expires_at, '9999-12-31T23:59:59.999Z')";
 /// Due rows up to which a claim sorts them by expiry itself (see `Queue::claim`).
 const SORT_DUE_UP_TO: i64 = 256;
 
-/// Pending rows whose expiry is this close count as expiring soon (`hingnetd status`).
-pub const EXPIRING_SOON: Duration = Duration::from_secs(600);
-
 /// How long one statement waits on a producer's lock before we log and try again.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Size the WAL file is cut back to after a checkpoint (`PRAGMA journal_size_limit`).
 pub const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("cannot open queue database {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
-    #[error(
-        "queue database {path} has schema version {found}, newer than this hingnetd knows ({known}); upgrade hingnetd"
-    )]
-    TooNew {
-        path: PathBuf,
-        found: i64,
-        known: usize,
-    },
-    #[error("queue database {path}: migration {name} failed: {source}")]
-    Migration {
-        path: PathBuf,
-        name: &'static str,
-        source: rusqlite::Error,
-    },
-    #[error("queue database {path} has no queue table yet; run `hingnetd migrate` first")]
-    NotMigrated { path: PathBuf },
-    #[error(
-        "queue database {path} is read-only (file mode, attribute or a read-only filesystem); hingnetd must be able to write it"
-    )]
-    ReadOnly { path: PathBuf },
-    #[error("queue database: {what}: {source}")]
-    Sql {
-        what: String,
-        source: rusqlite::Error,
-    },
-    #[error("cannot create {path}: {source}")]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot use lock file {path}: {source}")]
-    LockIo {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("another hingnetd ({holder}) is already running on {database}")]
-    AlreadyRunning { database: PathBuf, holder: String },
-}
-
 fn sql(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> QueueError {
-    move |source| QueueError::Sql {
+    move |source| QueueError::Query {
         what: what.into(),
-        source,
+        source: source.into(),
     }
 }
 
-/// A video handed to a worker.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    /// The key exactly as stored (a producer may have stored a BLOB or a number), so the
-    /// outcome lands on this row whatever the ID's type.
-    pub key: rusqlite::types::Value,
-    /// The ID as text, for the ID check, paths and logs.
-    pub video_id: String,
-    /// This claim's `claimed_by` token: only its holder records the outcome.
-    pub token: String,
-    /// Including this one.
-    pub attempts: u32,
-    /// Time since the first attempt, at the moment of the claim (the give-up clock).
-    pub since_first_attempt: Duration,
-    /// When the video's file expires (unix seconds), if the row says.
-    pub expires_at: Option<i64>,
+/// The key as a producer stored it, kept opaque outside this module: a tag, then the value.
+fn row_id(v: ValueRef<'_>) -> RowId {
+    let (tag, bytes): (u8, Vec<u8>) = match v {
+        ValueRef::Null => (b'n', Vec::new()),
+        ValueRef::Integer(i) => (b'i', i.to_le_bytes().to_vec()),
+        ValueRef::Real(f) => (b'r', f.to_bits().to_le_bytes().to_vec()),
+        ValueRef::Text(t) => (b't', t.to_vec()),
+        ValueRef::Blob(b) => (b'b', b.to_vec()),
+    };
+    let mut out = Vec::with_capacity(1 + bytes.len());
+    out.push(tag);
+    out.extend(bytes);
+    RowId(out)
+}
+
+/// The stored key back from `row_id`, to bind in a statement.
+fn key_of(id: &RowId) -> Value {
+    let (tag, rest) = id.0.split_first().unwrap_or((&b'n', &[]));
+    let eight = || <[u8; 8]>::try_from(rest).unwrap_or_default();
+    match tag {
+        b'i' => Value::Integer(i64::from_le_bytes(eight())),
+        b'r' => Value::Real(f64::from_bits(u64::from_le_bytes(eight()))),
+        b't' => Value::Text(String::from_utf8_lossy(rest).into_owned()),
+        b'b' => Value::Blob(rest.to_vec()),
+        _ => Value::Null,
+    }
 }
 
 /// What a claim returns, in the order `Claimed::from_row` reads it.
@@ -143,212 +120,71 @@ const CLAIMED_COLUMNS: &str = "video_id, attempts, \
      (julianday('now') - julianday(first_attempt_at)) * 86400000.0, \
      CAST(round((julianday(expires_at) - 2440587.5) * 86400.0) AS INTEGER)";
 
-impl Claimed {
-    fn from_row(r: &rusqlite::Row<'_>, token: &str) -> rusqlite::Result<Claimed> {
-        let ms: f64 = r.get::<_, Option<f64>>(2)?.unwrap_or(0.0);
-        Ok(Claimed {
-            // An ID a producer stored as a blob fails the ID check later; its row is still
-            // found through `key`.
-            key: r.get(0)?,
-            video_id: id_text(r.get_ref(0)?),
-            token: token.to_owned(),
-            attempts: r.get(1)?,
-            since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
-            expires_at: r.get(3)?,
-        })
-    }
+fn claimed_from_row(r: &rusqlite::Row<'_>, token: &str) -> rusqlite::Result<Claimed> {
+    let ms: f64 = r.get::<_, Option<f64>>(2)?.unwrap_or(0.0);
+    Ok(Claimed {
+        // An ID a producer stored as a blob fails the ID check later; its row is still
+        // found through `row`.
+        row: row_id(r.get_ref(0)?),
+        video_id: id_text(r.get_ref(0)?),
+        token: token.to_owned(),
+        attempts: r.get(1)?,
+        since_first_attempt: Duration::from_millis(ms.max(0.0) as u64),
+        expires_at: r.get(3)?,
+    })
 }
 
 /// A `downloading` row as the orphan check sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Held {
-    /// The key exactly as stored (see `Claimed::key`).
-    pub key: rusqlite::types::Value,
+    /// The key exactly as stored (see `row_id`).
+    pub key: Value,
     pub video_id: String,
     pub token: Option<String>,
 }
 
-/// A file in the archive, as a row records it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FileRecord {
-    pub path: String,
-    pub sha256: String,
-    pub bytes: u64,
-    /// The status object (JSON text), when it was read.
-    pub metadata: Option<String>,
-}
-
-/// What happened to a claimed video, as the row will record it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Finish {
-    Done {
-        file: FileRecord,
-        http_status: u16,
-    },
-    /// Back to pending, to be tried again after `delay`.
-    Retry {
-        delay: Duration,
-        error: String,
-        http_status: Option<u16>,
-    },
-    /// Back to pending with nothing held against the video (shutdown, account paused).
-    Release {
-        delay: Duration,
-        error: Option<String>,
-    },
-    /// For good. `kept`: the bytes the API served are in the archive all the same (an
-    /// incomplete MP4 it served twice), so that nothing is thrown away.
-    Failed {
-        error: String,
-        http_status: Option<u16>,
-        kept: Option<FileRecord>,
-    },
-}
-
-/// What `Queue::remove` did.
-#[derive(Debug)]
-pub enum Removal {
-    Removed(Box<RowView>),
-    /// Being downloaded; not removed without `force`.
-    Busy,
-    Missing,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Status {
-    pub pending: u64,
-    pub downloading: u64,
-    pub done: u64,
-    pub failed: u64,
-    /// Pending rows whose file expires within `EXPIRING_SOON`.
-    pub expiring_soon: u64,
-    /// Pending rows whose file has already expired (the next attempt fails them, unless the
-    /// API still serves it).
-    pub expired_pending: u64,
-    /// Bytes recorded for done rows: the archive's size as the queue knows it.
-    #[serde(skip)]
-    pub archived_bytes: u64,
-    pub oldest_pending: Option<(String, String)>,
-    #[serde(skip)]
-    pub next_due_in: Option<Duration>,
-    pub recent_failures: Vec<FailureRow>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FailureRow {
-    pub video_id: String,
-    pub finished_at: Option<String>,
-    pub http_status: Option<u16>,
-    pub last_error: Option<String>,
-}
-
-impl Finish {
-    /// One line for the attempt log: what happened and when the next try is.
-    pub fn describe(&self) -> String {
-        use crate::config::format_duration as fd;
-        match self {
-            Finish::Done { file, .. } => {
-                format!("archived {} bytes, sha256 {}", file.bytes, file.sha256)
-            }
-            Finish::Retry { delay, error, .. } => {
-                format!("next try in {} (backoff): {error}", fd(round_ms(*delay)))
-            }
-            Finish::Release { delay, error } => format!(
-                "given back, next try in {}: {}",
-                fd(round_ms(*delay)),
-                error.as_deref().unwrap_or("shutdown")
-            ),
-            Finish::Failed {
-                error, kept: None, ..
-            } => format!("failed: {error}"),
-            Finish::Failed {
-                error,
-                kept: Some(f),
-                ..
-            } => format!(
-                "failed: {error}; the {} bytes it served are kept at {} (sha256 {})",
-                f.bytes, f.path, f.sha256
-            ),
-        }
-    }
-}
-
-fn round_ms(d: Duration) -> Duration {
-    Duration::from_millis(d.as_millis() as u64)
-}
-
-/// The columns `RowView` reads, in order.
+/// The columns `row_view` reads, in order. The last: whether `next_attempt_at` has come, by
+/// SQLite's clock and its reading of the text (a producer may have written its own format).
 const ROW_COLUMNS: &str = "video_id, state, attempts, next_attempt_at, last_error, http_status, \
-     path, sha256, bytes, enqueued_at, first_attempt_at, finished_at, expires_at, metadata";
+     path, sha256, bytes, enqueued_at, first_attempt_at, finished_at, expires_at, metadata, \
+     coalesce(julianday('now') - julianday(next_attempt_at) >= 0, 0)";
 
-/// A queue row, as the CLI shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RowView {
-    pub video_id: String,
-    pub state: String,
-    pub attempts: i64,
-    pub next_attempt_at: String,
-    pub last_error: Option<String>,
-    pub http_status: Option<i64>,
-    pub path: Option<String>,
-    pub sha256: Option<String>,
-    pub bytes: Option<i64>,
-    pub enqueued_at: String,
-    pub first_attempt_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub expires_at: Option<String>,
-    /// The status object, kept once the video is archived.
-    pub metadata: Option<String>,
+fn row_view(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowView> {
+    row_view_at(r, 0)
 }
 
-impl RowView {
-    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowView> {
-        RowView::from_row_at(r, 0)
-    }
-
-    fn from_row_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<RowView> {
-        Ok(RowView {
-            video_id: id_text(r.get_ref(i)?),
-            state: r.get(i + 1)?,
-            attempts: r.get(i + 2)?,
-            next_attempt_at: r.get(i + 3)?,
-            last_error: r.get(i + 4)?,
-            http_status: r.get(i + 5)?,
-            path: r.get(i + 6)?,
-            sha256: r.get(i + 7)?,
-            bytes: r.get(i + 8)?,
-            enqueued_at: r.get(i + 9)?,
-            first_attempt_at: r.get(i + 10)?,
-            finished_at: r.get(i + 11)?,
-            // A producer may have stored anything here; it is shown, never trusted.
-            expires_at: r
-                .get::<_, Option<rusqlite::types::Value>>(i + 12)?
-                .map(|v| match v {
-                    rusqlite::types::Value::Text(t) => t,
-                    other => format!("{other:?}"),
-                }),
-            metadata: r.get(i + 13)?,
-        })
-    }
-}
-
-/// One entry of the attempt log.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LogEntry {
-    pub at: String,
-    pub attempt: i64,
-    pub outcome: String,
-    pub http_status: Option<i64>,
-    pub bytes: Option<i64>,
-    pub elapsed_ms: Option<i64>,
-    pub detail: Option<String>,
-}
-
-/// Outcome of `enqueue`.
-#[derive(Debug, Default, PartialEq)]
-pub struct Enqueued {
-    pub added: usize,
-    pub already: usize,
+fn row_view_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<RowView> {
+    let state: String = r.get(i + 1)?;
+    Ok(RowView {
+        video_id: id_text(r.get_ref(i)?),
+        // The schema's CHECK allows no other word.
+        state: State::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                i + 1,
+                rusqlite::types::Type::Text,
+                format!("unknown state {state:?}").into(),
+            )
+        })?,
+        attempts: r.get(i + 2)?,
+        next_attempt_at: r.get(i + 3)?,
+        last_error: r.get(i + 4)?,
+        http_status: r.get(i + 5)?,
+        path: r.get(i + 6)?,
+        sha256: r.get(i + 7)?,
+        bytes: r.get(i + 8)?,
+        enqueued_at: r.get(i + 9)?,
+        first_attempt_at: r.get(i + 10)?,
+        finished_at: r.get(i + 11)?,
+        // A producer may have stored anything here; it is shown, never trusted.
+        expires_at: r
+            .get::<_, Option<rusqlite::types::Value>>(i + 12)?
+            .map(|v| match v {
+                rusqlite::types::Value::Text(t) => t,
+                other => format!("{other:?}"),
+            }),
+        metadata: r.get(i + 13)?,
+        due: r.get(i + 14)?,
+    })
 }
 
 /// One connection to the queue database.
@@ -394,9 +230,9 @@ impl Queue {
     }
 
     fn open_raw(path: &Path) -> Result<Queue, QueueError> {
-        let open_err = |source| QueueError::Open {
+        let open_err = |source: rusqlite::Error| QueueError::Open {
             path: path.to_owned(),
-            source,
+            source: source.into(),
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| QueueError::Create {
@@ -451,7 +287,7 @@ impl Queue {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|source| QueueError::Open {
                 path: self.path.clone(),
-                source,
+                source: source.into(),
             })
     }
 
@@ -466,10 +302,10 @@ impl Queue {
             let Some(&(name, text)) = MIGRATIONS.get(v) else {
                 return Ok(applied);
             };
-            let mig_err = |source| QueueError::Migration {
+            let mig_err = |source: rusqlite::Error| QueueError::Migration {
                 path: self.path.clone(),
                 name,
-                source,
+                source: source.into(),
             };
             with_busy_retry("begin a migration", || {
                 self.conn.execute_batch("BEGIN IMMEDIATE")
@@ -595,7 +431,7 @@ impl Queue {
                  RETURNING {CLAIMED_COLUMNS}"
             ))?;
             let rows = stmt.query_map(params![n as i64, token, except], |r| {
-                Claimed::from_row(r, &token)
+                claimed_from_row(r, &token)
             })?;
             rows.collect()
         })
@@ -649,7 +485,7 @@ impl Queue {
                     "UPDATE queue SET state = 'failed', last_error = ?2, http_status = ?3, \
                      finished_at = {NOW} WHERE video_id = ?1 AND state = 'pending'"
                 ),
-                params![claimed.key, error, http_status],
+                params![key_of(&claimed.row), error, http_status],
             )?;
             if n == 1 {
                 self.log_attempt(claimed, &failed, Duration::ZERO)?;
@@ -708,7 +544,7 @@ impl Queue {
         const OURS: &str = "video_id = :id AND state = 'downloading' AND claimed_by = :token";
         const EXPIRY: &str =
             "expires_at = coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', :exp, 'unixepoch'), expires_at)";
-        let (id, token) = (&claimed.key, &claimed.token);
+        let (id, token) = (&key_of(&claimed.row), &claimed.token);
         let file = |f: &FileRecord, error: Option<&str>, state: &str, status: Option<u16>| {
             self.conn.execute(
                 &format!(
@@ -881,10 +717,9 @@ impl Queue {
         Ok(pauses)
     }
 
-    /// Rows per state and the archived bytes, in one pass over the `(state, bytes)` index (the
-    /// `failures`, `oldest_pending` and `next_due_in` fields left empty).
-    pub fn counts(&self) -> Result<Status, QueueError> {
-        let mut s = Status::default();
+    /// Rows per state and the archived bytes, in one pass over the `(state, bytes)` index.
+    pub fn counts(&self) -> Result<Counts, QueueError> {
+        let mut s = Counts::default();
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -914,7 +749,10 @@ impl Queue {
     }
 
     pub fn status(&self, failures: usize) -> Result<Status, QueueError> {
-        let mut s = self.counts()?;
+        let mut s = Status {
+            counts: self.counts()?,
+            ..Status::default()
+        };
         let (soon, expired): (i64, i64) = self
             .conn
             .query_row(
@@ -932,10 +770,20 @@ impl Queue {
         s.oldest_pending = self
             .conn
             .query_row(
-                "SELECT video_id, enqueued_at FROM queue WHERE state = 'pending' \
-                 ORDER BY enqueued_at LIMIT 1",
+                "SELECT video_id, enqueued_at, \
+                 (julianday('now') - julianday(enqueued_at)) * 86400000.0 \
+                 FROM queue WHERE state = 'pending' ORDER BY enqueued_at LIMIT 1",
                 [],
-                |r| Ok((id_text(r.get_ref(0)?), r.get(1)?)),
+                |r| {
+                    let ms: Option<f64> = r.get(2)?;
+                    Ok(Oldest {
+                        video_id: id_text(r.get_ref(0)?),
+                        enqueued_at: r.get(1)?,
+                        age: ms
+                            .filter(|ms| *ms >= 0.0)
+                            .map(|ms| Duration::from_millis(ms as u64)),
+                    })
+                },
             )
             .optional()
             .map_err(sql("find oldest pending row"))?;
@@ -962,7 +810,8 @@ impl Queue {
     }
 
     /// Rows for `hingnetd list`, newest first.
-    pub fn list(&self, state: Option<&str>, limit: usize) -> Result<Vec<RowView>, QueueError> {
+    pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<RowView>, QueueError> {
+        let state = state.map(State::as_str);
         // Newest first by insertion order (rowid), which needs no sort of the whole table.
         let filter = if state.is_some() {
             "WHERE state = ?1"
@@ -975,7 +824,7 @@ impl Queue {
                 "SELECT {ROW_COLUMNS} FROM queue {filter} ORDER BY rowid DESC LIMIT ?2"
             ))
             .map_err(sql("list rows"))?;
-        stmt.query_map(params![state, limit as i64], RowView::from_row)
+        stmt.query_map(params![state, limit as i64], row_view)
             .and_then(|rows| rows.collect())
             .map_err(sql("list rows"))
     }
@@ -998,7 +847,7 @@ impl Queue {
             .prepare_cached(&format!(
                 "SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"
             ))
-            .and_then(|mut stmt| stmt.query_row([video_id], RowView::from_row).optional())
+            .and_then(|mut stmt| stmt.query_row([video_id], row_view).optional())
             .map_err(sql(format!("read row {video_id}")))
     }
 
@@ -1113,14 +962,14 @@ impl Queue {
             .query_row(
                 &format!("SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"),
                 [&key],
-                RowView::from_row,
+                row_view,
             )
             .optional()
             .map_err(sql(what.clone()))?;
         let Some(row) = row else {
             return Ok(Removal::Missing);
         };
-        if row.state == "downloading" && !force {
+        if row.state == State::Downloading && !force {
             return Ok(Removal::Busy);
         }
         tx.execute("DELETE FROM queue WHERE video_id = ?1", [&key])
@@ -1174,11 +1023,14 @@ impl Queue {
     /// Claims one specific video for `hingnetd fetch`, as the daemon would claim it: a pending
     /// or failed row (inserted if missing). A row another process is downloading, or one that is
     /// done, is not claimed; its current state is returned instead.
-    pub fn claim_one(&mut self, video_id: &str) -> Result<Result<Claimed, String>, QueueError> {
+    pub fn claim_one(
+        &mut self,
+        video_id: &str,
+        token: &str,
+    ) -> Result<Result<Claimed, State>, QueueError> {
         // The producer's row, if it holds the ID with whitespace around it.
         let stored = self.resolve(video_id)?;
         let video_id = stored.as_deref().unwrap_or(video_id);
-        let token = new_token();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -1197,28 +1049,36 @@ impl Queue {
                      RETURNING {CLAIMED_COLUMNS}"
                 ),
                 params![video_id, token],
-                |r| Claimed::from_row(r, &token),
+                |r| claimed_from_row(r, token),
             )
             .optional()
             .map_err(sql(format!("claim {video_id}")))?;
         let out = match claimed {
             Some(c) => Ok(c),
-            None => Err(tx
-                .query_row(
-                    "SELECT state FROM queue WHERE video_id = ?1",
-                    [video_id],
-                    |r| r.get(0),
-                )
-                .map_err(sql(format!("read {video_id}")))?),
+            None => {
+                let state: String = tx
+                    .query_row(
+                        "SELECT state FROM queue WHERE video_id = ?1",
+                        [video_id],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql(format!("read {video_id}")))?;
+                // The schema's CHECK allows no other word.
+                Err(State::parse(&state).unwrap_or(State::Downloading))
+            }
         };
         tx.commit().map_err(sql("commit claim"))?;
         Ok(out)
     }
 
-    /// Rows that name an archived file (done, or failed with the bytes kept) after
-    /// `after_rowid`, in rowid order, for `verify` to page through without holding a read
-    /// snapshot (which would stop WAL checkpoints) for the whole run.
-    pub fn done_page(&self, after_rowid: i64, n: usize) -> Result<Vec<(i64, RowView)>, QueueError> {
+    /// Rows that name an archived file (done, or failed with the bytes kept) after `after`, in
+    /// rowid order, for `verify` to page through without holding a read snapshot (which would
+    /// stop WAL checkpoints) for the whole run.
+    pub fn archived_page(
+        &self,
+        after: Cursor,
+        n: usize,
+    ) -> Result<Vec<(Cursor, RowView)>, QueueError> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
@@ -1227,26 +1087,11 @@ impl Queue {
                  ORDER BY rowid LIMIT ?2"
             ))
             .map_err(sql("list done rows"))?;
-        stmt.query_map(params![after_rowid, n as i64], |r| {
-            Ok((r.get(0)?, RowView::from_row_at(r, 1)?))
+        stmt.query_map(params![after.0, n as i64], |r| {
+            Ok((Cursor(r.get(0)?), row_view_at(r, 1)?))
         })
         .and_then(|rows| rows.collect())
         .map_err(sql("list done rows"))
-    }
-
-    /// How long ago a timestamp was (`None` if it is in the future).
-    pub fn age_of(&self, at: &str) -> Result<Option<Duration>, QueueError> {
-        let ms: Option<f64> = self
-            .conn
-            .query_row(
-                "SELECT (julianday('now') - julianday(?1)) * 86400000.0",
-                [at],
-                |r| r.get(0),
-            )
-            .map_err(sql("compute an age"))?;
-        Ok(ms
-            .filter(|ms| *ms >= 0.0)
-            .map(|ms| Duration::from_millis(ms as u64)))
     }
 
     /// Bytes recorded for done rows: the archive's size as the queue knows it.
@@ -1277,9 +1122,6 @@ fn id_text(v: ValueRef<'_>) -> String {
         ValueRef::Null => "NULL".into(),
     }
 }
-
-/// The longest delay a row can be given: anything longer is a bug or a hostile header.
-pub const MAX_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A SQLite date modifier adding `d` (capped at `MAX_DELAY`) to 'now'.
 fn sqlite_offset(d: Duration) -> String {
@@ -1314,101 +1156,299 @@ fn with_busy_retry<T>(
     }
 }
 
-/// Holds an exclusive advisory lock on `<database>.lock` for the life of the daemon, so only one
-/// daemon serves a database. The kernel drops it when the process dies, even on kill -9.
-#[derive(Debug)]
-pub struct InstanceLock {
-    _file: File,
+/// The queue on SQLite, behind the contracts: one connection, with what the daemon holds.
+pub struct Sqlite {
+    db: Arc<Mutex<Queue>>,
+    path: PathBuf,
+    /// The daemon's alone (`serve`).
+    serving: Option<Serving>,
+    /// The claims `claim_one` made in this process and has not finished, by token.
+    claim_locks: Mutex<HashMap<String, ClaimLock>>,
 }
 
-impl InstanceLock {
-    pub fn path_for(database: &Path) -> PathBuf {
-        let mut p = database.as_os_str().to_owned();
-        p.push(".lock");
-        PathBuf::from(p)
-    }
-
-    pub fn acquire(database: &Path) -> Result<InstanceLock, QueueError> {
-        let path = InstanceLock::path_for(database);
-        let io = |source| QueueError::LockIo {
-            path: path.clone(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
-        // `status` and `fetch` take the lock for an instant to see whether a daemon holds it:
-        // a daemon starting at that moment tries again rather than refusing to run.
-        let mut tries = 0;
-        let held = loop {
-            match file.try_lock() {
-                Err(std::fs::TryLockError::WouldBlock) if tries < 20 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                other => break other,
-            }
-        };
-        match held {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match holder.trim() {
-                    "" => "unknown pid".to_string(),
-                    pid => format!("pid {pid}"),
-                };
-                return Err(QueueError::AlreadyRunning {
-                    database: database.to_owned(),
-                    holder,
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-        file.set_len(0).map_err(io)?;
-        file.rewind().map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
-        Ok(InstanceLock { _file: file })
-    }
-
-    /// Whether some daemon holds the lock now (for `status`).
-    pub fn is_held(database: &Path) -> bool {
-        let Ok(file) = File::open(InstanceLock::path_for(database)) else {
-            return false;
-        };
-        matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
-    }
+/// What `hingnetd run` holds: the single-daemon lock, and the watch on the database's files
+/// with the `data_version` checks that confirm what it saw (see `watch`).
+struct Serving {
+    _lock: InstanceLock,
+    _watch: watch::DbWatch,
+    wake: Arc<Notify>,
+    recheck: Mutex<watch::Recheck>,
+    version: AtomicI64,
 }
 
-/// The daemon's handle: one connection behind a mutex, every call on the blocking pool.
-#[derive(Clone)]
-pub struct SharedQueue {
-    inner: Arc<Mutex<Queue>>,
-}
-
-impl SharedQueue {
-    pub fn new(q: Queue) -> SharedQueue {
-        SharedQueue {
-            inner: Arc::new(Mutex::new(q)),
+impl Sqlite {
+    fn new(q: Queue, serving: Option<Serving>) -> Sqlite {
+        Sqlite {
+            path: q.path().to_owned(),
+            db: Arc::new(Mutex::new(q)),
+            serving,
+            claim_locks: Mutex::default(),
         }
     }
 
-    pub async fn call<T, F>(&self, f: F) -> Result<T, QueueError>
+    /// For the daemon: the lock first (a second daemon stops here, before it touches the
+    /// schema), then the migrations, then the watch.
+    pub fn serve(path: &Path) -> Result<Sqlite, QueueError> {
+        let lock = InstanceLock::acquire(path)?;
+        let q = Queue::open_and_migrate(path)?;
+        let version = q.data_version().unwrap_or(0);
+        let wake = Arc::new(Notify::new());
+        let watch = watch::watch(path, wake.clone()).map_err(|e| QueueError::Watch(e.into()))?;
+        Ok(Sqlite::new(
+            q,
+            Some(Serving {
+                _lock: lock,
+                _watch: watch,
+                wake,
+                recheck: Mutex::default(),
+                version: AtomicI64::new(version),
+            }),
+        ))
+    }
+
+    pub fn open_existing(path: &Path) -> Result<Sqlite, QueueError> {
+        Ok(Sqlite::new(Queue::open_existing(path)?, None))
+    }
+
+    pub fn open_and_migrate(path: &Path) -> Result<Sqlite, QueueError> {
+        Ok(Sqlite::new(Queue::open_and_migrate(path)?, None))
+    }
+
+    fn db(&self) -> MutexGuard<'_, Queue> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the connection on tokio's blocking pool: a statement may wait seconds on a
+    /// producer's lock, which must not stall an async worker.
+    async fn call<T, F>(&self, f: F) -> Result<T, QueueError>
     where
         F: FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
         T: Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut q = inner.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut q)
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&mut db.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .expect("queue database task panicked")
+    }
+
+    fn claim_locks(&self) -> MutexGuard<'_, HashMap<String, ClaimLock>> {
+        self.claim_locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Claims for Sqlite {
+    async fn claim(
+        &self,
+        n: usize,
+        avoid: Vec<String>,
+        or_avoided: bool,
+    ) -> Result<Vec<Claimed>, QueueError> {
+        let (claimed, took) = self
+            .call(move |q| {
+                let t = std::time::Instant::now();
+                let mut c = q.claim(n, &avoid)?;
+                if c.is_empty() && !avoid.is_empty() && or_avoided {
+                    c = q.claim(n, &[])?;
+                }
+                Ok((c, t.elapsed()))
+            })
+            .await?;
+        // The claim's own cost (the UPDATE and its commit, on the database thread); the
+        // benchmark reads it to report claim time on a large queue.
+        tracing::debug!(
+            claimed = claimed.len(),
+            took_us = took.as_micros() as u64,
+            "claimed due rows"
+        );
+        Ok(claimed)
+    }
+
+    async fn claim_one(&self, video_id: &str) -> Result<Result<Claimed, State>, QueueError> {
+        // The claim lock first, then the claim: the daemon never sees this claim without a
+        // live lock behind it, so it never takes the row over.
+        let (token, lock) = loop {
+            let token = new_token();
+            if let Some(lock) = ClaimLock::take(&self.path, &token)? {
+                break (token, lock);
+            }
+        };
+        let id = video_id.to_owned();
+        let t = token.clone();
+        let claimed = self.call(move |q| q.claim_one(&id, &t)).await?;
+        if claimed.is_ok() {
+            self.claim_locks().insert(token, lock);
+        }
+        Ok(claimed)
+    }
+
+    async fn finish(
+        &self,
+        claimed: &Claimed,
+        finish: &Finish,
+        elapsed: Duration,
+        expires_at: Option<i64>,
+    ) -> Result<bool, QueueError> {
+        let (c, f) = (claimed.clone(), finish.clone());
+        let ours = self
+            .call(move |q| q.finish(&c, &f, elapsed, expires_at))
+            .await;
+        if ours.is_ok() {
+            self.claim_locks().remove(&claimed.token);
+        }
+        ours
+    }
+
+    async fn fail_released(
+        &self,
+        claimed: &Claimed,
+        error: &str,
+        http_status: Option<u16>,
+    ) -> Result<bool, QueueError> {
+        let (c, e) = (claimed.clone(), error.to_owned());
+        self.call(move |q| q.fail_released(&c, &e, http_status))
+            .await
+    }
+
+    /// A claim is alive while its process holds its claim lock (`hingnetd fetch`), or while
+    /// this daemon downloads it (`ours`): the daemon's own claims need no lock, as no other
+    /// process recovers rows while it holds the single-daemon lock.
+    async fn recover_stale(&self, ours: Vec<String>) -> Result<Vec<String>, QueueError> {
+        let path = self.path.clone();
+        self.call(move |q| {
+            let mut released = Vec::new();
+            for held in q.downloading()? {
+                if ours.contains(&held.video_id) {
+                    continue;
+                }
+                if let Some(token) = &held.token
+                    && ClaimLock::is_held(&path, token)?
+                {
+                    continue;
+                }
+                if q.release_stale(&held)? {
+                    released.push(held.video_id);
+                }
+            }
+            Ok(released)
         })
         .await
-        .expect("queue database task panicked")
+    }
+
+    async fn next_due_in(&self) -> Result<Option<Duration>, QueueError> {
+        self.call(|q| q.next_due_in()).await
+    }
+
+    async fn counts(&self) -> Result<Counts, QueueError> {
+        self.call(|q| q.counts()).await
+    }
+
+    async fn set_pauses(&self, pauses: Vec<crate::pause::Record>) -> Result<(), QueueError> {
+        self.call(move |q| q.set_pauses(&pauses)).await
+    }
+
+    /// A file event says "look soon"; `PRAGMA data_version` confirms a commit, checked again
+    /// a few times over the next second when the first look sees nothing yet (see `watch`).
+    /// After a change, the checks go on: the event may belong to a later commit than the one
+    /// just seen.
+    async fn changed(&self) {
+        let Some(s) = &self.serving else {
+            return std::future::pending().await;
+        };
+        let recheck = || s.recheck.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let due = recheck().due_at();
+            match due {
+                None => {
+                    s.wake.notified().await;
+                    recheck().start();
+                    continue;
+                }
+                Some(at) => {
+                    tokio::select! {
+                        _ = s.wake.notified() => {
+                            recheck().start();
+                            continue;
+                        }
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+            }
+            match self.call(|q| q.data_version()).await {
+                Ok(v) if s.version.swap(v, Ordering::Relaxed) != v => {
+                    recheck().start();
+                    return;
+                }
+                _ => recheck().advance(),
+            }
+        }
+    }
+}
+
+impl super::Admin for Sqlite {
+    fn enqueue(&self, ids: &[String]) -> Result<Enqueued, QueueError> {
+        self.db().enqueue(ids.iter().map(String::as_str))
+    }
+
+    fn retry_failed(&self, ids: Option<&[String]>) -> Result<Vec<String>, QueueError> {
+        self.db().retry_failed(ids)
+    }
+
+    fn remove(&self, video_id: &str, force: bool) -> Result<Removal, QueueError> {
+        self.db().remove(video_id, force)
+    }
+
+    fn requeue_archived(
+        &self,
+        video_id: &str,
+        sha256: Option<&str>,
+        why: &str,
+        then: &mut dyn FnMut() -> Result<Option<PathBuf>, String>,
+    ) -> Result<Option<Result<Option<PathBuf>, String>>, QueueError> {
+        self.db().requeue_archived(video_id, sha256, why, then)
+    }
+
+    fn status(&self, failures: usize) -> Result<Status, QueueError> {
+        self.db().status(failures)
+    }
+
+    fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<RowView>, QueueError> {
+        self.db().list(state, limit)
+    }
+
+    fn get(&self, video_id: &str) -> Result<Option<RowView>, QueueError> {
+        self.db().get(video_id)
+    }
+
+    fn resolve(&self, video_id: &str) -> Result<Option<String>, QueueError> {
+        self.db().resolve(video_id)
+    }
+
+    fn history(&self, video_id: &str) -> Result<Vec<LogEntry>, QueueError> {
+        self.db().history(video_id)
+    }
+
+    fn archived_page(&self, after: Cursor, n: usize) -> Result<Vec<(Cursor, RowView)>, QueueError> {
+        self.db().archived_page(after, n)
+    }
+
+    fn archived_bytes(&self) -> Result<u64, QueueError> {
+        self.db().archived_bytes()
+    }
+
+    fn pauses(&self) -> Result<Vec<crate::pause::Published>, QueueError> {
+        if !self.daemon_running() {
+            return Ok(Vec::new());
+        }
+        self.db().pauses()
+    }
+
+    fn daemon_running(&self) -> bool {
+        self.serving.is_some() || InstanceLock::is_held(&self.path)
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -1443,7 +1483,17 @@ mod tests {
         let read = q.pauses().unwrap();
         let reasons: Vec<Reason> = read.iter().map(|p| p.reason).collect();
         assert_eq!(reasons, [Reason::Storage, Reason::Token]);
-        let age = |p: &crate::pause::Published| q.age_of(&p.since).unwrap().unwrap();
+        let age = |p: &crate::pause::Published| {
+            let ms: f64 = q
+                .conn
+                .query_row(
+                    "SELECT (julianday('now') - julianday(?1)) * 86400000.0",
+                    [&p.since],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            Duration::from_millis(ms as u64)
+        };
         assert!(age(&read[1]) >= Duration::from_secs(8 * 86400), "{read:?}");
         assert!(age(&read[0]) < Duration::from_secs(86400), "{read:?}");
     }
@@ -1546,7 +1596,8 @@ mod tests {
             }
         );
         let s = q.status(5).unwrap();
-        assert_eq!((s.pending, s.done, s.failed, s.downloading), (1, 1, 0, 0));
+        let c = s.counts;
+        assert_eq!((c.pending, c.done, c.failed, c.downloading), (1, 1, 0, 0));
     }
 
     #[test]
@@ -1615,7 +1666,7 @@ mod tests {
             kept: None,
         };
         assert!(q.finish(&c, &failed, Duration::ZERO, None).unwrap());
-        assert_eq!(q.status(5).unwrap().failed, 1);
+        assert_eq!(q.status(5).unwrap().counts.failed, 1);
     }
 
     #[test]
@@ -1785,7 +1836,7 @@ mod tests {
             "kept when nothing new was learned"
         );
         assert_eq!(
-            q.done_page(0, 10).unwrap().len(),
+            q.archived_page(Cursor::default(), 10).unwrap().len(),
             1,
             "a kept file is verified"
         );
@@ -1819,18 +1870,5 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o660 & !umask);
-    }
-
-    #[test]
-    fn instance_lock_is_exclusive() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("q.db");
-        let held = InstanceLock::acquire(&db).unwrap();
-        assert!(InstanceLock::is_held(&db));
-        let e = InstanceLock::acquire(&db).unwrap_err();
-        assert!(e.to_string().contains("already running"), "{e}");
-        drop(held);
-        assert!(!InstanceLock::is_held(&db));
-        InstanceLock::acquire(&db).unwrap();
     }
 }
