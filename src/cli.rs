@@ -12,13 +12,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiClient;
-use crate::archive::Archive;
 use crate::config::{self, Config, DEFAULT_CONFIG_PATH, LogConfig, LogFormat};
 use crate::daemon::{Scheduler, Settings, attempt};
 use crate::fetch::{Fetcher, Limits, Outcome};
 use crate::id::VideoId;
 use crate::queue::{self, QueueError, State};
 use crate::service::Service;
+use crate::store::{self, StoreError};
 
 /// Exit codes (sysexits.h), so a unit can tell "fix the config" from "try again".
 pub mod exit {
@@ -597,9 +597,13 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
 
 fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(), Failure> {
     let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
-    let report = crate::verify::run(&*q, &cfg.archive.dir, all, &ids, |total| {
-        progress_bar(total, "verifying")
-    })
+    let report = crate::verify::run(
+        &*q,
+        &*store::inspect(&cfg.archive.dir),
+        all,
+        &ids,
+        |total| progress_bar(total, "verifying"),
+    )
     .map_err(|e| Failure::new(exit::IO, e))?;
     let mut o = out();
     for p in &report.problems {
@@ -608,10 +612,10 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
     let _ = writeln!(o, "{}", report.summary());
     let mut left = report.problems.len();
     if repair {
-        let archive = Archive::open(&cfg.archive.dir)
+        let archive = store::open_inventory(&cfg.archive.dir)
             .map_err(|e| Failure::new(exit::IO, format!("{e} (archive.dir)")))?;
-        let repairs =
-            crate::verify::repair(&*q, &archive, &report).map_err(|e| Failure::new(exit::IO, e))?;
+        let repairs = crate::verify::repair(&*q, &*archive, &report)
+            .map_err(|e| Failure::new(exit::IO, e))?;
         for r in &repairs {
             let _ = writeln!(o, "{r}");
         }
@@ -641,7 +645,7 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
 fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Result<(), Failure> {
     use crate::queue::Removal;
     let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
-    let archive = match Archive::open(&cfg.archive.dir) {
+    let archive = match store::open_inventory(&cfg.archive.dir) {
         Ok(a) => Some(a),
         // Before any row goes: a row removed with its file kept was not what was asked.
         Err(e) if delete_file => {
@@ -682,7 +686,7 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
         }
         let file = match (&row.path, delete_file, &archive, &vid) {
             (None, ..) => String::new(),
-            (Some(p), true, Some(a), Some(v)) if Path::new(p) == a.final_path(v) => {
+            (Some(p), true, Some(a), Some(v)) if *p == a.video_path(v) => {
                 match a.delete_published(v) {
                     Ok(()) => format!("; deleted {p}"),
                     Err(e) => {
@@ -726,7 +730,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     crate::sys::no_core_dumps();
     let (token, _) = config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     become_archive_owner(&cfg.archive.dir)?;
-    let archive = Archive::open(&cfg.archive.dir)
+    let archive = store::open(&cfg.archive.dir, cfg.archive.min_free)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
@@ -734,9 +738,9 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     let runtime = runtime()?;
     // The partial file first: one held by another process (the daemon downloading this
     // video) stops here, before any claim.
-    let partial = match archive.begin(&vid) {
+    let partial = match runtime.block_on(archive.begin(&vid)) {
         Ok(p) => p,
-        Err(e @ crate::archive::ArchiveError::Busy { .. }) => {
+        Err(e @ StoreError::Busy { .. }) => {
             return Err(Failure::new(exit::ALREADY_RUNNING, format!("{id}: {e}")));
         }
         Err(e) => return Err(Failure::new(exit::FAILURE, e)),
@@ -745,11 +749,11 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     let claimed = match runtime.block_on(q.claim_one(id)) {
         Ok(Ok(c)) => c,
         Ok(Err(state)) => {
-            let _ = partial.park();
+            let _ = runtime.block_on(partial.park());
             return not_claimed(&cfg, &*q, id, state);
         }
         Err(e) => {
-            let _ = partial.park();
+            let _ = runtime.block_on(partial.park());
             return Err(queue_failure(e));
         }
     };
@@ -790,9 +794,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
             let _ = writeln!(
                 o,
                 "{id}: archived {} ({} bytes, sha256 {})",
-                published.path.display(),
-                published.bytes,
-                published.sha256
+                published.path, published.bytes, published.sha256
             );
             Ok(())
         }
@@ -807,7 +809,8 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
 fn not_claimed(cfg: &Config, q: &dyn queue::Admin, id: &str, state: State) -> Result<(), Failure> {
     if state == State::Done {
         // The row says done; the file must say so too (what `verify ID` checks).
-        let report = crate::verify::run(q, &cfg.archive.dir, false, &[id.to_owned()], |total| {
+        let archive = store::inspect(&cfg.archive.dir);
+        let report = crate::verify::run(q, &*archive, false, &[id.to_owned()], |total| {
             progress_bar(total, "verifying")
         })
         .map_err(|e| Failure::new(exit::IO, e))?;
@@ -898,7 +901,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
     crate::sys::no_core_dumps();
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
-    let archive = Archive::open(&cfg.archive.dir)
+    let archive = store::open(&cfg.archive.dir, cfg.archive.min_free)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let runtime = runtime()?;
     let served = queue::serve(&cfg.queue.database).map_err(queue_failure)?;
@@ -911,7 +914,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         let fetcher = Arc::new(Fetcher::new(api, archive, Limits::of(&cfg)));
         tracing::info!(
             database = %cfg.queue.database.display(),
-            archive = %fetcher.archive.dir().display(),
+            archive = %fetcher.store().location(),
             api = %crate::api::origin_of(&cfg.base_url()),
             token_from = %source,
             concurrency = cfg.download.concurrency,
@@ -920,7 +923,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         let mut metrics = crate::metrics::Serving {
             scrape: Arc::new(crate::metrics::Scrape::new(
                 cfg.queue.database.clone(),
-                cfg.archive.dir.clone(),
+                fetcher.store().clone(),
             )),
             endpoint: None,
         };

@@ -14,7 +14,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiClient;
-use crate::archive::Partial;
 use crate::config::{self, Config, RetryConfig, format_duration};
 use crate::fetch::{Ended, Fetcher, Limits, Outcome};
 use crate::id::VideoId;
@@ -22,6 +21,7 @@ use crate::pause::{self, Pause};
 use crate::policy::{REFUSALS_TO_FAIL, backoff, decide, rate_limit_wait};
 use crate::queue::{Claimed, Claims, Finish, QueueError};
 use crate::service::{Service, thousands};
+use crate::store::Partial;
 
 /// What the loop runs with. Replaced on SIGHUP, except what cannot change live.
 pub struct Settings {
@@ -37,7 +37,7 @@ pub struct Settings {
 pub async fn attempt(
     fetcher: &Arc<Fetcher>,
     claimed: &Claimed,
-    partial: Option<(VideoId, Partial)>,
+    partial: Option<(VideoId, Box<dyn Partial>)>,
     retry: &RetryConfig,
     cancel: &CancellationToken,
 ) -> (Ended, Finish, Duration) {
@@ -383,7 +383,7 @@ impl Scheduler {
                 until: None,
                 advice: Some(format!(
                     "free space in the archive's filesystem ({}); new downloads start once it has archive.min_free ({}) free",
-                    self.fetcher.archive.dir().display(),
+                    self.fetcher.store().location(),
                     config::format_size(self.settings.config.archive.min_free)
                 )),
             });
@@ -524,6 +524,7 @@ impl Scheduler {
         // Downloads in flight keep the client they started with.
         self.fetcher.replace_api(api);
         self.fetcher.set_limits(Limits::of(&new));
+        self.fetcher.store().keep_free(new.archive.min_free);
         tracing::info!(token_from = %source, concurrency = new.download.concurrency, "token and settings re-read");
         log_rate_limit(new.download.rate_limit);
         self.settings.config = new;
@@ -579,7 +580,7 @@ impl Scheduler {
         if self.storage.as_ref().is_some_and(|s| s.next_check > now) {
             return Ok(None);
         }
-        match self.fetcher.storage_problem().await {
+        match self.fetcher.store().storage_problem().await {
             Some(reason) => {
                 if self.storage.is_none() {
                     tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive has room again");

@@ -9,19 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::StatusCode;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Action, Answer, ApiClient, StatusObject, StatusRead, VideoState};
-use crate::archive::{Archive, ArchiveError, Existing, Partial, Published};
 use crate::bandwidth::Bandwidth;
 use crate::config::{Config, format_duration, format_size};
 use crate::id::VideoId;
+use crate::store::{Existing, Partial, Publish, Published, Store, StoreError, Written};
 
-/// Chunks queued between the network and the writer thread: bounds memory per download. A
-/// chunk is what hyper read at once (up to about 400 KiB on a fast link), so two keep the
-/// writer busy while memory stays under about 1.5 MiB a download, buffers included.
-const SINK_DEPTH: usize = 2;
 /// A download that the server will not resume properly starts over at most this many times
 /// within one attempt.
 const MAX_RESTARTS: u32 = 2;
@@ -149,8 +144,6 @@ pub type Progress = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
 pub struct Limits {
     /// `download.max_bytes`.
     pub max_bytes: u64,
-    /// `archive.min_free`.
-    pub min_free: u64,
     /// `download.low_speed_limit` (bytes a second; 0: off) and `download.low_speed_time`.
     pub low_speed: (u64, Duration),
     /// `archive.sidecar`.
@@ -174,7 +167,6 @@ impl Limits {
     pub fn of(config: &Config) -> Limits {
         Limits {
             max_bytes: config.download.max_bytes,
-            min_free: config.archive.min_free,
             low_speed: (
                 config.download.low_speed_limit,
                 config.download.low_speed_time,
@@ -228,7 +220,7 @@ impl Memory {
 pub struct Fetcher {
     /// Replaced as a whole on reload; a download keeps the client it started with.
     api: RwLock<Arc<ApiClient>>,
-    pub archive: Archive,
+    store: Arc<dyn Store>,
     progress: Option<Progress>,
     limits: RwLock<Limits>,
     seen: Mutex<Memory>,
@@ -237,10 +229,10 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(api: ApiClient, archive: Archive, limits: Limits) -> Fetcher {
+    pub fn new(api: ApiClient, store: Arc<dyn Store>, limits: Limits) -> Fetcher {
         Fetcher {
             api: RwLock::new(Arc::new(api)),
-            archive,
+            store,
             progress: None,
             bandwidth: Bandwidth::new(limits.rate_limit),
             limits: RwLock::new(limits),
@@ -262,13 +254,9 @@ impl Fetcher {
             .clone()
     }
 
-    /// Why new downloads should wait for the archive's disk, if they should.
-    pub async fn storage_problem(self: &Arc<Self>) -> Option<String> {
-        let me = self.clone();
-        let min_free = self.limits().min_free;
-        tokio::task::spawn_blocking(move || me.archive.storage_problem(min_free))
-            .await
-            .expect("archive task panicked")
+    /// The archive downloads go to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     pub fn with_progress(mut self, progress: Progress) -> Fetcher {
@@ -307,59 +295,35 @@ impl Fetcher {
     /// Opens the video's partial file and takes its lock, which tells every other process the
     /// video has a live downloader. `hingnetd fetch` does this before it claims the row, so the
     /// daemon never sees that claim without the lock.
-    pub async fn begin(self: &Arc<Self>, id: &VideoId) -> Result<Partial, Outcome> {
-        let id = id.clone();
-        self.on_archive(move |a| a.begin(&id))
-            .await
-            .map_err(|e| Outcome::Storage {
-                reason: e.to_string(),
-            })
+    pub async fn begin(&self, id: &VideoId) -> Result<Box<dyn Partial>, Outcome> {
+        self.store.begin(id).await.map_err(storage_outcome)
     }
 
     /// Removes what a download of this video left, once its row has failed.
-    pub async fn remove_leftovers(self: &Arc<Self>, id: &VideoId) {
-        let id = id.clone();
-        self.forget(&id);
-        let video = id.clone();
-        if let Err(e) = self.on_archive(move |a| a.remove_leftovers(&id)).await {
-            tracing::warn!(video_id = %video, error = %e, "cannot remove the failed video's partial file");
+    pub async fn remove_leftovers(&self, id: &VideoId) {
+        self.forget(id);
+        if let Err(e) = self.store.remove_leftovers(id).await {
+            tracing::warn!(video_id = %id, error = %e, "cannot remove the failed video's partial file");
         }
-    }
-
-    /// Runs an archive operation on a blocking thread (file I/O must not stall the runtime).
-    async fn on_archive<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&Archive) -> T + Send + 'static,
-    ) -> T {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&me.archive))
-            .await
-            .expect("archive task panicked")
     }
 
     /// Downloads into a partial from `begin`.
     pub async fn download_into(
         self: &Arc<Self>,
         id: VideoId,
-        partial: Partial,
+        partial: Box<dyn Partial>,
         expires_at: Option<i64>,
         cancel: &CancellationToken,
     ) -> Ended {
-        let id2 = id.clone();
-        let existing = match self.on_archive(move |a| a.existing(&id2)).await {
+        let existing = match self.store.existing(&id).await {
             Ok(e) => e,
-            Err(e) => {
-                return Outcome::Storage {
-                    reason: e.to_string(),
-                }
-                .into();
-            }
+            Err(e) => return storage_outcome(e).into(),
         };
         match existing {
             Existing::Adopted(mut published) => {
-                tracing::info!(video_id = %id, path = %published.path.display(), "found already archived file; not downloading again");
+                tracing::info!(video_id = %id, path = %published.path, "found already archived file; not downloading again");
                 published.metadata = published.metadata.as_deref().and_then(api::clean_metadata);
-                let _ = tokio::task::spawn_blocking(move || partial.discard()).await;
+                let _ = partial.discard().await;
                 self.forget(&id);
                 return Outcome::Archived {
                     published,
@@ -370,7 +334,7 @@ impl Fetcher {
                 .into();
             }
             Existing::Blocked(reason) => {
-                let _ = tokio::task::spawn_blocking(move || partial.discard()).await;
+                let _ = partial.discard().await;
                 return Outcome::Blocked { reason }.into();
             }
             // Logged where it was renamed; the download goes ahead.
@@ -463,8 +427,8 @@ struct Attempt<'a> {
     fetcher: Arc<Fetcher>,
     limits: Limits,
     id: VideoId,
-    /// `None` only while a blocking thread owns it.
-    partial: Option<Partial>,
+    /// `None` only while its writer has it, and once an end (published, parked) took it.
+    partial: Option<Box<dyn Partial>>,
     /// Where this attempt's own bytes started (non-zero for a resumed download).
     resumed_from: Option<u64>,
     /// A resume request was answered with an error: the next attempt starts from zero.
@@ -502,15 +466,15 @@ enum NotServed {
 }
 
 impl Attempt<'_> {
-    fn partial(&mut self) -> &mut Partial {
-        self.partial.as_mut().expect("partial is home")
+    fn partial(&mut self) -> &mut dyn Partial {
+        self.partial.as_deref_mut().expect("partial is home")
     }
 
     async fn run(&mut self) -> Outcome {
         let mut restarts = 0;
         let mut pieces = 0;
         loop {
-            let offset = self.partial().len();
+            let offset = self.partial().size();
             let url = self.api.content_url(&self.id);
             let validator = self.partial().validator().map(str::to_owned);
             let answer = tokio::select! {
@@ -870,11 +834,10 @@ impl Attempt<'_> {
                 return storage(e);
             }
         }
-        if start == 0 {
-            let p = self.partial.as_mut().expect("partial is home");
-            if let Err(e) = p.set_version(validator.as_deref(), total) {
-                return storage(e);
-            }
+        if start == 0
+            && let Err(e) = self.partial().set_version(validator.as_deref(), total)
+        {
+            return storage(e);
         }
         let max = self.limits.max_bytes;
         if let Some(t) = total.filter(|t| *t > max) {
@@ -883,17 +846,7 @@ impl Attempt<'_> {
                 format!("the file is {t} bytes, over download.max_bytes ({max})"),
             );
         }
-        let min_free = self.limits.min_free;
-        if let Err(e) = self
-            .on_partial(move |p| {
-                p.keep_free(min_free);
-                match total {
-                    Some(t) => p.reserve(t, min_free),
-                    None => Ok(()),
-                }
-            })
-            .await
-        {
+        if let Err(e) = self.partial().admit(total).await {
             return storage(e);
         }
         if start == 0 || self.resumed_from.is_none() {
@@ -904,7 +857,7 @@ impl Attempt<'_> {
             let (api, id) = (self.api.clone(), self.id.clone());
             self.metadata_read = Some(tokio::spawn(async move { api.read_status(&id).await }));
         }
-        let (tx, writer) = self.spawn_writer();
+        let mut writer = self.partial.take().expect("partial is home").writer();
         let read_timeout = self.api.read_timeout();
         let mut floor = SpeedFloor::new(self.limits.low_speed);
         let mut worthless = false;
@@ -974,15 +927,14 @@ impl Attempt<'_> {
             // The speed floor judges the server, not our own limit.
             floor.pause(paid);
             floor.add(chunk.len());
-            if tx.send(chunk).await.is_err() {
+            if !writer.write(chunk).await {
                 break; // the writer stopped; why is collected below
             }
             if let Some(progress) = &self.fetcher.progress {
                 progress(start + received, total);
             }
         }
-        drop(tx);
-        match writer.await.expect("writer task panicked") {
+        match writer.finish().await {
             Written::All(p) => self.partial = Some(p),
             Written::Short(p, e) => {
                 self.partial = Some(p);
@@ -999,7 +951,7 @@ impl Attempt<'_> {
             }
         }
         if matches!(end, StreamEnd::Complete) {
-            let have = self.partial().len();
+            let have = self.partial().size();
             match (last, total) {
                 (Some(last), _) if have != last + 1 => {
                     return transient(
@@ -1042,46 +994,8 @@ impl Attempt<'_> {
         }
     }
 
-    /// Hashing and writing happen on a blocking thread, overlapping the network reads.
-    fn spawn_writer(&mut self) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<Written>) {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(SINK_DEPTH);
-        let mut partial = self.partial.take().expect("partial is home");
-        let writer = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = rx.blocking_recv() {
-                match partial.write(&chunk) {
-                    Ok(()) => {}
-                    // Every byte written is checkpointed and sound: kept for a resume.
-                    Err(e @ ArchiveError::DiskShort { .. }) => return Written::Short(partial, e),
-                    Err(e) => {
-                        // A failed write (a full disk) may have left anything in the file.
-                        let _ = partial.discard();
-                        return Written::Failed(e);
-                    }
-                }
-            }
-            Written::All(partial)
-        });
-        (tx, writer)
-    }
-
-    async fn restart_partial(&mut self) -> Result<(), ArchiveError> {
-        self.on_partial(Partial::restart).await
-    }
-
-    /// Runs a file operation on the partial on a blocking thread.
-    async fn on_partial<T: Send + 'static>(
-        &mut self,
-        f: impl FnOnce(&mut Partial) -> T + Send + 'static,
-    ) -> T {
-        let mut p = self.partial.take().expect("partial is home");
-        let (p, r) = tokio::task::spawn_blocking(move || {
-            let r = f(&mut p);
-            (p, r)
-        })
-        .await
-        .expect("archive task panicked");
-        self.partial = Some(p);
-        r
+    async fn restart_partial(&mut self) -> Result<(), StoreError> {
+        self.partial().restart().await
     }
 
     /// The file is complete by HTTP. A whole MP4 is published (with its metadata); one that is
@@ -1093,36 +1007,23 @@ impl Attempt<'_> {
         let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
         let p = self.partial.take().expect("partial is home");
         let resumed_from = self.resumed_from.unwrap_or(0);
-        let received = p.len() - resumed_from;
-        // Checked and published on one blocking thread: the common case costs one hand-off.
-        let checked = tokio::task::spawn_blocking(move || {
-            let mut p = p;
-            match p.check_whole() {
-                Ok(Ok(whole)) => Checked::Published(p.publish(whole, sidecar.as_deref())),
-                Ok(Err(why)) => Checked::NotWhole(Box::new(p), why),
-                // The files are gone already.
-                Err(e) => Checked::Published(Err(e)),
-            }
-        })
-        .await
-        .expect("archive task panicked");
-        let why = match checked {
-            Checked::Published(r) => {
-                return match r {
-                    Ok(published) => Outcome::Archived {
-                        published: Published {
-                            metadata,
-                            ..published
-                        },
-                        http_status: status.as_u16(),
-                        received,
-                        resumed_from,
+        let received = p.size() - resumed_from;
+        let why = match p.publish(sidecar).await {
+            Ok(Publish::Published(published)) => {
+                return Outcome::Archived {
+                    published: Published {
+                        metadata,
+                        ..published
                     },
-                    Err(e) => storage_outcome(e),
+                    http_status: status.as_u16(),
+                    received,
+                    resumed_from,
                 };
             }
-            Checked::NotWhole(p, why) => {
-                self.partial = Some(*p);
+            // The files are gone already.
+            Err(e) => return storage_outcome(e),
+            Ok(Publish::NotWhole(p, why)) => {
+                self.partial = Some(p);
                 why
             }
         };
@@ -1134,7 +1035,7 @@ impl Attempt<'_> {
         if !again && downloads < MAX_FULL_DOWNLOADS {
             // At the next attempt, after a backoff: a CDN's cached copy cut short may have
             // been replaced by then.
-            if let Err(e) = self.on_partial(Partial::reject).await {
+            if let Err(e) = self.partial().reject().await {
                 return storage_outcome(e);
             }
             return self
@@ -1155,10 +1056,7 @@ impl Attempt<'_> {
         };
         let sidecar = metadata.clone().filter(|_| self.limits.sidecar);
         let p = self.partial.take().expect("partial is home");
-        let r = tokio::task::spawn_blocking(move || p.keep_incomplete(sidecar.as_deref()))
-            .await
-            .expect("archive task panicked");
-        match r {
+        match p.keep_incomplete(sidecar).await {
             Ok(published) => Outcome::Kept {
                 published: Published {
                     metadata,
@@ -1201,19 +1099,16 @@ impl Attempt<'_> {
         let Some(mut p) = self.partial.take() else {
             return outcome;
         };
-        let gone = matches!(outcome, Outcome::Gone { .. });
-        let restart = self.resume_failed;
-        let kept = tokio::task::spawn_blocking(move || {
-            if gone {
-                return p.discard().map(|()| 0);
+        let kept = if matches!(outcome, Outcome::Gone { .. }) {
+            p.discard().await.map(|()| 0)
+        } else if self.resume_failed {
+            match p.restart().await {
+                Ok(()) => p.park().await,
+                Err(e) => Err(e),
             }
-            if restart {
-                p.restart()?;
-            }
-            p.park()
-        })
-        .await
-        .expect("archive task panicked");
+        } else {
+            p.park().await
+        };
         match (kept, outcome) {
             (Err(e), _) => storage_outcome(e),
             (Ok(n), Outcome::Interrupted { .. }) => Outcome::Interrupted { parked_bytes: n },
@@ -1287,23 +1182,6 @@ enum Sniffed {
     Interrupted,
 }
 
-/// What checking a complete body found.
-enum Checked {
-    /// A whole MP4, published (or not, for a storage error).
-    Published(Result<Published, ArchiveError>),
-    /// Not a whole MP4, and why (the rare case: boxed).
-    NotWhole(Box<Partial>, String),
-}
-
-/// How the writer thread ended.
-enum Written {
-    All(Partial),
-    /// Stopped for `archive.min_free`; every byte written is sound.
-    Short(Partial, ArchiveError),
-    /// A write failed; the partial is gone.
-    Failed(ArchiveError),
-}
-
 /// "expired at Tue, 01 Dec 2026 16:00:00 GMT before it could be downloaded", or without the
 /// time when it is not known to have passed.
 pub fn expired_words(expires_at: Option<i64>) -> String {
@@ -1333,12 +1211,12 @@ fn transient(status: StatusCode, reason: String) -> StreamEnd {
     })
 }
 
-fn storage_outcome(e: ArchiveError) -> Outcome {
+fn storage_outcome(e: StoreError) -> Outcome {
     Outcome::Storage {
         reason: e.to_string(),
     }
 }
 
-fn storage(e: ArchiveError) -> StreamEnd {
+fn storage(e: StoreError) -> StreamEnd {
     StreamEnd::Outcome(storage_outcome(e))
 }

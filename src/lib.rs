@@ -10,7 +10,6 @@
 //! (commands and exit codes).
 
 pub mod api;
-pub mod archive;
 pub mod bandwidth;
 pub mod cli;
 pub mod config;
@@ -24,5 +23,6 @@ pub mod pause;
 pub mod policy;
 pub mod queue;
 pub mod service;
+pub mod store;
 pub mod sys;
 pub mod verify;

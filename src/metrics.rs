@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Host;
 use crate::pause::Reason;
 use crate::queue::{self, Admin, State};
+use crate::store::Store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -258,7 +259,7 @@ pub enum MetricsError {
 /// What a scrape reads fresh: the queue's gauges and the archive's free space.
 pub struct Scrape {
     pub database: PathBuf,
-    pub archive_dir: PathBuf,
+    store: Arc<dyn Store>,
     /// `archive.min_free`, which a reload may change (`Serving::apply`).
     reserve: AtomicU64,
     /// A read connection kept between scrapes (opened on the first).
@@ -266,10 +267,10 @@ pub struct Scrape {
 }
 
 impl Scrape {
-    pub fn new(database: PathBuf, archive_dir: PathBuf) -> Scrape {
+    pub fn new(database: PathBuf, store: Arc<dyn Store>) -> Scrape {
         Scrape {
             database,
-            archive_dir,
+            store,
             reserve: AtomicU64::new(0),
             queue: Mutex::new(None),
         }
@@ -308,7 +309,7 @@ impl Scrape {
             }
         }
         drop(slot);
-        if let Ok(free) = crate::archive::available_bytes(&self.archive_dir) {
+        if let Ok(free) = self.store.free_bytes() {
             m.free.set(i64::try_from(free).unwrap_or(i64::MAX));
         }
         m.reserve

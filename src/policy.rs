@@ -60,8 +60,8 @@ pub fn decide(
             http_status,
         }
     };
-    let file = |p: &crate::archive::Published| FileRecord {
-        path: p.path.display().to_string(),
+    let file = |p: &crate::store::Published| FileRecord {
+        path: p.path.clone(),
         sha256: p.sha256.clone(),
         bytes: p.bytes,
         metadata: p.metadata.clone(),
@@ -306,7 +306,7 @@ mod tests {
         );
         assert!(matches!(f, Finish::Failed { .. }), "{f:?}");
         // A download that completes is never failed for its expiry.
-        let published = crate::archive::Published {
+        let published = crate::store::Published {
             path: "/a/v.mp4".into(),
             sha256: "00".into(),
             bytes: 1,
@@ -391,7 +391,7 @@ mod tests {
             Finish::Failed { .. }
         ));
         let kept = Outcome::Kept {
-            published: crate::archive::Published {
+            published: crate::store::Published {
                 path: "/a/v.mp4".into(),
                 sha256: "ab".into(),
                 bytes: 7,

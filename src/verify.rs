@@ -3,16 +3,12 @@
 //! videos that will never resume them.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{self, Read};
-use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
-use sha2::{Digest, Sha256};
 
-use crate::archive::Archive;
-use crate::id::{VideoId, hex};
+use crate::id::VideoId;
 use crate::queue::{Admin, Cursor, QueueError, RowView, State};
+use crate::store::{Checked, EntryKind, Inventory, StoreError};
 
 /// Rows read from the database at a time (no read snapshot is held across the whole run).
 const PAGE: usize = 500;
@@ -21,8 +17,9 @@ const PAGE: usize = 500;
 pub enum VerifyError {
     #[error("{0}")]
     Queue(#[from] QueueError),
-    #[error("cannot list archive directory {path}: {source}")]
-    Dir { path: PathBuf, source: io::Error },
+    /// "cannot list archive directory …: …"
+    #[error("cannot list {0}")]
+    List(StoreError),
 }
 
 /// What `repair` did about one missing or changed file.
@@ -32,7 +29,7 @@ pub enum Repair {
     /// first, never deleted).
     Requeued {
         id: String,
-        set_aside: Option<PathBuf>,
+        set_aside: Option<String>,
     },
     /// Left as it is, and why.
     Skipped { id: String, why: String },
@@ -50,8 +47,7 @@ impl fmt::Display for Repair {
                 set_aside: Some(p),
             } => write!(
                 f,
-                "REPAIRED {id}: the changed file is kept as {}; back to pending, to be downloaded again",
-                p.display()
+                "REPAIRED {id}: the changed file is kept as {p}; back to pending, to be downloaded again"
             ),
             Repair::Skipped { id, why } => write!(f, "NOT REPAIRED {id}: {why}"),
         }
@@ -64,7 +60,7 @@ impl fmt::Display for Repair {
 /// answer fails the row as usual.
 pub fn repair(
     q: &dyn Admin,
-    archive: &Archive,
+    archive: &dyn Inventory,
     report: &Report,
 ) -> Result<Vec<Repair>, VerifyError> {
     let mut done = Vec::new();
@@ -96,10 +92,10 @@ pub fn repair(
             done.push(skip("not a valid video ID".into()));
             continue;
         };
-        if changed && Path::new(path) != archive.final_path(&vid) {
+        if changed && *path != archive.video_path(&vid) {
             done.push(skip(format!(
                 "its file {path} is not where the archive keeps it ({}); move it there or remove the row",
-                archive.final_path(&vid).display()
+                archive.video_path(&vid)
             )));
             continue;
         }
@@ -147,7 +143,7 @@ pub enum Problem {
         unreadable: bool,
     },
     Orphan {
-        path: PathBuf,
+        path: String,
     },
     NotDone {
         id: String,
@@ -159,7 +155,7 @@ pub enum Problem {
     /// A partial file (or its resume record) whose video will not resume it: its row is done,
     /// failed, or gone.
     Leftover {
-        path: PathBuf,
+        path: String,
         why: String,
     },
 }
@@ -171,19 +167,13 @@ impl fmt::Display for Problem {
             Problem::Changed {
                 id, path, detail, ..
             } => write!(f, "CHANGED {id} {path}: {detail}"),
-            Problem::Orphan { path } => {
-                write!(f, "ORPHAN  {} (no done row names it)", path.display())
-            }
+            Problem::Orphan { path } => write!(f, "ORPHAN  {path} (no done row names it)"),
             Problem::NotDone { id, state } => {
                 write!(f, "NOTDONE {id} is {state}, nothing to verify")
             }
             Problem::NotQueued { id } => write!(f, "UNKNOWN {id} is not in the queue"),
             Problem::Leftover { path, why } => {
-                write!(
-                    f,
-                    "PARTIAL {} ({why}; nothing will resume it)",
-                    path.display()
-                )
+                write!(f, "PARTIAL {path} ({why}; nothing will resume it)")
             }
         }
     }
@@ -223,7 +213,7 @@ impl Report {
 /// Checks every done row (`all`, which also looks for orphans) or the given IDs.
 pub fn run(
     q: &dyn Admin,
-    dir: &Path,
+    archive: &dyn Inventory,
     all: bool,
     ids: &[String],
     make_bar: impl FnOnce(u64) -> Option<ProgressBar>,
@@ -237,14 +227,14 @@ pub fn run(
             let Some((last, _)) = page.last() else { break };
             after = *last;
             for (_, row) in &page {
-                check(row, &mut report, bar.as_ref());
+                check(row, archive, &mut report, bar.as_ref());
             }
         }
         if let Some(b) = bar {
             b.finish_and_clear();
         }
         report.scanned_for_orphans = true;
-        find_orphans(q, dir, &mut report)?;
+        find_orphans(q, archive, &mut report)?;
     } else {
         let mut rows = Vec::new();
         for id in ids {
@@ -259,7 +249,7 @@ pub fn run(
         }
         let bar = make_bar(rows.iter().map(|r| r.bytes.unwrap_or(0) as u64).sum());
         for row in &rows {
-            check(row, &mut report, bar.as_ref());
+            check(row, archive, &mut report, bar.as_ref());
         }
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -268,7 +258,7 @@ pub fn run(
     Ok(report)
 }
 
-fn check(row: &RowView, report: &mut Report, bar: Option<&ProgressBar>) {
+fn check(row: &RowView, archive: &dyn Inventory, report: &mut Report, bar: Option<&ProgressBar>) {
     report.checked += 1;
     let path = row.path.clone().unwrap_or_default();
     let problem = |detail: String, unreadable| Problem::Changed {
@@ -278,109 +268,57 @@ fn check(row: &RowView, report: &mut Report, bar: Option<&ProgressBar>) {
         recorded: row.sha256.clone(),
         unreadable,
     };
-    let changed = |detail| problem(detail, false);
-    let unreadable = |e: io::Error| problem(format!("cannot read: {e}"), true);
-    let meta = match std::fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            report.problems.push(Problem::Missing {
-                id: row.video_id.clone(),
-                path: path.clone(),
-                recorded: row.sha256.clone(),
-            });
-            return;
-        }
-        Err(e) => return report.problems.push(unreadable(e)),
-        Ok(m) => m,
-    };
-    if !meta.file_type().is_file() {
-        return report.problems.push(changed("not a regular file".into()));
-    }
-    let expected = row.bytes.unwrap_or(-1);
-    if meta.len() as i64 != expected {
-        return report.problems.push(changed(format!(
-            "size {} bytes, recorded {expected}",
-            meta.len()
-        )));
-    }
-    match hash_file(Path::new(&path), bar) {
-        Err(e) => report.problems.push(unreadable(e)),
-        Ok(sha) if Some(&sha) != row.sha256.as_ref() => report.problems.push(changed(format!(
-            "sha256 {sha}, recorded {}",
-            row.sha256.as_deref().unwrap_or("none")
-        ))),
-        Ok(_) => {
-            report.ok += 1;
-            report.bytes += meta.len();
-        }
-    }
-}
-
-fn hash_file(path: &Path, bar: Option<&ProgressBar>) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex(&hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
+    let progress = |n| {
         if let Some(b) = bar {
-            b.inc(n as u64);
+            b.inc(n);
         }
+    };
+    match archive.check(&path, row.bytes, row.sha256.as_deref(), &progress) {
+        Checked::Intact { bytes } => {
+            report.ok += 1;
+            report.bytes += bytes;
+        }
+        Checked::Missing => report.problems.push(Problem::Missing {
+            id: row.video_id.clone(),
+            path: path.clone(),
+            recorded: row.sha256.clone(),
+        }),
+        Checked::Changed(detail) => report.problems.push(problem(detail, false)),
+        Checked::Unreadable(detail) => report.problems.push(problem(detail, true)),
     }
 }
 
-/// Files in the archive directory that no row names (a video, or its `<id>.json` beside it),
-/// and hidden partial files whose video will never resume them. Other hidden files (downloads
-/// in progress, files set aside as `.<id>.mp4.replaced-...`) are not reported.
-fn find_orphans(q: &dyn Admin, dir: &Path, report: &mut Report) -> Result<(), VerifyError> {
-    let entries = match std::fs::read_dir(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(VerifyError::Dir {
-                path: dir.to_owned(),
-                source,
-            });
-        }
-        Ok(rd) => rd,
-    };
-    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
-    for entry in entries {
-        let entry = entry.map_err(|source| VerifyError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = canonical.join(&name);
-        if name.starts_with('.') {
-            if let Some(id) = crate::archive::leftover_of(&name) {
-                let why = match q.get(id)? {
+/// What is in the archive that no row names (a video, or its metadata beside it), and partial
+/// files whose video will never resume them. A video whose row is still `downloading` was just
+/// published and is being recorded: not an orphan.
+fn find_orphans(
+    q: &dyn Admin,
+    archive: &dyn Inventory,
+    report: &mut Report,
+) -> Result<(), VerifyError> {
+    for entry in archive.entries().map_err(VerifyError::List)? {
+        let path = entry.path;
+        let id = match entry.kind {
+            EntryKind::Partial(id) => {
+                let why = match q.get(id.as_str())? {
                     None => "its video is not in the queue".to_owned(),
                     Some(r) if matches!(r.state, State::Pending | State::Downloading) => continue,
                     Some(r) => format!("its video is {}", r.state),
                 };
                 report.problems.push(Problem::Leftover { path, why });
+                continue;
             }
-            continue;
-        }
-        // The video's own name, for the video and for its sidecar.
-        let video = name
-            .strip_suffix(".mp4")
-            .or_else(|| name.strip_suffix(".json"))
-            .and_then(|id| VideoId::parse(id).ok());
-        // A file whose row is still `downloading` was just published and is being recorded:
-        // not an orphan.
-        let named = match video {
-            Some(id) => {
-                let mp4 = canonical.join(format!("{id}.mp4"));
-                q.get(id.as_str())?.is_some_and(|r| {
-                    r.state == State::Downloading
-                        || (r.names_a_file() && r.path.as_deref() == mp4.to_str())
-                })
+            EntryKind::Video(id) | EntryKind::Sidecar(id) => id,
+            EntryKind::Unknown => {
+                report.problems.push(Problem::Orphan { path });
+                continue;
             }
-            None => false,
         };
+        let ours = archive.video_path(&id);
+        let named = q.get(id.as_str())?.is_some_and(|r| {
+            r.state == State::Downloading
+                || (r.names_a_file() && r.path.as_deref() == Some(ours.as_str()))
+        });
         if !named {
             report.problems.push(Problem::Orphan { path });
         }
@@ -398,14 +336,19 @@ mod tests {
     /// A done row for `video_r` whose file at the archive's path holds `bytes`, recorded with
     /// `sha256`.
     fn archived(
-        dir: &Path,
+        dir: &std::path::Path,
         bytes: &[u8],
         sha256: &str,
-    ) -> (Arc<dyn crate::queue::Backend>, Archive, PathBuf) {
+    ) -> (
+        Arc<dyn crate::queue::Backend>,
+        crate::store::local::Archive,
+        std::path::PathBuf,
+    ) {
         use crate::queue::{FileRecord, Finish};
         let q = crate::queue::open_and_migrate(&dir.join("q.db")).unwrap();
-        let archive = Archive::open(&dir.join("videos")).unwrap();
-        let path = archive.final_path(&VideoId::parse("video_r").unwrap());
+        let archive = crate::store::local::Archive::open(&dir.join("videos")).unwrap();
+        let path =
+            std::path::PathBuf::from(archive.video_path(&VideoId::parse("video_r").unwrap()));
         std::fs::write(&path, bytes).unwrap();
         let done = Finish::Done {
             file: FileRecord {
@@ -426,7 +369,7 @@ mod tests {
         (q, archive, path)
     }
 
-    fn changed(path: &Path, recorded: &str, unreadable: bool) -> Report {
+    fn changed(path: &std::path::Path, recorded: &str, unreadable: bool) -> Report {
         Report {
             problems: vec![Problem::Changed {
                 id: "video_r".into(),

@@ -338,7 +338,7 @@ fn a_file_that_changed_on_the_server_is_not_spliced_on_resume() {
 fn a_complete_parked_partial_is_verified_not_fetched_again() {
     let (api, env) = setup();
     let v = api.add_video("video_whole", 300_000);
-    let archive = hingnetd::archive::Archive::open(&env.archive).unwrap();
+    let archive = hingnetd::store::local::Archive::open(&env.archive).unwrap();
     let mut p = archive
         .begin(&hingnetd::id::VideoId::parse("video_whole").unwrap())
         .unwrap();

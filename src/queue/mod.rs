@@ -401,8 +401,8 @@ pub trait Admin: Send {
         video_id: &str,
         sha256: Option<&str>,
         why: &str,
-        then: &mut dyn FnMut() -> Result<Option<PathBuf>, String>,
-    ) -> Result<Option<Result<Option<PathBuf>, String>>, QueueError>;
+        then: &mut dyn FnMut() -> Result<Option<String>, String>,
+    ) -> Result<Option<Result<Option<String>, String>>, QueueError>;
 
     /// `failures`: how many of the latest failed rows to list.
     fn status(&self, failures: usize) -> Result<Status, QueueError>;

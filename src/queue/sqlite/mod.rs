@@ -1403,8 +1403,8 @@ impl super::Admin for Sqlite {
         video_id: &str,
         sha256: Option<&str>,
         why: &str,
-        then: &mut dyn FnMut() -> Result<Option<PathBuf>, String>,
-    ) -> Result<Option<Result<Option<PathBuf>, String>>, QueueError> {
+        then: &mut dyn FnMut() -> Result<Option<String>, String>,
+    ) -> Result<Option<Result<Option<String>, String>>, QueueError> {
         self.db().requeue_archived(video_id, sha256, why, then)
     }
 
