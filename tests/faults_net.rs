@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::audit::{audit, rows};
+use support::audit::audit;
 use support::canary;
 use support::harness::{DEADLINE, Env, Settings};
 use support::standin::{Host, Request, StandIn, Step, Video, sha256_hex, video_content};
@@ -91,7 +91,7 @@ fn wait_all(env: &Env, what: &str, deadline: Duration, cond: &str) {
         assert!(
             start.elapsed() < deadline,
             "timed out after {deadline:?} waiting for {what}; rows not there yet: {:?}\nlogs:\n{}",
-            rows(env)
+            env.rows()
                 .into_iter()
                 .filter(|r| r.state != "done" && r.state != "failed")
                 .take(20)
@@ -283,7 +283,7 @@ fn cut_trials(name: &'static str, default_seed: u64, n: usize, fault: fn(usize) 
         bound(n),
         "state IN ('done', 'failed')",
     );
-    let rows = rows(&run.env);
+    let rows = run.env.rows();
     for r in &rows {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
@@ -394,7 +394,7 @@ fn a_stalled_connection_is_dropped_within_read_timeout_plus_5s() {
     if stalls != n {
         run.violation(format!("{stalls} stalls seen, {n} scripted"));
     }
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
         }
@@ -449,7 +449,7 @@ fn slow_drip_bodies_complete_in_one_attempt() {
         "state IN ('done', 'failed')",
     );
     let mut slowest = Duration::ZERO;
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" || r.attempts != 1 {
             run.violation(format!(
                 "{}: {} after {} attempts ({:?})",
@@ -501,7 +501,7 @@ fn all_done_trials(mut run: Run, cases: Vec<Case>, figures: impl Fn(&Run) -> Str
         bound(cases.len() * 5),
         "state IN ('done', 'failed')",
     );
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
         }
@@ -536,7 +536,9 @@ fn content_length_larger_than_the_body_is_retried_to_the_right_file() {
         })
         .collect();
     all_done_trials(run, cases, |run| {
-        let by_416 = rows(&run.env)
+        let by_416 = run
+            .env
+            .rows()
             .iter()
             .filter(|r| r.http_status == Some(416))
             .count();
@@ -909,7 +911,7 @@ fn redirect_loops_long_chains_and_other_schemes() {
     }
     // Nothing followed a refused scheme: every request the stand-ins saw is http to them, and the
     // outside file is nowhere in the archive.
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.sha256.as_deref() == Some(outside_sha.as_str()) {
             run.violation(format!("{}: archived the file:// target", r.id));
         }
@@ -997,7 +999,7 @@ fn the_token_never_reaches_the_cdn_on_chains_that_leave_and_return() {
         DEADLINE,
         "state IN ('done', 'failed')",
     );
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
         }
@@ -1517,7 +1519,9 @@ fn ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file() {
          AND path IS NULL AND sha256 IS NULL)",
     );
     if wrong > 0 {
-        let sample: Vec<_> = rows(&run.env)
+        let sample: Vec<_> = run
+            .env
+            .rows()
             .into_iter()
             .filter(|r| {
                 r.id != "video_sentinel"
@@ -1642,7 +1646,7 @@ impl Outside {
             ));
         }
         let sha = sha256_hex(&self.bytes);
-        for r in rows(env) {
+        for r in env.rows() {
             if r.sha256.as_deref() == Some(sha.as_str()) {
                 bad.push(format!("{}: archived the link's target", r.id));
             }

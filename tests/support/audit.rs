@@ -1,5 +1,5 @@
-//! The archive's promise, checked from outside the way an operator would: every row as the
-//! queue holds it, and an audit of `done` rows against their files and the stand-in's videos.
+//! The archive's promise, checked from outside the way an operator would: an audit of `done`
+//! (and kept `failed`) rows against their files and the stand-in's videos.
 
 #![allow(dead_code)]
 
@@ -20,50 +20,6 @@ pub fn assert_archived(env: &Env, v: &Video) {
     assert!(!env.partial_path(&v.id).exists(), "partial left behind");
 }
 
-#[derive(Debug, Clone)]
-pub struct DbRow {
-    pub id: String,
-    pub state: String,
-    pub attempts: i64,
-    pub last_error: Option<String>,
-    pub http_status: Option<i64>,
-    pub path: Option<String>,
-    pub sha256: Option<String>,
-    pub bytes: Option<i64>,
-}
-
-/// Every row, with BLOB or non-UTF-8 ids shown lossily.
-pub fn rows(env: &Env) -> Vec<DbRow> {
-    let db = env.open_db();
-    let mut stmt = db
-        .prepare(
-            "SELECT video_id, state, attempts, last_error, http_status, path, sha256, bytes \
-             FROM queue ORDER BY rowid",
-        )
-        .unwrap();
-    stmt.query_map([], |r| {
-        let id = match r.get_ref(0)? {
-            rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
-                String::from_utf8_lossy(t).into_owned()
-            }
-            other => format!("{other:?}"),
-        };
-        Ok(DbRow {
-            id,
-            state: r.get(1)?,
-            attempts: r.get(2)?,
-            last_error: r.get(3)?,
-            http_status: r.get(4)?,
-            path: r.get(5)?,
-            sha256: r.get(6)?,
-            bytes: r.get(7)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
-}
-
 /// The promise: a `done` row names a regular file (not a link) at the video's final path whose
 /// SHA-256 and size are the row's and the stand-in's video's; a `failed` row that names a file
 /// (bytes the API served, kept) names exactly those bytes; no published file (nor its
@@ -71,7 +27,7 @@ pub fn rows(env: &Env) -> Vec<DbRow> {
 pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
     let mut bad = Vec::new();
     let mut named = BTreeSet::new();
-    for r in rows(env) {
+    for r in env.rows() {
         if r.state == "failed" && r.path.is_some() {
             let final_path = env.final_path(&r.id);
             named.insert(final_path.clone());

@@ -245,29 +245,29 @@ impl Env {
         c
     }
 
+    /// The row of `id`, if there is one.
     pub fn row(&self, id: &str) -> Option<Row> {
         use rusqlite::OptionalExtension;
         self.open_db()
             .query_row(
-                "SELECT state, attempts, last_error, http_status, path, sha256, bytes, \
-                 next_attempt_at, finished_at FROM queue WHERE video_id = ?1",
+                &format!("SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"),
                 [id],
-                |r| {
-                    Ok(Row {
-                        state: r.get(0)?,
-                        attempts: r.get(1)?,
-                        last_error: r.get(2)?,
-                        http_status: r.get(3)?,
-                        path: r.get(4)?,
-                        sha256: r.get(5)?,
-                        bytes: r.get(6)?,
-                        next_attempt_at: r.get(7)?,
-                        finished_at: r.get(8)?,
-                    })
-                },
+                read_row,
             )
             .optional()
             .expect("read row")
+    }
+
+    /// Every row, in insertion order.
+    pub fn rows(&self) -> Vec<Row> {
+        let db = self.open_db();
+        let mut stmt = db
+            .prepare(&format!("SELECT {ROW_COLUMNS} FROM queue ORDER BY rowid"))
+            .unwrap();
+        stmt.query_map([], read_row)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
     }
 
     /// Waits until the row satisfies `pred`; fails with the row and the log otherwise.
@@ -398,8 +398,11 @@ impl Drop for WriteLock {
     }
 }
 
+/// One queue row as an operator's tools see it.
 #[derive(Clone, Debug)]
 pub struct Row {
+    /// Shown lossily when it is a BLOB or not UTF-8 (a hostile producer's).
+    pub id: String,
     pub state: String,
     pub attempts: i64,
     pub last_error: Option<String>,
@@ -409,6 +412,31 @@ pub struct Row {
     pub bytes: Option<i64>,
     pub next_attempt_at: String,
     pub finished_at: Option<String>,
+}
+
+/// The columns `read_row` reads, in its order.
+const ROW_COLUMNS: &str = "video_id, state, attempts, last_error, http_status, path, sha256, \
+                           bytes, next_attempt_at, finished_at";
+
+fn read_row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
+    let id = match r.get_ref(0)? {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+            String::from_utf8_lossy(t).into_owned()
+        }
+        other => format!("{other:?}"),
+    };
+    Ok(Row {
+        id,
+        state: r.get(1)?,
+        attempts: r.get(2)?,
+        last_error: r.get(3)?,
+        http_status: r.get(4)?,
+        path: r.get(5)?,
+        sha256: r.get(6)?,
+        bytes: r.get(7)?,
+        next_attempt_at: r.get(8)?,
+        finished_at: r.get(9)?,
+    })
 }
 
 pub struct Daemon {
