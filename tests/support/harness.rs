@@ -1,15 +1,18 @@
 //! Running the real `hingnetd` binary in a scratch directory: config and token files, the
-//! daemon process and its log, and reading the queue database the way an operator's tools do.
+//! daemon process and its log, and waiting for rows to change. What the queue database and
+//! the archive are is not known here: `Env`'s row and insert methods delegate to the backend
+//! modules `mod.rs` picks.
 //! Every wait here waits for an event (a row changing, a log line, a process exiting) with a
 //! generous deadline; nothing sleeps a fixed time to "let things happen".
 
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use super::queue_db;
 
 /// How long any single wait may take before the test fails: long, because a loaded CI machine
 /// is slow, and a passing test never waits this long.
@@ -209,65 +212,19 @@ impl Env {
         d
     }
 
-    /// Inserts IDs the way a producer script does, with the system `sqlite3` shell.
-    pub fn insert_sqlite3(&self, ids: &[&str]) {
-        let mut sql = String::new();
-        for id in ids {
-            sql.push_str(&format!(
-                "INSERT OR IGNORE INTO queue(video_id) VALUES ('{}');\n",
-                id.replace('\'', "''")
-            ));
-        }
-        let mut child = Command::new("sqlite3")
-            .arg("-bail")
-            .arg(&self.db)
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the sqlite3 shell is needed (apt-get install sqlite3)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!(".timeout 30000\n{sql}").as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "sqlite3: {}", stderr(&out));
-    }
-
-    pub fn open_db(&self) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open queue db");
-        c.busy_timeout(Duration::from_secs(30)).unwrap();
-        c
+    /// Inserts IDs the way a producer does (`queue_db::insert`).
+    pub fn insert(&self, ids: &[&str]) {
+        queue_db::insert(self, ids);
     }
 
     /// The row of `id`, if there is one.
     pub fn row(&self, id: &str) -> Option<Row> {
-        use rusqlite::OptionalExtension;
-        self.open_db()
-            .query_row(
-                &format!("SELECT {ROW_COLUMNS} FROM queue WHERE video_id = ?1"),
-                [id],
-                read_row,
-            )
-            .optional()
-            .expect("read row")
+        queue_db::row(self, id)
     }
 
     /// Every row, in insertion order.
     pub fn rows(&self) -> Vec<Row> {
-        let db = self.open_db();
-        let mut stmt = db
-            .prepare(&format!("SELECT {ROW_COLUMNS} FROM queue ORDER BY rowid"))
-            .unwrap();
-        stmt.query_map([], read_row)
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+        queue_db::rows(self)
     }
 
     /// Waits until the row satisfies `pred`; fails with the row and the log otherwise.
@@ -335,70 +292,7 @@ impl Env {
     }
 }
 
-/// A Python producer holding the database's write lock: it runs `before` (committed), then
-/// `BEGIN IMMEDIATE` and `during`, and keeps the transaction open until `commit`.
-pub struct WriteLock {
-    child: Child,
-}
-
-impl Env {
-    pub fn hold_write_lock(&self, before: &str, during: &str) -> WriteLock {
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(
-                "import sqlite3, sys\n\
-                 c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
-                 if sys.argv[2]: c.execute(sys.argv[2])\n\
-                 c.execute('BEGIN IMMEDIATE')\n\
-                 if sys.argv[3]: c.execute(sys.argv[3])\n\
-                 print('locked', flush=True)\n\
-                 sys.stdin.readline()\n\
-                 c.execute('COMMIT')\n",
-            )
-            .arg(&self.db)
-            .args([before, during])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 is needed");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(
-            line.trim(),
-            "locked",
-            "the producer could not take the lock"
-        );
-        WriteLock { child }
-    }
-}
-
-impl WriteLock {
-    pub fn commit(mut self) {
-        self.child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(b"commit\n")
-            .unwrap();
-        assert!(
-            self.child.wait().unwrap().success(),
-            "the producer's commit failed"
-        );
-    }
-}
-
-impl Drop for WriteLock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One queue row as an operator's tools see it.
+/// One queue row as an operator's tools see it, whatever the backend (`queue_db` reads it).
 #[derive(Clone, Debug)]
 pub struct Row {
     /// Shown lossily when it is a BLOB or not UTF-8 (a hostile producer's).
@@ -412,31 +306,6 @@ pub struct Row {
     pub bytes: Option<i64>,
     pub next_attempt_at: String,
     pub finished_at: Option<String>,
-}
-
-/// The columns `read_row` reads, in its order.
-const ROW_COLUMNS: &str = "video_id, state, attempts, last_error, http_status, path, sha256, \
-                           bytes, next_attempt_at, finished_at";
-
-fn read_row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
-    let id = match r.get_ref(0)? {
-        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
-            String::from_utf8_lossy(t).into_owned()
-        }
-        other => format!("{other:?}"),
-    };
-    Ok(Row {
-        id,
-        state: r.get(1)?,
-        attempts: r.get(2)?,
-        last_error: r.get(3)?,
-        http_status: r.get(4)?,
-        path: r.get(5)?,
-        sha256: r.get(6)?,
-        bytes: r.get(7)?,
-        next_attempt_at: r.get(8)?,
-        finished_at: r.get(9)?,
-    })
 }
 
 pub struct Daemon {
