@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use support::audit::assert_archived;
 use support::canary;
-use support::harness::{DEADLINE, Env, Settings, file_sha256, stderr, stdout};
+use support::harness::{DEADLINE, Env, Settings, stderr, stdout};
 use support::standin::{Host, StandIn, StatusStep, Step, Video, video_content};
+use support::store::file_sha256;
 use support::{queue_db, sqlite};
 
 const TOKEN: &str = "hn-CANARY-5e1d7a09c3b24f6e";

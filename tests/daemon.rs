@@ -8,8 +8,8 @@ use std::time::Duration;
 use support::audit::assert_archived;
 use support::canary;
 use support::harness::{DEADLINE, Env, Settings};
-use support::sqlite;
 use support::standin::{Host, Request, StandIn, Step, Video};
+use support::{sqlite, store};
 
 const TOKEN: &str = "hn-CANARY-7f3a9c2e51d04b88";
 
@@ -338,12 +338,7 @@ fn a_file_that_changed_on_the_server_is_not_spliced_on_resume() {
 fn a_complete_parked_partial_is_verified_not_fetched_again() {
     let (api, env) = setup();
     let v = api.add_video("video_whole", 300_000);
-    let archive = hingnetd::archive::Archive::open(&env.archive).unwrap();
-    let mut p = archive
-        .begin(&hingnetd::archive::VideoId::parse("video_whole").unwrap())
-        .unwrap();
-    p.write(&v.bytes).unwrap();
-    assert_eq!(p.park().unwrap(), 300_000);
+    assert_eq!(store::park_partial(&env, "video_whole", &v.bytes), 300_000);
     let _d = env.start();
     env.insert(&["video_whole"]);
     assert_archived(&env, &v);

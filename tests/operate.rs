@@ -430,7 +430,7 @@ fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flig
     );
     assert!(env.row("video_rm_kept").is_none());
     assert_eq!(
-        support::harness::file_sha256(&env.final_path("video_rm_kept")),
+        support::store::file_sha256(&env.final_path("video_rm_kept")),
         kept.sha256
     );
     assert!(env.sidecar_path("video_rm_kept").exists());
@@ -659,5 +659,5 @@ fn fetch_as_root_with_a_relative_archive_dir_not_made_yet_makes_it() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let file = env.dir.path().join("relative-videos/video_relative.mp4");
-    assert_eq!(support::harness::file_sha256(&file), v.sha256);
+    assert_eq!(support::local::file_sha256(&file), v.sha256);
 }

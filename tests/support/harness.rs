@@ -8,11 +8,11 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::queue_db;
+use super::{queue_db, store};
 
 /// How long any single wait may take before the test fails: long, because a loaded CI machine
 /// is slow, and a passing test never waits this long.
@@ -265,30 +265,22 @@ impl Env {
         out
     }
 
-    /// Files in the archive directory (including hidden partials).
+    /// Names in the archive (including hidden partials), sorted (`store::archive_files`).
     pub fn archive_files(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(&self.archive)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        store::archive_files(self)
     }
 
     pub fn partial_path(&self, id: &str) -> PathBuf {
-        self.archive.join(format!(".{id}.mp4.part"))
+        store::partial_path(self, id)
     }
 
     pub fn final_path(&self, id: &str) -> PathBuf {
-        self.archive.join(format!("{id}.mp4"))
+        store::final_path(self, id)
     }
 
     /// Beside the video: what the API said about it.
     pub fn sidecar_path(&self, id: &str) -> PathBuf {
-        self.archive.join(format!("{id}.json"))
+        store::sidecar_path(self, id)
     }
 }
 
@@ -379,10 +371,4 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub fn file_sha256(p: &Path) -> String {
-    use sha2::Digest;
-    let bytes = fs::read(p).expect("read archived file");
-    hingnetd::archive::hex(&sha2::Sha256::digest(&bytes))
 }
