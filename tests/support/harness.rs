@@ -1,7 +1,8 @@
 //! Running the real `hingnetd` binary in a scratch directory: config and token files, the
-//! daemon process and its log, and waiting for rows to change. What the queue database and
-//! the archive are is not known here: `Env`'s row and insert methods delegate to the backend
-//! modules `mod.rs` picks.
+//! daemon process and its log, and waiting for rows to change. What the queue database and the
+//! archive are is not known here: their config lines and `Env`'s row, insert and archive
+//! methods come from the backends `mod.rs` picks (`queue_db`, `store`).
+//!
 //! Every wait here waits for an event (a row changing, a log line, a process exiting) with a
 //! generous deadline; nothing sleeps a fixed time to "let things happen".
 
@@ -71,7 +72,9 @@ impl Settings {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The queue database's file (`sqlite`'s).
     pub db: PathBuf,
+    /// The archive directory (`local`'s).
     pub archive: PathBuf,
     pub token_file: PathBuf,
     pub settings: Settings,
@@ -100,8 +103,8 @@ impl Env {
         let s = &self.settings;
         format!(
             "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n{}\
-             [queue]\ndatabase = {:?}\npoll_interval = {:?}\n\
-             [archive]\ndir = {:?}\nmin_free = {:?}\n{}\
+             [queue]\n{}poll_interval = {:?}\n\
+             [archive]\n{}min_free = {:?}\n{}\
              [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n{}{}\
              [retry]\ninitial_delay = {:?}\nmax_delay = {:?}\ngive_up_after = {:?}\n",
             s.base_url,
@@ -114,9 +117,10 @@ impl Env {
             } else {
                 ""
             },
-            self.db,
+            // Where the queue and the archive are: the backends' lines.
+            queue_db::config(self),
             s.poll_interval,
-            self.archive,
+            store::config(self),
             s.min_free,
             if s.sidecar { "" } else { "sidecar = false\n" },
             s.concurrency,
@@ -265,7 +269,7 @@ impl Env {
         out
     }
 
-    /// Names in the archive (including hidden partials), sorted (`store::archive_files`).
+    /// Names in the archive (including hidden partials), sorted.
     pub fn archive_files(&self) -> Vec<String> {
         store::archive_files(self)
     }

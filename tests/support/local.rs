@@ -13,6 +13,12 @@ use std::path::{Path, PathBuf};
 
 use super::harness::Env;
 
+/// Where the archive is: the `[archive]` lines of the config besides `min_free` and
+/// `sidecar`.
+pub fn config(env: &Env) -> String {
+    format!("dir = {:?}\n", env.archive)
+}
+
 /// Names in the archive directory (including hidden partials), sorted.
 pub fn archive_files(env: &Env) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(&env.archive)
