@@ -4,6 +4,7 @@
 mod support;
 
 use support::harness::{BIN, Env, Settings, stderr, stdout};
+use support::sqlite;
 
 const CONFIG_EXIT: i32 = 78;
 const TOKEN: &str = "oh-cli-canary-4b1d";
@@ -154,9 +155,7 @@ fn migrate_is_repeatable_and_refuses_a_newer_schema() {
     let env = env();
     let out = env.cmd(&["migrate"]);
     assert!(out.status.success());
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.pragma_update(None, "user_version", 999).unwrap();
-    drop(c);
+    sqlite::set_user_version(&env, 999);
     let out = env.cmd(&["migrate"]);
     assert!(!out.status.success());
     assert!(

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use support::audit::assert_archived;
 use support::canary;
-use support::harness::{DEADLINE, Env, Settings, file_sha256, stderr, stdout};
+use support::harness::{DEADLINE, Env, Settings, stderr, stdout};
 use support::standin::{Host, StandIn, StatusStep, Step, Video, video_content};
+use support::store::file_sha256;
+use support::{queue_db, sqlite};
 
 const TOKEN: &str = "hn-CANARY-5e1d7a09c3b24f6e";
 
@@ -37,21 +39,6 @@ fn boxed(kind: &[u8; 4], body: usize) -> Vec<u8> {
     v.extend_from_slice(kind);
     v.extend((0..body).map(|i| (i * 7 % 251) as u8));
     v
-}
-
-/// Runs SQL on the queue the way an operator's shell does (the system `sqlite3`).
-fn sql(env: &Env, statement: &str) {
-    let out = std::process::Command::new("sqlite3")
-        .args(["-bail", "-cmd", ".timeout 30000"])
-        .arg(&env.db)
-        .arg(statement)
-        .output()
-        .expect("sqlite3");
-    assert!(
-        out.status.success() && out.stderr.is_empty(),
-        "sqlite3: {}",
-        stderr(&out)
-    );
 }
 
 fn unix_now() -> u64 {
@@ -84,7 +71,7 @@ fn an_incomplete_mp4_served_twice_is_kept_and_the_row_failed() {
     past[48..52].copy_from_slice(&(100_000u32).to_be_bytes());
     api.add_video_bytes("video_past", past.clone());
     let _d = env.start();
-    env.insert_sqlite3(&["video_stray", "video_unfinished", "video_past"]);
+    env.insert(&["video_stray", "video_unfinished", "video_past"]);
     for (id, bytes, why) in [
         ("video_stray", &stray, "5 stray bytes after the last box"),
         ("video_unfinished", &unfinished, "no moov box"),
@@ -138,7 +125,7 @@ fn at_most_three_full_downloads_and_a_good_second_body_is_done() {
     let good = api.add_video("video_second", 50_000);
     api.script("video_second", vec![Step::Body(bad(4)), Step::Serve]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_three", "video_second"]);
+    env.insert(&["video_three", "video_second"]);
     let row = env.wait_state("video_three", "failed");
     assert!(
         row.last_error
@@ -172,7 +159,7 @@ fn the_bytes_decide_what_is_a_video_not_the_content_type() {
     qt.extend(boxed(b"moov", 200));
     let quicktime = api.add_video_bytes("video_quicktime", qt);
     let _d = env.start();
-    env.insert_sqlite3(&["video_text_plain", "video_quicktime"]);
+    env.insert(&["video_text_plain", "video_quicktime"]);
     assert_archived(&env, &labelled);
     assert_archived(&env, &quicktime);
     assert_eq!(env.row("video_text_plain").unwrap().attempts, 1);
@@ -204,7 +191,7 @@ fn what_sits_at_the_final_path_is_set_aside_or_fails_the_row() {
     api.add_video("video_planted_dir", 30_000);
     std::fs::create_dir(env.final_path("video_planted_dir")).unwrap();
     let _d = env.start();
-    env.insert_sqlite3(&[
+    env.insert(&[
         "video_planted_empty",
         "video_planted_text",
         "video_planted_short",
@@ -251,7 +238,7 @@ fn after_a_refused_resume_the_next_attempt_starts_from_zero() {
     }
     let _d = env.start();
     let ids: Vec<&str> = videos.iter().map(|v| v.id.as_str()).collect();
-    env.insert_sqlite3(&ids);
+    env.insert(&ids);
     for (v, refused) in videos.iter().zip([1, 1, 2]) {
         assert_archived(&env, v);
         let reqs = api.content_requests(&v.id);
@@ -283,7 +270,7 @@ fn a_206_for_the_whole_body_and_capped_ranges_take_one_attempt() {
     api.script("video_capped", vec![Step::Redirect]);
     api.script_cdn("video_capped", vec![Step::Capped(100_000)]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_whole_206", "video_capped"]);
+    env.insert(&["video_whole_206", "video_capped"]);
     assert_archived(&env, &whole);
     assert_archived(&env, &capped);
     assert_eq!(env.row("video_whole_206").unwrap().attempts, 1);
@@ -311,7 +298,7 @@ fn an_id_with_whitespace_around_it_is_trimmed() {
     let a = api.add_video("video_echoed", 20_000);
     let b = api.add_video("video_padded", 20_000);
     let d = env.start();
-    env.insert_sqlite3(&["video_echoed\n", " video_padded\t"]);
+    env.insert(&["video_echoed\n", " video_padded\t"]);
     let row = env.wait_state("video_echoed\n", "done");
     assert_eq!(
         row.path.as_deref(),
@@ -341,10 +328,7 @@ fn an_id_with_whitespace_around_it_is_trimmed() {
         "{}",
         stderr(&out)
     );
-    let rows: i64 = env
-        .open_db()
-        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
-        .unwrap();
+    let rows = queue_db::query_i64(&env, "SELECT count(*) FROM queue");
     assert_eq!(rows, 2, "fetch made a second row");
     assert_clean(&api, &env);
 }
@@ -373,7 +357,7 @@ fn retry_after_zero_or_in_the_past_is_floored_at_the_initial_delay() {
         ],
     );
     let _d = env.start();
-    env.insert_sqlite3(&["video_hammer"]);
+    env.insert(&["video_hammer"]);
     assert_archived(&env, &v);
     let reqs = api.content_requests("video_hammer");
     assert_eq!(reqs.len(), 4);
@@ -399,13 +383,13 @@ fn retry_after_an_hour_is_cut_to_the_max_delay_then_one_request_probes() {
         vec![Step::RateLimited("3600".into()), Step::Serve],
     );
     let d = env.start();
-    env.insert_sqlite3(&["video_limited"]);
+    env.insert(&["video_limited"]);
     let limited = api.wait_for("the 429", DEADLINE, |l| l.iter().any(|r| r.status == 429));
     let limited_at = limited.iter().find(|r| r.status == 429).unwrap().at;
     let others: Vec<Video> = (0..3)
         .map(|i| api.add_video(&format!("video_waiting_{i}"), 200_000))
         .collect();
-    env.insert_sqlite3(&["video_waiting_0", "video_waiting_1", "video_waiting_2"]);
+    env.insert(&["video_waiting_0", "video_waiting_1", "video_waiting_2"]);
     assert_archived(&env, &first);
     for v in &others {
         assert_archived(&env, v);
@@ -458,7 +442,7 @@ fn a_video_the_api_refuses_fails_after_three_refusals_while_others_download() {
     });
     refuse_one_video(&api);
     let _d = env.start();
-    env.insert_sqlite3(&["video_not_ours"]);
+    env.insert(&["video_not_ours"]);
     let mut good = Vec::new();
     for n in 1..=3 {
         api.wait_for(&format!("refusal {n}"), DEADLINE, |l| {
@@ -470,7 +454,7 @@ fn a_video_the_api_refuses_fails_after_three_refusals_while_others_download() {
         // Another video to download meanwhile: the API accepts the token for it.
         let id = format!("video_fine_{n}");
         good.push(api.add_video(&id, 10_000));
-        env.insert_sqlite3(&[&id]);
+        env.insert(&[&id]);
     }
     let row = env.wait_state("video_not_ours", "failed");
     let e = row.last_error.unwrap();
@@ -516,7 +500,7 @@ fn a_refused_video_is_counted_while_other_downloads_are_in_flight() {
     };
     let mut good = vec![slow(&api, "video_in_flight_0")];
     let _d = env.start();
-    env.insert_sqlite3(&["video_in_flight_0", "video_not_ours"]);
+    env.insert(&["video_in_flight_0", "video_not_ours"]);
     // A steady producer: a new video after each refusal, as long as the refused one is not
     // failed. (Which refusals count depends on which downloads were in flight at the time.)
     let refused = || {
@@ -539,7 +523,7 @@ fn a_refused_video_is_counted_while_other_downloads_are_in_flight() {
             seen = now;
             let id = format!("video_in_flight_{}", good.len());
             good.push(slow(&api, &id));
-            env.insert_sqlite3(&[&id]);
+            env.insert(&[&id]);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -573,7 +557,7 @@ fn a_status_endpoint_that_refuses_the_token_pauses_nothing() {
     );
     api.script_status("video_status_refused", vec![StatusStep::Error(403)]);
     let d = env.start();
-    env.insert_sqlite3(&["video_status_refused"]);
+    env.insert(&["video_status_refused"]);
     assert_archived(&env, &v);
     assert!(!d.log().contains("PAUSED"), "{}", d.log());
     assert_eq!(env.row("video_status_refused").unwrap().attempts, 4);
@@ -594,7 +578,7 @@ fn concurrent_refusals_do_not_multiply_the_probe_delay() {
     let vids: Vec<Video> = ids.iter().map(|id| api.add_video(id, 10_000)).collect();
     let d = env.start();
     let idr: Vec<&str> = ids.iter().map(String::as_str).collect();
-    env.insert_sqlite3(&idr);
+    env.insert(&idr);
     let log = api.wait_for("the burst and the probe", DEADLINE, |l| {
         l.iter().filter(|r| r.status == 401).count() >= 5
     });
@@ -628,10 +612,10 @@ fn a_database_error_during_the_token_probe_leaves_the_probe_scheduled() {
     env.set_token("oh-wrong-token");
     let v = api.add_video("video_probe_db", 10_000);
     let d = env.start();
-    env.insert_sqlite3(&["video_probe_db"]);
+    env.insert(&["video_probe_db"]);
     d.wait_log("ALL DOWNLOADS PAUSED");
     // Claims now fail inside SQLite.
-    sql(
+    sqlite::sql(
         &env,
         "CREATE TRIGGER refuse_claims BEFORE UPDATE OF state ON queue \
          WHEN NEW.state = 'downloading' BEGIN SELECT RAISE(ABORT, 'test: claims refused'); END;",
@@ -645,7 +629,7 @@ fn a_database_error_during_the_token_probe_leaves_the_probe_scheduled() {
     std::thread::sleep(Duration::from_secs(1));
     let during = errors() - before;
     assert!(during <= 3, "{during} database errors in 1 s");
-    sql(&env, "DROP TRIGGER refuse_claims;");
+    sqlite::sql(&env, "DROP TRIGGER refuse_claims;");
     env.set_token(TOKEN);
     assert_archived(&env, &v);
     assert_clean(&api, &env);
@@ -669,7 +653,7 @@ fn a_410_or_a_404_past_its_expiry_fails_the_video_as_expired() {
         serde_json::json!({"expires_at": unix_now() - 60}),
     );
     let d = env.start();
-    env.insert_sqlite3(&["video_410", "video_past_expiry"]);
+    env.insert(&["video_410", "video_past_expiry"]);
     for id in ["video_410", "video_past_expiry"] {
         let row = env.wait_state(id, "failed");
         let e = row.last_error.unwrap();
@@ -693,7 +677,7 @@ fn a_video_that_is_never_served_fails_at_its_expiry() {
         serde_json::json!({"expires_at": unix_now() + 2}),
     );
     let d = env.start();
-    env.insert_sqlite3(&["video_never_served"]);
+    env.insert(&["video_never_served"]);
     let row = env.wait_state("video_never_served", "failed");
     let e = row.last_error.unwrap();
     assert!(e.starts_with("expired at "), "{e}");
@@ -721,7 +705,7 @@ fn the_video_that_expires_first_is_downloaded_first() {
         vec![Step::Hold(10_000), Step::Serve],
     );
     let _d = env.start();
-    env.insert_sqlite3(&["video_holding_the_slot"]);
+    env.insert(&["video_holding_the_slot"]);
     api.wait_for("the held download", DEADLINE, |l| {
         l.iter().any(|r| r.paused)
     });
@@ -743,7 +727,7 @@ fn the_video_that_expires_first_is_downloaded_first() {
         });
     }
     statements.push_str("COMMIT;");
-    sql(&env, &statements);
+    sqlite::sql(&env, &statements);
     let status: serde_json::Value =
         serde_json::from_slice(&env.cmd(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["expiring_soon"], 1, "{status}");
@@ -774,14 +758,10 @@ fn the_video_that_expires_first_is_downloaded_first() {
         ]
     );
     // What the status object says (expires_at = completion + 1 h) replaces what was inserted.
-    let exp: String = env
-        .open_db()
-        .query_row(
-            "SELECT expires_at FROM queue WHERE video_id = 'video_exp_none'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let exp = queue_db::query_text(
+        &env,
+        "SELECT expires_at FROM queue WHERE video_id = 'video_exp_none'",
+    );
     assert!(exp.ends_with('Z') && exp.len() == 24, "{exp}");
     assert_clean(&api, &env);
 }
@@ -808,7 +788,7 @@ fn a_lagging_status_endpoint_or_a_proxys_404_never_fails_a_video() {
     );
     api.script_status("video_behind_proxy", vec![StatusStep::Html404]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_lagging", "video_behind_proxy"]);
+    env.insert(&["video_lagging", "video_behind_proxy"]);
     assert_archived(&env, &lag);
     assert_archived(&env, &proxy);
     let reqs = api.content_requests("video_lagging");
@@ -872,16 +852,12 @@ fn the_status_object_is_kept_without_its_signed_links() {
         }),
     );
     let _d = env.start();
-    env.insert_sqlite3(&["video_veo"]);
+    env.insert(&["video_veo"]);
     assert_archived(&env, &v);
-    let meta: String = env
-        .open_db()
-        .query_row(
-            "SELECT metadata FROM queue WHERE video_id = 'video_veo'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let meta = queue_db::query_text(
+        &env,
+        "SELECT metadata FROM queue WHERE video_id = 'video_veo'",
+    );
     let json: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(json["model"], "veo-3");
     assert_eq!(json["id"], "video_veo");
@@ -906,7 +882,7 @@ fn without_the_sidecar_the_metadata_is_still_in_the_row() {
     let (api, env) = setup_with(|s| s.sidecar = false);
     let v = api.add_video("video_no_sidecar", 10_000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_no_sidecar"]);
+    env.insert(&["video_no_sidecar"]);
     assert_archived(&env, &v);
     assert!(!env.sidecar_path("video_no_sidecar").exists());
     let out = env.cmd(&["show", "video_no_sidecar", "--json"]);
@@ -941,7 +917,7 @@ fn no_part_of_a_secret_survives_in_what_is_kept() {
         vec![Step::Echo(500, "cannot serve {url}".into()), Step::Serve],
     );
     let d = env.start();
-    env.insert_sqlite3(&["video_echo_cut", "video_echo_url"]);
+    env.insert(&["video_echo_cut", "video_echo_url"]);
     env.wait_state("video_echo_cut", "done");
     env.wait_state("video_echo_url", "done");
     // A new token, by reload; the old one then comes back in an error message.
@@ -955,16 +931,9 @@ fn no_part_of_a_secret_survives_in_what_is_kept() {
         "video_echo_old",
         vec![Step::Echo(500, format!("{TOKEN} is revoked")), Step::Serve],
     );
-    env.insert_sqlite3(&["video_echo_old"]);
+    env.insert(&["video_echo_old"]);
     env.wait_state("video_echo_old", "done");
-    let db = env.open_db();
-    let details: Vec<String> = db
-        .prepare("SELECT coalesce(detail, '') FROM attempt_log")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let details = queue_db::query_texts(&env, "SELECT coalesce(detail, '') FROM attempt_log");
     let kept = format!("{}\n{}", details.join("\n"), env.logs());
     assert!(kept.contains("<token> was re"), "{kept}");
     assert!(kept.contains("<token> is revoked"), "{kept}");
@@ -1068,7 +1037,7 @@ fn a_trickle_below_the_speed_floor_ends_the_attempt_and_resumes() {
         ],
     );
     let _d = env.start();
-    env.insert_sqlite3(&["video_trickle"]);
+    env.insert(&["video_trickle"]);
     assert_archived(&env, &v);
     let reqs = api.content_requests("video_trickle");
     assert_eq!(reqs.len(), 2, "{}", api.dump());
@@ -1086,7 +1055,7 @@ fn a_failed_video_leaves_no_partial_and_verify_reports_leftovers() {
     api.add_video("video_cut_forever", 1_000_000);
     api.script("video_cut_forever", vec![Step::Truncate(30_000)]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_cut_forever"]);
+    env.insert(&["video_cut_forever"]);
     let row = env.wait_state("video_cut_forever", "failed");
     assert!(row.last_error.unwrap().contains("gave up"));
     assert!(

@@ -3,13 +3,13 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use support::audit::assert_archived;
 use support::canary;
 use support::harness::{DEADLINE, Env, Settings};
 use support::standin::{Host, Request, StandIn, Step, Video};
+use support::{sqlite, store};
 
 const TOKEN: &str = "hn-CANARY-7f3a9c2e51d04b88";
 
@@ -44,7 +44,7 @@ fn downloads_a_200_directly() {
     let (api, env) = setup();
     let v = api.add_video("video_direct1", 1_500_000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_direct1"]);
+    env.insert(&["video_direct1"]);
     assert_archived(&env, &v);
     let row = env.row("video_direct1").unwrap();
     assert_eq!((row.http_status, row.attempts), (Some(200), 1));
@@ -66,7 +66,7 @@ fn follows_redirect_without_sending_the_token_to_the_cdn() {
     let rel = api.add_video("video_relative", 100_000);
     api.script("video_relative", vec![Step::RedirectRelative]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_redirect", "video_relative"]);
+    env.insert(&["video_redirect", "video_relative"]);
     assert_archived(&env, &v);
     assert_archived(&env, &rel);
     let reqs = api.requests();
@@ -89,7 +89,7 @@ fn a_redirect_loop_is_cut_after_10_hops() {
     api.script("video_loop", vec![Step::Redirect]);
     api.script_cdn("video_loop", vec![Step::Redirect]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_loop"]);
+    env.insert(&["video_loop"]);
     let row = env.wait_state("video_loop", "failed");
     assert!(
         row.last_error
@@ -118,7 +118,7 @@ fn retries_not_ready_with_backoff_then_downloads() {
         vec![Step::NotReady, Step::NotReady, Step::NotReady, Step::Serve],
     );
     let _d = env.start();
-    env.insert_sqlite3(&["video_slow"]);
+    env.insert(&["video_slow"]);
     assert_archived(&env, &v);
     let reqs = content_requests(&api, "video_slow");
     assert_eq!(
@@ -144,7 +144,7 @@ fn gives_up_after_the_deadline() {
     api.add_video("video_never", 1000);
     api.script("video_never", vec![Step::NotReady]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_never"]);
+    env.insert(&["video_never"]);
     let row = env.wait_state("video_never", "failed");
     assert!(
         row.last_error
@@ -166,7 +166,7 @@ fn confirmed_404_fails_for_good() {
     api.set_status("video_gone", None);
     let ok = api.add_video("video_after", 1000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_gone"]);
+    env.insert(&["video_gone"]);
     let row = env.wait_state("video_gone", "failed");
     assert_eq!(row.http_status, Some(404));
     assert!(
@@ -180,7 +180,7 @@ fn confirmed_404_fails_for_good() {
     assert!(status[1].at - status[0].at >= Duration::from_millis(50));
     // Re-inserting changes nothing, and the daemon never asks for it again: by the time a
     // later video is done, the failed one has had every chance to be (wrongly) retried.
-    env.insert_sqlite3(&["video_gone", "video_after"]);
+    env.insert(&["video_gone", "video_after"]);
     assert_archived(&env, &ok);
     assert_eq!(content_requests(&api, "video_gone").len(), 2);
     assert_eq!(env.row("video_gone").unwrap().state, "failed");
@@ -202,7 +202,7 @@ fn a_404_while_still_processing_is_not_ready() {
     );
     api.set_status("video_processing", Some("processing"));
     let _d = env.start();
-    env.insert_sqlite3(&["video_processing"]);
+    env.insert(&["video_processing"]);
     assert_archived(&env, &v);
     // The 404s asked the status endpoint, at most once per retry.max_delay (200 ms here): the
     // retry after the first comes sooner, and is a not-ready too.
@@ -247,7 +247,7 @@ fn truncated_body_is_resumed_with_range() {
     let v = api.add_video("video_cut", 1_000_000);
     api.script("video_cut", vec![Step::Truncate(300_000), Step::Serve]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_cut"]);
+    env.insert(&["video_cut"]);
     assert_archived(&env, &v);
     let from = assert_resumed(&api, "video_cut");
     assert!(from <= 300_000);
@@ -260,7 +260,7 @@ fn stalled_body_is_dropped_and_resumed() {
     let v = api.add_video("video_stall", 1_000_000);
     api.script("video_stall", vec![Step::Stall(200_000), Step::Serve]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_stall"]);
+    env.insert(&["video_stall"]);
     assert_archived(&env, &v);
     assert_resumed(&api, "video_stall");
     assert!(env.logs().contains("stalled"), "{}", env.logs());
@@ -283,7 +283,7 @@ fn servers_that_get_ranges_wrong_still_give_the_right_file() {
     let chunked = api.add_video("video_chunked", 600_000);
     api.script("video_chunked", vec![Step::Chunked]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_ignores_range", "video_bad_range", "video_chunked"]);
+    env.insert(&["video_ignores_range", "video_bad_range", "video_chunked"]);
     for v in [&ignore, &bad, &chunked] {
         assert_archived(&env, v);
     }
@@ -305,7 +305,7 @@ fn a_file_that_changed_on_the_server_is_not_spliced_on_resume() {
     let old = api.add_video("video_changed", 600_000);
     api.script("video_changed", vec![Step::Truncate(250_000), Step::Serve]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_changed"]);
+    env.insert(&["video_changed"]);
     api.wait_for("the cut first attempt", DEADLINE, |l| {
         l.iter().any(|r| r.status == 200 && r.finished)
     });
@@ -338,14 +338,9 @@ fn a_file_that_changed_on_the_server_is_not_spliced_on_resume() {
 fn a_complete_parked_partial_is_verified_not_fetched_again() {
     let (api, env) = setup();
     let v = api.add_video("video_whole", 300_000);
-    let archive = hingnetd::store::local::Archive::open(&env.archive).unwrap();
-    let mut p = archive
-        .begin(&hingnetd::id::VideoId::parse("video_whole").unwrap())
-        .unwrap();
-    p.write(&v.bytes).unwrap();
-    assert_eq!(p.park().unwrap(), 300_000);
+    assert_eq!(store::park_partial(&env, "video_whole", &v.bytes), 300_000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_whole"]);
+    env.insert(&["video_whole"]);
     assert_archived(&env, &v);
     let reqs = content_requests(&api, "video_whole");
     assert_eq!(reqs.len(), 1, "{}", api.dump());
@@ -365,7 +360,7 @@ fn a_partial_without_its_record_is_not_trusted() {
     wrong[200_000] ^= 0xff;
     std::fs::write(env.partial_path("video_bare"), &wrong).unwrap();
     let _d = env.start();
-    env.insert_sqlite3(&["video_bare"]);
+    env.insert(&["video_bare"]);
     assert_archived(&env, &v);
     let reqs = content_requests(&api, "video_bare");
     assert_eq!(reqs.len(), 1);
@@ -379,7 +374,7 @@ fn an_expired_signed_url_starts_over_from_the_api() {
     api.script("video_expired", vec![Step::Redirect]);
     api.script_cdn("video_expired", vec![Step::Error(403), Step::Serve]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_expired"]);
+    env.insert(&["video_expired"]);
     assert_archived(&env, &v);
     assert_eq!(content_requests(&api, "video_expired").len(), 2);
     let logs = env.logs();
@@ -398,7 +393,7 @@ fn bodies_over_max_bytes_are_refused() {
     api.script("video_big_chunked", vec![Step::Chunked]);
     let small = api.add_video("video_small", 100_000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_big", "video_big_chunked", "video_small"]);
+    env.insert(&["video_big", "video_big_chunked", "video_small"]);
     assert_archived(&env, &small);
     let row = env.wait_state("video_big", "failed");
     assert!(row.last_error.unwrap().contains("over download.max_bytes"));
@@ -418,7 +413,7 @@ fn server_errors_are_retried() {
         vec![Step::Error(500), Step::Error(503), Step::Serve],
     );
     let _d = env.start();
-    env.insert_sqlite3(&["video_5xx"]);
+    env.insert(&["video_5xx"]);
     assert_archived(&env, &v);
     assert_eq!(env.row("video_5xx").unwrap().attempts, 3);
     assert_clean(&api, &env, &[]);
@@ -438,10 +433,10 @@ fn rate_limit_pauses_the_whole_client_for_retry_after() {
     );
     let b = api.add_video("video_next", 10_000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_429"]);
+    env.insert(&["video_429"]);
     let reqs = api.wait_for("the 429", DEADLINE, |l| l.iter().any(|r| r.status == 429));
     let limited_at = reqs.iter().find(|r| r.status == 429).unwrap().at;
-    env.insert_sqlite3(&["video_next"]);
+    env.insert(&["video_next"]);
     assert_archived(&env, &a);
     assert_archived(&env, &b);
     for r in api.requests().iter().filter(|r| r.at > limited_at) {
@@ -462,7 +457,7 @@ fn rejected_token_pauses_everything_until_the_token_is_fixed() {
         .map(|i| api.add_video(&format!("video_auth{i}"), 20_000))
         .collect();
     let _d = env.start();
-    env.insert_sqlite3(&["video_auth0", "video_auth1", "video_auth2"]);
+    env.insert(&["video_auth0", "video_auth1", "video_auth2"]);
     // The first rejection, then at least two probes, one at a time.
     api.wait_for("three 401s", DEADLINE, |l| {
         l.iter().filter(|r| r.status == 401).count() >= 3
@@ -491,7 +486,7 @@ fn a_429_answering_the_token_probe_does_not_stall_the_queue() {
         vec![Step::RateLimited("2".into()), Step::Serve],
     );
     let d = env.start();
-    env.insert_sqlite3(&["video_probe"]);
+    env.insert(&["video_probe"]);
     api.wait_for("two 401s", DEADLINE, |l| {
         l.iter().filter(|r| r.status == 401).count() >= 2
     });
@@ -507,7 +502,7 @@ fn a_429_answering_the_token_probe_does_not_stall_the_queue() {
         "daemon used {used} ticks in 0.8 s while rate-limited"
     );
     let w = api.add_video("video_probe_later", 10_000);
-    env.insert_sqlite3(&["video_probe_later"]);
+    env.insert(&["video_probe_later"]);
     assert_archived(&env, &v);
     assert_archived(&env, &w);
     assert_clean(&api, &env, &[]);
@@ -535,10 +530,10 @@ fn no_busy_loop_while_paused_with_a_download_in_flight() {
     api.script("video_inflight", vec![Step::Hold(100_000), Step::Serve]);
     let b = api.add_video("video_revoked", 10_000);
     let d = env.start();
-    env.insert_sqlite3(&["video_inflight"]);
+    env.insert(&["video_inflight"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     api.set_token("oh-rotated-token");
-    env.insert_sqlite3(&["video_revoked"]);
+    env.insert(&["video_revoked"]);
     d.wait_log("ALL DOWNLOADS PAUSED");
     let before = cpu_ticks(d.child.id());
     std::thread::sleep(Duration::from_secs(1));
@@ -567,7 +562,7 @@ fn no_busy_loop_while_the_token_pause_meets_an_outage() {
     api.add_video("video_a", 10_000);
     api.add_video("video_b", 10_000);
     let d = env.start();
-    env.insert_sqlite3(&["video_a", "video_b"]);
+    env.insert(&["video_a", "video_b"]);
     d.wait_log("ALL DOWNLOADS PAUSED");
     // The API host moves to a closed port; the reload makes the next probe go at once.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -599,7 +594,7 @@ fn a_shutdown_before_the_first_bytes_gives_the_row_back() {
     let v = api.add_video("video_first_bytes", 100_000);
     api.script("video_first_bytes", vec![Step::Hold(4), Step::Serve]);
     let mut d = env.start();
-    env.insert_sqlite3(&["video_first_bytes"]);
+    env.insert(&["video_first_bytes"]);
     api.wait_for("the held download", DEADLINE, |l| {
         l.iter().any(|r| r.paused)
     });
@@ -627,9 +622,9 @@ fn no_busy_loop_while_due_rows_wait_for_a_slot() {
     api.script("video_slot", vec![Step::Hold(100_000), Step::Serve]);
     let b = api.add_video("video_waiting", 1000);
     let d = env.start();
-    env.insert_sqlite3(&["video_slot"]);
+    env.insert(&["video_slot"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
-    env.insert_sqlite3(&["video_waiting"]);
+    env.insert(&["video_waiting"]);
     // Seen (a status line or a look happens after the commit) before the window opens.
     env.wait_row("video_waiting", "inserted", |r| r.state == "pending");
     let before = cpu_ticks(d.child.id());
@@ -653,7 +648,7 @@ fn html_or_json_on_200_is_never_archived() {
     let v = api.add_video("video_html", 50_000);
     api.script("video_html", vec![Step::Html, Step::WrongType, Step::Serve]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_html"]);
+    env.insert(&["video_html"]);
     assert_archived(&env, &v);
     assert_eq!(env.row("video_html").unwrap().attempts, 3);
     let logs = env.logs();
@@ -681,7 +676,7 @@ fn bad_ids_fail_without_any_request() {
     let _d = env.start();
     let mut all: Vec<&str> = bad.to_vec();
     all.push("video_good");
-    env.insert_sqlite3(&all);
+    env.insert(&all);
     assert_archived(&env, &ok);
     for id in bad {
         let row = env.wait_state(id, "failed");
@@ -735,7 +730,7 @@ fn kill_9_mid_download_then_restart_resumes() {
     let v = api.add_video("video_crash", 3_000_000);
     api.script("video_crash", vec![Step::Hold(1_200_000), Step::Serve]);
     let mut d = env.start();
-    env.insert_sqlite3(&["video_crash"]);
+    env.insert(&["video_crash"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     let had = wait_partial(&env, "video_crash");
     d.kill9();
@@ -761,7 +756,7 @@ fn sigterm_mid_download_parks_the_partial_and_exits_0() {
     let v = api.add_video("video_term", 3_000_000);
     api.script("video_term", vec![Step::Hold(1_200_000), Step::Serve]);
     let mut d = env.start();
-    env.insert_sqlite3(&["video_term"]);
+    env.insert(&["video_term"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     wait_partial(&env, "video_term");
     d.signal(libc::SIGTERM);
@@ -787,19 +782,9 @@ fn producers_using_sqlite3_shell_and_python_are_picked_up() {
     let b = api.add_video("video_python", 1000);
     let c = api.add_video("video_cli", 1000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_shell"]);
+    sqlite::insert_sqlite3(&env, &["video_shell"]);
     assert_archived(&env, &a);
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sqlite3, sys\n\
-             c = sqlite3.connect(sys.argv[1], timeout=30)\n\
-             c.execute('INSERT OR IGNORE INTO queue(video_id) VALUES (?)', ('video_python',))\n\
-             c.commit()\n",
-        )
-        .arg(&env.db)
-        .output()
-        .unwrap();
+    let out = sqlite::insert_python(&env, "video_python");
     assert!(
         out.status.success(),
         "{}",
@@ -812,7 +797,7 @@ fn producers_using_sqlite3_shell_and_python_are_picked_up() {
     assert_archived(&env, &c);
     // Re-inserting a done ID changes nothing.
     let before = env.row("video_shell").unwrap();
-    env.insert_sqlite3(&["video_shell"]);
+    sqlite::insert_sqlite3(&env, &["video_shell"]);
     let after = env.row("video_shell").unwrap();
     assert_eq!(
         (before.finished_at, before.attempts),
@@ -833,11 +818,12 @@ fn a_producer_holding_the_write_lock_only_delays_the_daemon() {
     api.script("video_locked", vec![Step::Hold(100_000), Step::Serve]);
     let w = api.add_video("video_in_tx", 1000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_locked"]);
+    env.insert(&["video_locked"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     // A Python producer takes the write lock, inserts, and holds the transaction open until
     // told to commit (a line on its stdin).
-    let lock = env.hold_write_lock(
+    let lock = sqlite::hold_write_lock(
+        &env,
         "",
         "INSERT OR IGNORE INTO queue(video_id) VALUES ('video_in_tx')",
     );

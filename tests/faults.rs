@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use support::audit::audit;
 use support::harness::{DEADLINE, Env, Settings, stderr, wait_until};
+use support::queue_db::{self, count};
+use support::sqlite;
 use support::standin::{Request, StandIn, Step, Video};
 
 const TOKEN: &str = "hn-faults-token-5d2c";
@@ -42,22 +44,6 @@ fn setup_with(tune: impl FnOnce(&mut Settings)) -> (StandIn, Env) {
     tune(&mut s);
     let env = Env::new(s, TOKEN);
     (api, env)
-}
-
-/// Rows per state, read the way an operator's tool reads them.
-fn state_counts(env: &Env) -> BTreeMap<String, i64> {
-    let c = env.open_db();
-    let mut st = c
-        .prepare("SELECT state, count(*) FROM queue GROUP BY state")
-        .unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-}
-
-fn count(env: &Env, state: &str) -> i64 {
-    state_counts(env).get(state).copied().unwrap_or(0)
 }
 
 /// Every violation of the archive's promises for these videos: the shared audit (a `done` row
@@ -152,7 +138,7 @@ fn kill_9_soak(name: &str, concurrency: usize, default_seed: u64) {
         videos.push(v);
     }
     let ids: Vec<&str> = videos.iter().map(|v| v.id.as_str()).collect();
-    env.insert_sqlite3(&ids);
+    env.insert(&ids);
 
     let mut kills = 0;
     let mut restarts = 0;
@@ -282,7 +268,7 @@ fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
     let chunky = api.add_video("video_chunky", 20 << 20);
     api.script("video_chunky", vec![Step::Chunked]);
     let d = env.start();
-    env.insert_sqlite3(&["video_chunky"]);
+    env.insert(&["video_chunky"]);
     let row = env.wait_row("video_chunky", "a disk-full error", |r| {
         r.last_error
             .as_deref()
@@ -320,7 +306,7 @@ fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
     let sized: Vec<Video> = (0..3)
         .map(|i| api.add_video(&format!("video_sized{i}"), 8 << 20))
         .collect();
-    env.insert_sqlite3(&["video_sized0", "video_sized1", "video_sized2"]);
+    env.insert(&["video_sized0", "video_sized1", "video_sized2"]);
     // A measurement window (two storage checks), not a wait for an event: nothing may start.
     let paused_at = api.requests().len();
     std::thread::sleep(Duration::from_secs(5));
@@ -372,7 +358,7 @@ fn a_body_without_a_length_stops_at_the_reserve_and_resumes() {
     let v = api.add_video("video_unsized", 30 << 20);
     api.script("video_unsized", vec![Step::Chunked, Step::Serve]);
     let d = env.start();
-    env.insert_sqlite3(&["video_unsized"]);
+    env.insert(&["video_unsized"]);
     let row = env.wait_row("video_unsized", "stopped at the reserve", |r| {
         r.last_error
             .as_deref()
@@ -413,7 +399,7 @@ fn an_archive_directory_that_disappears_fails_nothing() {
     let held = api.add_video("video_held", 1_000_000);
     api.script("video_held", vec![Step::Hold(500_000), Step::Serve]);
     let d = env.start();
-    env.insert_sqlite3(&["video_held"]);
+    env.insert(&["video_held"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     std::fs::remove_dir_all(&env.archive).unwrap();
     api.release("video_held");
@@ -421,7 +407,7 @@ fn an_archive_directory_that_disappears_fails_nothing() {
     assert_eq!(row.state, "pending", "{row:?}");
     d.wait_log("is missing");
     let later = api.add_video("video_later", 300_000);
-    env.insert_sqlite3(&["video_later"]);
+    env.insert(&["video_later"]);
     assert!(!env.final_path("video_held").exists());
     std::fs::create_dir(&env.archive).unwrap();
     d.wait_log("downloads resumed");
@@ -443,7 +429,7 @@ fn a_partial_whose_bytes_changed_is_downloaded_again() {
     let v = api.add_video("video_tampered", 2_000_000);
     api.script("video_tampered", vec![Step::Hold(1_200_000), Step::Serve]);
     let mut d = env.start();
-    env.insert_sqlite3(&["video_tampered"]);
+    env.insert(&["video_tampered"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit().code(), Some(0));
@@ -496,7 +482,7 @@ fn a_corrupt_or_read_only_database_is_a_clear_error() {
     let (api, env) = setup_with(|_| {});
     api.add_video("video_db", 10_000);
     let ids: Vec<String> = (0..300).map(|i| format!("video_db{i}")).collect();
-    env.insert_sqlite3(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+    env.insert(&ids.iter().map(String::as_str).collect::<Vec<_>>());
     let good = std::fs::read(&env.db).unwrap();
     let put = |bytes: &[u8]| {
         for ext in ["db-wal", "db-shm"] {
@@ -595,25 +581,7 @@ fn four_producers_and_a_killed_daemon_lose_no_id() {
         let list = env.dir.path().join(format!("ids-{p}.txt"));
         std::fs::write(&list, mine.join("\n")).unwrap();
         let acked = env.dir.path().join(format!("acked-{p}.txt"));
-        let child = Command::new("python3")
-            .arg("-c")
-            .arg(
-                "import sqlite3, sys\n\
-                 ids = open(sys.argv[2]).read().split()\n\
-                 out = open(sys.argv[3], 'w')\n\
-                 c = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)\n\
-                 for i in range(0, len(ids), 25):\n\
-                 \x20   batch = ids[i:i + 25]\n\
-                 \x20   c.execute('BEGIN IMMEDIATE')\n\
-                 \x20   c.executemany('INSERT OR IGNORE INTO queue(video_id) VALUES (?)', [(x,) for x in batch])\n\
-                 \x20   c.execute('COMMIT')\n\
-                 \x20   out.write('\\n'.join(batch) + '\\n'); out.flush()\n",
-            )
-            .arg(&env.db)
-            .arg(&list)
-            .arg(&acked)
-            .spawn()
-            .expect("python3 is needed");
+        let child = queue_db::spawn_producer(&env, &list, &acked);
         producers.push((child, acked));
     }
     let started = Instant::now();
@@ -649,18 +617,12 @@ fn four_producers_and_a_killed_daemon_lose_no_id() {
                 .map(str::to_owned),
         );
     }
-    let c = env.open_db();
-    let rows: i64 = c
-        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
-        .unwrap();
-    let twice: i64 = c
-        .query_row(
-            "SELECT count(*) FROM (SELECT video_id FROM attempt_log WHERE outcome = 'done' \
-             GROUP BY video_id HAVING count(*) > 1)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let rows = queue_db::query_i64(&env, "SELECT count(*) FROM queue");
+    let twice = queue_db::query_i64(
+        &env,
+        "SELECT count(*) FROM (SELECT video_id FROM attempt_log WHERE outcome = 'done' \
+         GROUP BY video_id HAVING count(*) > 1)",
+    );
     let mut violations = archive_violations(&env, &api, &videos);
     for id in &acked {
         if env.row(id).is_none() {
@@ -698,11 +660,11 @@ fn a_writer_holding_the_lock_for_10_s_fails_no_job() {
     }
     let d = env.start();
     let ids: Vec<&str> = videos.iter().map(|v| v.id.as_str()).collect();
-    env.insert_sqlite3(&ids);
+    env.insert(&ids);
     api.wait_for("4 held downloads", DEADLINE, |l| {
         l.iter().filter(|r| r.paused).count() == 4
     });
-    let lock = env.hold_write_lock("", "");
+    let lock = sqlite::hold_write_lock(&env, "", "");
     for v in &videos {
         api.release(&v.id);
     }
@@ -710,14 +672,10 @@ fn a_writer_holding_the_lock_for_10_s_fails_no_job() {
     std::thread::sleep(Duration::from_secs(10));
     lock.commit();
     wait_until("every video done", DEADLINE, || count(&env, "done") == 12);
-    let c = env.open_db();
-    let not_done: i64 = c
-        .query_row(
-            "SELECT count(*) FROM attempt_log WHERE outcome <> 'done'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let not_done = queue_db::query_i64(
+        &env,
+        "SELECT count(*) FROM attempt_log WHERE outcome <> 'done'",
+    );
     let violations = archive_violations(&env, &api, &videos);
     let waited = d.log().matches("database busy").count();
     println!(
@@ -734,32 +692,10 @@ fn a_writer_holding_the_lock_for_10_s_fails_no_job() {
 fn the_wal_is_cut_back_after_a_long_reader() {
     let hold = Duration::from_secs(scale(10, 60) as u64);
     let (api, env) = setup_with(|s| s.concurrency = 4);
-    let wal = env.db.with_extension("db-wal");
+    let wal = sqlite::wal_path(&env);
     let wal_size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     let _d = env.start();
-    let mut reader = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sqlite3, sys\n\
-             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
-             c.execute('BEGIN')\n\
-             c.execute('SELECT count(*) FROM queue').fetchone()\n\
-             print('reading', flush=True)\n\
-             sys.stdin.readline()\n\
-             c.execute('COMMIT')\n",
-        )
-        .arg(&env.db)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(reader.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "reading");
+    let reader = sqlite::hold_snapshot(&env);
     let start = Instant::now();
     let mut n = 0;
     let mut peak = 0;
@@ -768,24 +704,23 @@ fn the_wal_is_cut_back_after_a_long_reader() {
         for id in &batch {
             api.add_video(id, 1_000);
         }
-        env.insert_sqlite3(&batch.iter().map(String::as_str).collect::<Vec<_>>());
+        env.insert(&batch.iter().map(String::as_str).collect::<Vec<_>>());
         n += 20;
         wait_until("the batch done", DEADLINE, || {
             count(&env, "done") as usize == n
         });
         peak = peak.max(wal_size());
     }
-    std::io::Write::write_all(reader.stdin.as_mut().unwrap(), b"\n").unwrap();
-    assert!(reader.wait().unwrap().success());
+    reader.release();
     // More work after the reader left: checkpoints complete, and the WAL restarts small.
-    let limit = hingnetd::queue::sqlite::WAL_SIZE_LIMIT as u64;
+    let limit = sqlite::WAL_SIZE_LIMIT as u64;
     let mut extra = 0;
     while wal_size() > limit && extra < 2_000 {
         let batch: Vec<String> = (n..n + 20).map(|i| format!("video_w{i:05}")).collect();
         for id in &batch {
             api.add_video(id, 1_000);
         }
-        env.insert_sqlite3(&batch.iter().map(String::as_str).collect::<Vec<_>>());
+        env.insert(&batch.iter().map(String::as_str).collect::<Vec<_>>());
         n += 20;
         extra += 20;
         wait_until("the batch done", DEADLINE, || {

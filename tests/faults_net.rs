@@ -18,9 +18,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::audit::{audit, rows};
+use support::audit::audit;
 use support::canary;
 use support::harness::{DEADLINE, Env, Settings};
+use support::queue_db::{self, attempt_log, count_where};
+use support::sqlite;
 use support::standin::{Host, Request, StandIn, Step, Video, sha256_hex, video_content};
 use support::tls::{HttpsServer, make_certs};
 
@@ -71,16 +73,6 @@ fn setup(name: &'static str, default_seed: u64, tune: impl FnOnce(&mut Settings)
     }
 }
 
-fn count_where(env: &Env, cond: &str) -> i64 {
-    env.open_db()
-        .query_row(
-            &format!("SELECT count(*) FROM queue WHERE {cond}"),
-            [],
-            |r| r.get(0),
-        )
-        .unwrap()
-}
-
 /// Waits (polling the database, as `wait_row` does) until `cond` holds for every row.
 fn wait_all(env: &Env, what: &str, deadline: Duration, cond: &str) {
     let start = Instant::now();
@@ -91,7 +83,7 @@ fn wait_all(env: &Env, what: &str, deadline: Duration, cond: &str) {
         assert!(
             start.elapsed() < deadline,
             "timed out after {deadline:?} waiting for {what}; rows not there yet: {:?}\nlogs:\n{}",
-            rows(env)
+            env.rows()
                 .into_iter()
                 .filter(|r| r.state != "done" && r.state != "failed")
                 .take(20)
@@ -181,7 +173,7 @@ fn the_leak_sweep_finds_planted_secrets() {
     run.api.script("video_plant", vec![Step::Redirect]);
     // One real signed URL, to plant.
     let _d = run.env.start();
-    run.env.insert_sqlite3(&["video_plant"]);
+    run.env.insert(&["video_plant"]);
     run.env.wait_state("video_plant", "done");
     let sig = run.api.signatures_issued().pop().unwrap();
     assert!(canary::sweep(&run.env, &run.api, &run.token, &[]).violations() == 0);
@@ -194,15 +186,11 @@ fn the_leak_sweep_finds_planted_secrets() {
         format!("\0\0?sig={sig}&exp=1"),
     )
     .unwrap();
-    {
-        let db = rusqlite::Connection::open(&run.env.db).unwrap();
-        db.busy_timeout(Duration::from_secs(30)).unwrap();
-        db.execute(
-            "UPDATE queue SET last_error = ?1 WHERE video_id = 'video_plant'",
-            [format!("token {}", &run.token[10..])],
-        )
-        .unwrap();
-    }
+    queue_db::set_last_error(
+        &run.env,
+        "video_plant",
+        &format!("token {}", &run.token[10..]),
+    );
     let out = format!("status: {sig}");
     let s = canary::sweep(
         &run.env,
@@ -276,14 +264,14 @@ fn cut_trials(name: &'static str, default_seed: u64, n: usize, fault: fn(usize) 
     }
     let _d = run.env.start();
     let ids: Vec<&str> = videos.iter().map(|v| v.id.as_str()).collect();
-    run.env.insert_sqlite3(&ids);
+    run.env.insert(&ids);
     wait_all(
         &run.env,
         "every video done or failed",
         bound(n),
         "state IN ('done', 'failed')",
     );
-    let rows = rows(&run.env);
+    let rows = run.env.rows();
     for r in &rows {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
@@ -369,7 +357,7 @@ fn a_stalled_connection_is_dropped_within_read_timeout_plus_5s() {
     }
     let _d = run.env.start();
     let idr: Vec<&str> = ids.iter().map(String::as_str).collect();
-    run.env.insert_sqlite3(&idr);
+    run.env.insert(&idr);
     wait_all(
         &run.env,
         "every video done or failed",
@@ -394,7 +382,7 @@ fn a_stalled_connection_is_dropped_within_read_timeout_plus_5s() {
     if stalls != n {
         run.violation(format!("{stalls} stalls seen, {n} scripted"));
     }
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
         }
@@ -441,7 +429,7 @@ fn slow_drip_bodies_complete_in_one_attempt() {
     }
     let _d = run.env.start();
     let idr: Vec<&str> = ids.iter().map(String::as_str).collect();
-    run.env.insert_sqlite3(&idr);
+    run.env.insert(&idr);
     wait_all(
         &run.env,
         "every video done or failed",
@@ -449,7 +437,7 @@ fn slow_drip_bodies_complete_in_one_attempt() {
         "state IN ('done', 'failed')",
     );
     let mut slowest = Duration::ZERO;
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" || r.attempts != 1 {
             run.violation(format!(
                 "{}: {} after {} attempts ({:?})",
@@ -494,14 +482,14 @@ fn all_done_trials(mut run: Run, cases: Vec<Case>, figures: impl Fn(&Run) -> Str
         ids.push(id.as_str());
     }
     let _d = run.env.start();
-    run.env.insert_sqlite3(&ids);
+    run.env.insert(&ids);
     wait_all(
         &run.env,
         "every video done or failed",
         bound(cases.len() * 5),
         "state IN ('done', 'failed')",
     );
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
         }
@@ -536,7 +524,9 @@ fn content_length_larger_than_the_body_is_retried_to_the_right_file() {
         })
         .collect();
     all_done_trials(run, cases, |run| {
-        let by_416 = rows(&run.env)
+        let by_416 = run
+            .env
+            .rows()
             .iter()
             .filter(|r| r.http_status == Some(416))
             .count();
@@ -729,7 +719,7 @@ fn chunked_bodies_and_max_bytes() {
         ids.push(*id);
     }
     let _d = run.env.start();
-    run.env.insert_sqlite3(&ids);
+    run.env.insert(&ids);
     wait_all(
         &run.env,
         "every video done or failed",
@@ -881,7 +871,7 @@ fn redirect_loops_long_chains_and_other_schemes() {
     let mut ids = vec!["video_ten_hops"];
     ids.extend(refused.iter().map(|(id, ..)| *id));
     let _d = run.env.start();
-    run.env.insert_sqlite3(&ids);
+    run.env.insert(&ids);
     wait_all(
         &run.env,
         "every video done or failed",
@@ -909,7 +899,7 @@ fn redirect_loops_long_chains_and_other_schemes() {
     }
     // Nothing followed a refused scheme: every request the stand-ins saw is http to them, and the
     // outside file is nowhere in the archive.
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.sha256.as_deref() == Some(outside_sha.as_str()) {
             run.violation(format!("{}: archived the file:// target", r.id));
         }
@@ -990,14 +980,14 @@ fn the_token_never_reaches_the_cdn_on_chains_that_leave_and_return() {
     }
     let idr: Vec<&str> = ids.iter().map(String::as_str).collect();
     let _d = run.env.start();
-    run.env.insert_sqlite3(&idr);
+    run.env.insert(&idr);
     wait_all(
         &run.env,
         "every video done or failed",
         DEADLINE,
         "state IN ('done', 'failed')",
     );
-    for r in rows(&run.env) {
+    for r in run.env.rows() {
         if r.state != "done" {
             run.violation(format!("{}: ended {} ({:?})", r.id, r.state, r.last_error));
         }
@@ -1060,7 +1050,7 @@ fn a_redirect_from_https_to_http_is_refused() {
     let _d = run
         .env
         .start_with_env("daemon.log", &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
-    run.env.insert_sqlite3(&["video_tls_down"]);
+    run.env.insert(&["video_tls_down"]);
     let r = run.env.wait_state("video_tls_down", "failed");
     let e = r.last_error.clone().unwrap_or_default();
     if !e.contains("from https to plain http") {
@@ -1081,20 +1071,6 @@ fn a_redirect_from_https_to_http_is_refused() {
 fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-/// `(attempt, outcome, at)` from the attempt log, oldest first.
-fn attempt_log(env: &Env, id: &str) -> Vec<(i64, String, String, Option<String>)> {
-    let db = env.open_db();
-    let mut stmt = db
-        .prepare(
-            "SELECT attempt, outcome, at, detail FROM attempt_log WHERE video_id = ?1 ORDER BY id",
-        )
-        .unwrap();
-    stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 fn millis(at: &str) -> i64 {
@@ -1139,7 +1115,7 @@ fn an_unreachable_api_host_is_retried_with_backoff_and_named() {
         s.allow_plain_http = true;
         let env = Env::new(s, &run.token);
         let d = env.start();
-        env.insert_sqlite3(&["video_unreachable"]);
+        env.insert(&["video_unreachable"]);
         // An outage is not the video's fault: each try is given back (outcome `released`), so
         // the row keeps attempts = 0 and its give-up clock never starts.
         let start = Instant::now();
@@ -1212,7 +1188,7 @@ fn an_unreachable_api_host_does_not_fail_the_videos() {
     );
     run.env.write_config();
     let d = run.env.start();
-    run.env.insert_sqlite3(&["video_outage"]);
+    run.env.insert(&["video_outage"]);
     let start = Instant::now();
     // Ten refused connections, logged, over more than give_up_after; or the row given up.
     let wait = Instant::now();
@@ -1473,30 +1449,9 @@ fn ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file() {
     .into();
     let _d = run.env.start();
     let started = Instant::now();
-    {
-        let mut db = rusqlite::Connection::open(&run.env.db).unwrap();
-        db.busy_timeout(Duration::from_secs(30)).unwrap();
-        let all: Vec<_> = ids.iter().collect();
-        for batch in all.chunks(1000) {
-            let tx = db.transaction().unwrap();
-            {
-                let mut st = tx
-                    .prepare("INSERT OR IGNORE INTO queue(video_id) VALUES (?1)")
-                    .unwrap();
-                for (blob, id) in batch {
-                    if *blob {
-                        st.execute([rusqlite::types::Value::Blob(id.clone())])
-                            .unwrap();
-                    } else {
-                        st.execute([String::from_utf8(id.clone()).unwrap()])
-                            .unwrap();
-                    }
-                }
-            }
-            tx.commit().unwrap();
-        }
-    }
-    run.env.insert_sqlite3(&["video_sentinel"]);
+    let all: Vec<(bool, &[u8])> = ids.iter().map(|(b, id)| (*b, id.as_slice())).collect();
+    sqlite::insert_raw(&run.env, &all);
+    run.env.insert(&["video_sentinel"]);
     let inserted = count_where(&run.env, "video_id != 'video_sentinel'");
     if inserted != n as i64 {
         run.violation(format!(
@@ -1517,7 +1472,9 @@ fn ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file() {
          AND path IS NULL AND sha256 IS NULL)",
     );
     if wrong > 0 {
-        let sample: Vec<_> = rows(&run.env)
+        let sample: Vec<_> = run
+            .env
+            .rows()
             .into_iter()
             .filter(|r| {
                 r.id != "video_sentinel"
@@ -1642,7 +1599,7 @@ impl Outside {
             ));
         }
         let sha = sha256_hex(&self.bytes);
-        for r in rows(env) {
+        for r in env.rows() {
             if r.sha256.as_deref() == Some(sha.as_str()) {
                 bad.push(format!("{}: archived the link's target", r.id));
             }
@@ -1718,7 +1675,7 @@ fn symlinks_planted_in_the_archive_are_never_followed() {
     ]);
 
     let _d = run.env.start();
-    run.env.insert_sqlite3(&ids);
+    run.env.insert(&ids);
     // Each either archived, or held back with an error that names the link's path.
     for id in &ids {
         run.env
@@ -1804,7 +1761,7 @@ fn planted_links_are_replaced_and_the_video_archived() {
     targets.push(t);
     let ids = [vf.id.as_str(), vp.id.as_str(), vv.id.as_str()];
     let _d = run.env.start();
-    run.env.insert_sqlite3(&ids);
+    run.env.insert(&ids);
     for id in ids {
         let r = run
             .env

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::harness::{DEADLINE, Daemon, Env, Settings, stderr, stdout, wait_until};
+use support::queue_db;
 use support::standin::{StandIn, Step};
 
 const TOKEN: &str = "oh-operate-canary-77b1";
@@ -133,7 +134,7 @@ fn metrics_scraped_during_a_run_move_with_the_work_and_pass_promtool() {
         Some(0.0)
     );
 
-    env.insert_sqlite3(&["video_metrics"]);
+    env.insert(&["video_metrics"]);
     env.wait_state("video_metrics", "done");
     let after = scrape_until(&addr, "the done row", |t| {
         sample(t, "hingnetd_queue_rows{state=\"done\"}") == Some(1.0)
@@ -254,7 +255,7 @@ fn status_shows_a_token_pause_with_the_advice_for_where_the_daemon_runs() {
     env.set_token("oh-wrong-token");
     let d = env.start();
     let addr = metrics_addr(&d);
-    env.insert_sqlite3(&["video_p0", "video_p1"]);
+    env.insert(&["video_p0", "video_p1"]);
     // Confirmed as the token's: both videos refused.
     d.wait_log("API rejected the token for another video too");
     let text = status_with_a_token_pause(&env);
@@ -299,7 +300,7 @@ fn under_systemd_the_token_advice_is_a_restart() {
         "daemon.log",
         &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())],
     );
-    env.insert_sqlite3(&["video_c0", "video_c1"]);
+    env.insert(&["video_c0", "video_c1"]);
     d.wait_log("API rejected the token for another video too");
     assert!(
         d.log().contains("systemctl restart hingnetd"),
@@ -404,7 +405,7 @@ fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flig
     api.add_video("video_rm_busy", 200_000);
     api.script("video_rm_busy", vec![Step::Hold(1000)]);
     let d = env.start();
-    env.insert_sqlite3(&["video_rm_kept", "video_rm_gone", "video_rm_busy"]);
+    env.insert(&["video_rm_kept", "video_rm_gone", "video_rm_busy"]);
     support::audit::assert_archived(&env, &kept);
     support::audit::assert_archived(&env, &gone);
     env.wait_state("video_rm_busy", "downloading");
@@ -429,7 +430,7 @@ fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flig
     );
     assert!(env.row("video_rm_kept").is_none());
     assert_eq!(
-        support::harness::file_sha256(&env.final_path("video_rm_kept")),
+        support::store::file_sha256(&env.final_path("video_rm_kept")),
         kept.sha256
     );
     assert!(env.sidecar_path("video_rm_kept").exists());
@@ -449,14 +450,10 @@ fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flig
     );
     assert!(env.row("video_rm_busy").is_none());
     // The attempt log went with the rows.
-    let n: i64 = env
-        .open_db()
-        .query_row(
-            "SELECT count(*) FROM attempt_log WHERE video_id LIKE 'video_rm_%'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let n = queue_db::query_i64(
+        &env,
+        "SELECT count(*) FROM attempt_log WHERE video_id LIKE 'video_rm_%'",
+    );
     assert_eq!(n, 0);
     api.release("video_rm_busy");
     drop(d);
@@ -469,7 +466,7 @@ fn verify_repair_downloads_missing_and_changed_files_again_keeping_the_changed_o
     let hurt = api.add_video("video_fix_hurt", 30_000);
     let fine = api.add_video("video_fix_fine", 30_000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_fix_lost", "video_fix_hurt", "video_fix_fine"]);
+    env.insert(&["video_fix_lost", "video_fix_hurt", "video_fix_fine"]);
     for v in [&lost, &hurt, &fine] {
         support::audit::assert_archived(&env, v);
     }
@@ -524,7 +521,7 @@ fn fetch_run_as_root_writes_files_the_daemon_can_read_as_their_owner() {
     );
     let (api, env) = setup();
     let v = api.add_video("video_as_root", 40_000);
-    env.insert_sqlite3(&["video_as_root"]);
+    env.insert(&["video_as_root"]);
     // The packaged layout: the state directory and the archive belong to the daemon's user
     // (nobody here), the token file stays root's.
     const DAEMON: u32 = 65534;
@@ -552,7 +549,7 @@ fn fetch_run_as_root_writes_files_the_daemon_can_read_as_their_owner() {
 #[test]
 fn list_prints_a_header_on_a_terminal_only() {
     let (_api, env) = setup();
-    env.insert_sqlite3(&["video_listed"]);
+    env.insert(&["video_listed"]);
     let piped = stdout(&env.cmd(&["list"]));
     assert!(piped.starts_with("video_listed"), "{piped}");
     // script(1) gives the command a terminal.
@@ -577,7 +574,7 @@ fn list_prints_a_header_on_a_terminal_only() {
 fn fetch_of_a_done_video_whose_file_is_gone_says_so_and_how_to_repair_it() {
     let (api, env) = setup();
     let v = api.add_video("video_fetch_gone", 20_000);
-    env.insert_sqlite3(&["video_fetch_gone"]);
+    env.insert(&["video_fetch_gone"]);
     let out = env.cmd(&["fetch", "video_fetch_gone"]);
     assert!(out.status.success(), "{}", stderr(&out));
     support::audit::assert_archived(&env, &v);
@@ -624,7 +621,7 @@ fn fetch_of_a_done_video_whose_file_is_gone_says_so_and_how_to_repair_it() {
 fn remove_delete_file_without_a_usable_archive_removes_nothing() {
     let (api, env) = setup();
     let v = api.add_video("video_rm_noarchive", 20_000);
-    env.insert_sqlite3(&["video_rm_noarchive"]);
+    env.insert(&["video_rm_noarchive"]);
     let out = env.cmd(&["fetch", "video_rm_noarchive"]);
     assert!(out.status.success(), "{}", stderr(&out));
     support::audit::assert_archived(&env, &v);
@@ -649,7 +646,7 @@ fn remove_delete_file_without_a_usable_archive_removes_nothing() {
 fn fetch_as_root_with_a_relative_archive_dir_not_made_yet_makes_it() {
     let (api, env) = setup();
     let v = api.add_video("video_relative", 20_000);
-    env.insert_sqlite3(&["video_relative"]);
+    env.insert(&["video_relative"]);
     let text = env.render().replace(
         &format!("dir = {:?}", env.archive),
         "dir = \"relative-videos\"",
@@ -662,5 +659,5 @@ fn fetch_as_root_with_a_relative_archive_dir_not_made_yet_makes_it() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let file = env.dir.path().join("relative-videos/video_relative.mp4");
-    assert_eq!(support::harness::file_sha256(&file), v.sha256);
+    assert_eq!(support::local::file_sha256(&file), v.sha256);
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use support::harness::{DEADLINE, Env, Settings, stderr, stdout};
+use support::sqlite;
 use support::standin::{StandIn, Step};
 
 const TOKEN: &str = "oh-ops-canary-5e0d";
@@ -90,7 +91,7 @@ fn tells_systemd_ready_status_watchdog_and_stopping() {
     let mut d = env.start_with_env("daemon.log", &[(k, &v), ("WATCHDOG_USEC", "200000")]);
     sock.wait("READY=1", |m| m.lines().any(|l| l == "READY=1"));
     api.add_video("video_notify", 1000);
-    env.insert_sqlite3(&["video_notify"]);
+    env.insert(&["video_notify"]);
     env.wait_state("video_notify", "done");
     sock.wait("a status line counting the done video", |m| {
         m.starts_with("STATUS=") && m.contains("0 downloading, 0 pending, 1 done, 0 failed")
@@ -111,7 +112,8 @@ fn the_watchdog_stops_while_the_loop_is_stuck_and_resumes_after() {
     sock.wait("WATCHDOG=1", |m| m == "WATCHDOG=1");
     // A producer inserts a row due in a second, then holds the write lock. When the row falls
     // due the loop must claim it, and cannot: it is stuck until the lock goes.
-    let lock = env.hold_write_lock(
+    let lock = sqlite::hold_write_lock(
+        &env,
         "INSERT INTO queue(video_id, next_attempt_at) VALUES ('video_stuck', \
          strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 seconds'))",
         "",
@@ -148,7 +150,7 @@ fn sighup_reloads_config_and_token_without_dropping_downloads() {
     let v = api.add_video("video_inflight", 400_000);
     api.script("video_inflight", vec![Step::Hold(100_000), Step::Serve]);
     let d = env.start();
-    env.insert_sqlite3(&["video_inflight"]);
+    env.insert(&["video_inflight"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
 
     // A second API with another token; the new config points there.
@@ -164,7 +166,7 @@ fn sighup_reloads_config_and_token_without_dropping_downloads() {
     let row = env.wait_state("video_inflight", "done");
     assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
     // New work goes to the new API with the new token.
-    env.insert_sqlite3(&["video_after_reload"]);
+    env.insert(&["video_after_reload"]);
     let row = env.wait_state("video_after_reload", "done");
     assert_eq!(row.sha256.as_deref(), Some(w.sha256.as_str()));
     assert!(api2.requests().iter().all(|r| r.status != 401));
@@ -175,7 +177,7 @@ fn sighup_reloads_config_and_token_without_dropping_downloads() {
     d.signal(libc::SIGHUP);
     d.wait_log("reload rejected");
     let x = api2.add_video("video_after_bad_reload", 1000);
-    env.insert_sqlite3(&["video_after_bad_reload"]);
+    env.insert(&["video_after_bad_reload"]);
     let row = env.wait_state("video_after_bad_reload", "done");
     assert_eq!(row.sha256.as_deref(), Some(x.sha256.as_str()));
 
@@ -195,7 +197,7 @@ fn operator_commands_work_while_the_daemon_runs() {
     api.script("video_gone", vec![Step::NotFound]);
     api.set_status("video_gone", None);
     let d = env.start();
-    env.insert_sqlite3(&["video_ok", "video_gone"]);
+    env.insert(&["video_ok", "video_gone"]);
     env.wait_state("video_ok", "done");
     env.wait_state("video_gone", "failed");
 
@@ -311,7 +313,7 @@ fn fetch_downloads_one_video_in_the_foreground() {
     api.add_video("video_busy", 300_000);
     api.script("video_busy", vec![Step::Hold(1000), Step::Serve]);
     let _d = env.start();
-    env.insert_sqlite3(&["video_busy"]);
+    env.insert(&["video_busy"]);
     api.wait_for("held", DEADLINE, |l| l.iter().any(|r| r.paused));
     let out = env.cmd(&["fetch", "video_busy"]);
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
@@ -364,7 +366,7 @@ fn json_logs_carry_the_decision_fields() {
     std::fs::write(&env.config, text).unwrap();
     api.add_video("video_json", 1000);
     let d = env.start();
-    env.insert_sqlite3(&["video_json"]);
+    env.insert(&["video_json"]);
     env.wait_state("video_json", "done");
     d.wait_log("archived");
     let line = d
@@ -425,11 +427,11 @@ fn a_daemon_starting_during_a_fetch_leaves_the_video_to_it() {
     let mut fetch = spawn_fetch(&env, "video_fetching");
     api.wait_for("held", DEADLINE, |l| l.iter().any(|r| r.paused));
     // The daemon starts while the fetch holds the video: its start-up check leaves the row
-    // alone (the fetch holds the partial file's lock). Its ready line comes after that check
-    // began; a second video proves the loop has gone round since.
+    // alone (the fetch's claim is alive: it holds its claim lock). Its ready line comes after
+    // that check began; a second video proves the loop has gone round since.
     let w = api.add_video("video_meanwhile", 1000);
     let _d = env.start();
-    env.insert_sqlite3(&["video_meanwhile"]);
+    env.insert(&["video_meanwhile"]);
     env.wait_state("video_meanwhile", "done");
     assert_eq!(env.row("video_fetching").unwrap().state, "downloading");
     api.release("video_fetching");
@@ -455,7 +457,7 @@ fn a_reload_ends_the_token_pause_at_once() {
     let env = Env::new(settings, "oh-wrong-token");
     let v = api.add_video("video_after_fix", 1000);
     let d = env.start();
-    env.insert_sqlite3(&["video_after_fix"]);
+    env.insert(&["video_after_fix"]);
     d.wait_log("ALL DOWNLOADS PAUSED");
     env.set_token(TOKEN);
     d.signal(libc::SIGHUP);
@@ -479,7 +481,7 @@ fn the_rate_limit_holds_and_a_reload_lifts_it_mid_download() {
     let d = env.start();
     d.wait_log("download rate limit: 256 KiB/s (shared by all downloads)");
     let t0 = Instant::now();
-    env.insert_sqlite3(&["video_capped"]);
+    env.insert(&["video_capped"]);
     let row = env.wait_state("video_capped", "done");
     let took = t0.elapsed();
     assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
@@ -496,7 +498,7 @@ fn the_rate_limit_holds_and_a_reload_lifts_it_mid_download() {
     d.signal(libc::SIGHUP);
     d.wait_log("download rate limit: 64 KiB/s");
     let w = api.add_video("video_lifted", 16 << 20);
-    env.insert_sqlite3(&["video_lifted"]);
+    env.insert(&["video_lifted"]);
     let lifted = |r: &support::standin::Request| r.video_id().as_deref() == Some("video_lifted");
     api.wait_for("the body under way", DEADLINE, |l| {
         l.iter().any(|r| lifted(r) && r.body_sent > 0)
@@ -560,7 +562,7 @@ fn a_shutdown_is_not_held_up_by_a_rate_wait() {
     // 512 KiB reach the socket, twice the burst: past it, the reader waits on the bucket.
     api.script("video_waiting", vec![Step::Hold(512 << 10), Step::Serve]);
     let mut d = env.start();
-    env.insert_sqlite3(&["video_waiting"]);
+    env.insert(&["video_waiting"]);
     api.wait_for("held download", DEADLINE, |l| l.iter().any(|r| r.paused));
     d.signal(libc::SIGTERM);
     let status = d.wait_exit();

@@ -33,7 +33,7 @@ fn an_operators_ca_is_trusted_through_ssl_cert_file_and_unknown_issuers_are_not(
     // Without the CA: refused, and the row says why.
     let env = Env::new(Settings::new(&base), TOKEN);
     let _d = env.start();
-    env.insert_sqlite3(&["video_tls"]);
+    env.insert(&["video_tls"]);
     let row = env.wait_row("video_tls", "an unknown-issuer error", |r| {
         r.last_error
             .as_deref()
@@ -45,7 +45,7 @@ fn an_operators_ca_is_trusted_through_ssl_cert_file_and_unknown_issuers_are_not(
     let env = Env::new(Settings::new(&base), TOKEN);
     let ca = certs.path().join("ca.pem");
     let _d = env.start_with_env("daemon.log", &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
-    env.insert_sqlite3(&["video_tls"]);
+    env.insert(&["video_tls"]);
     let row = env.wait_state("video_tls", "done");
     assert_eq!(row.bytes, Some(12 + 8 + 8 + 256 * 40));
 }

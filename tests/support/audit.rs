@@ -1,12 +1,14 @@
-//! The archive's promise, checked from outside the way an operator would: every row as the
-//! queue holds it, and an audit of `done` rows against their files and the stand-in's videos.
+//! The archive's promise, checked from outside the way an operator would: an audit of `done`
+//! (and kept `failed`) rows against their files and the stand-in's videos. The promise is
+//! stated here; how to look at the archive is the `store` backend's.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
 
-use super::harness::{Env, file_sha256};
+use super::harness::Env;
 use super::standin::{StandIn, Video};
+use super::store::{self, file_sha256};
 
 /// Waits until the row says done, then checks that the file it names is exactly the video and
 /// that no partial is left behind.
@@ -20,50 +22,6 @@ pub fn assert_archived(env: &Env, v: &Video) {
     assert!(!env.partial_path(&v.id).exists(), "partial left behind");
 }
 
-#[derive(Debug, Clone)]
-pub struct DbRow {
-    pub id: String,
-    pub state: String,
-    pub attempts: i64,
-    pub last_error: Option<String>,
-    pub http_status: Option<i64>,
-    pub path: Option<String>,
-    pub sha256: Option<String>,
-    pub bytes: Option<i64>,
-}
-
-/// Every row, with BLOB or non-UTF-8 ids shown lossily.
-pub fn rows(env: &Env) -> Vec<DbRow> {
-    let db = env.open_db();
-    let mut stmt = db
-        .prepare(
-            "SELECT video_id, state, attempts, last_error, http_status, path, sha256, bytes \
-             FROM queue ORDER BY rowid",
-        )
-        .unwrap();
-    stmt.query_map([], |r| {
-        let id = match r.get_ref(0)? {
-            rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
-                String::from_utf8_lossy(t).into_owned()
-            }
-            other => format!("{other:?}"),
-        };
-        Ok(DbRow {
-            id,
-            state: r.get(1)?,
-            attempts: r.get(2)?,
-            last_error: r.get(3)?,
-            http_status: r.get(4)?,
-            path: r.get(5)?,
-            sha256: r.get(6)?,
-            bytes: r.get(7)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
-}
-
 /// The promise: a `done` row names a regular file (not a link) at the video's final path whose
 /// SHA-256 and size are the row's and the stand-in's video's; a `failed` row that names a file
 /// (bytes the API served, kept) names exactly those bytes; no published file (nor its
@@ -71,11 +29,11 @@ pub fn rows(env: &Env) -> Vec<DbRow> {
 pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
     let mut bad = Vec::new();
     let mut named = BTreeSet::new();
-    for r in rows(env) {
+    for r in env.rows() {
         if r.state == "failed" && r.path.is_some() {
             let final_path = env.final_path(&r.id);
             named.insert(final_path.clone());
-            named.insert(env.archive.join(format!("{}.json", r.id)));
+            named.insert(env.sidecar_path(&r.id));
             if r.path.as_deref() != final_path.to_str() {
                 bad.push(format!("{}: kept with path {:?}", r.id, r.path));
             } else if final_path.is_file() {
@@ -96,26 +54,14 @@ pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
         }
         let final_path = env.final_path(&r.id);
         named.insert(final_path.clone());
-        named.insert(env.archive.join(format!("{}.json", r.id)));
+        named.insert(env.sidecar_path(&r.id));
         if r.path.as_deref() != final_path.to_str() {
             bad.push(format!("{}: done with path {:?}", r.id, r.path));
             continue;
         }
-        match std::fs::symlink_metadata(&final_path) {
-            Ok(m) if m.is_file() => {}
-            Ok(m) => {
-                bad.push(format!(
-                    "{}: done, but {:?} is {:?}",
-                    r.id,
-                    final_path,
-                    m.file_type()
-                ));
-                continue;
-            }
-            Err(e) => {
-                bad.push(format!("{}: done, but its file: {e}", r.id));
-                continue;
-            }
+        if let Err(why) = store::regular_file(&final_path) {
+            bad.push(format!("{}: done, but {why}", r.id));
+            continue;
         }
         let on_disk = file_sha256(&final_path);
         let want = api
@@ -137,14 +83,9 @@ pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
             None => bad.push(format!("{}: done, but the stand-in has no such video", r.id)),
         }
     }
-    if let Ok(rd) = std::fs::read_dir(&env.archive) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            // A link there was planted by a test, not published by the daemon.
-            let link = e.file_type().is_ok_and(|t| t.is_symlink());
-            if !name.starts_with('.') && !link && !named.contains(&e.path()) {
-                bad.push(format!("published file without a done row: {name}"));
-            }
+    for (name, path) in store::published(env) {
+        if !named.contains(&path) {
+            bad.push(format!("published file without a done row: {name}"));
         }
     }
     bad

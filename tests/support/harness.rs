@@ -1,15 +1,19 @@
 //! Running the real `hingnetd` binary in a scratch directory: config and token files, the
-//! daemon process and its log, and reading the queue database the way an operator's tools do.
+//! daemon process and its log, and waiting for rows to change. What the queue database and the
+//! archive are is not known here: their config lines and `Env`'s row, insert and archive
+//! methods come from the backends `mod.rs` picks (`queue_db`, `store`).
+//!
 //! Every wait here waits for an event (a row changing, a log line, a process exiting) with a
 //! generous deadline; nothing sleeps a fixed time to "let things happen".
 
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use super::{queue_db, store};
 
 /// How long any single wait may take before the test fails: long, because a loaded CI machine
 /// is slow, and a passing test never waits this long.
@@ -68,7 +72,9 @@ impl Settings {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The queue database's file (`sqlite`'s).
     pub db: PathBuf,
+    /// The archive directory (`local`'s).
     pub archive: PathBuf,
     pub token_file: PathBuf,
     pub settings: Settings,
@@ -97,8 +103,8 @@ impl Env {
         let s = &self.settings;
         format!(
             "[api]\nbase_url = {:?}\ntoken_file = {:?}\nconnect_timeout = \"2s\"\nread_timeout = {:?}\n{}\
-             [queue]\ndatabase = {:?}\npoll_interval = {:?}\n\
-             [archive]\ndir = {:?}\nmin_free = {:?}\n{}\
+             [queue]\n{}poll_interval = {:?}\n\
+             [archive]\n{}min_free = {:?}\n{}\
              [download]\nconcurrency = {}\nshutdown_grace = {:?}\nmax_bytes = {:?}\n{}{}\
              [retry]\ninitial_delay = {:?}\nmax_delay = {:?}\ngive_up_after = {:?}\n",
             s.base_url,
@@ -111,9 +117,10 @@ impl Env {
             } else {
                 ""
             },
-            self.db,
+            // Where the queue and the archive are: the backends' lines.
+            queue_db::config(self),
             s.poll_interval,
-            self.archive,
+            store::config(self),
             s.min_free,
             if s.sidecar { "" } else { "sidecar = false\n" },
             s.concurrency,
@@ -209,65 +216,19 @@ impl Env {
         d
     }
 
-    /// Inserts IDs the way a producer script does, with the system `sqlite3` shell.
-    pub fn insert_sqlite3(&self, ids: &[&str]) {
-        let mut sql = String::new();
-        for id in ids {
-            sql.push_str(&format!(
-                "INSERT OR IGNORE INTO queue(video_id) VALUES ('{}');\n",
-                id.replace('\'', "''")
-            ));
-        }
-        let mut child = Command::new("sqlite3")
-            .arg("-bail")
-            .arg(&self.db)
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the sqlite3 shell is needed (apt-get install sqlite3)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!(".timeout 30000\n{sql}").as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "sqlite3: {}", stderr(&out));
+    /// Inserts IDs the way a producer does (`queue_db::insert`).
+    pub fn insert(&self, ids: &[&str]) {
+        queue_db::insert(self, ids);
     }
 
-    pub fn open_db(&self) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open queue db");
-        c.busy_timeout(Duration::from_secs(30)).unwrap();
-        c
-    }
-
+    /// The row of `id`, if there is one.
     pub fn row(&self, id: &str) -> Option<Row> {
-        use rusqlite::OptionalExtension;
-        self.open_db()
-            .query_row(
-                "SELECT state, attempts, last_error, http_status, path, sha256, bytes, \
-                 next_attempt_at, finished_at FROM queue WHERE video_id = ?1",
-                [id],
-                |r| {
-                    Ok(Row {
-                        state: r.get(0)?,
-                        attempts: r.get(1)?,
-                        last_error: r.get(2)?,
-                        http_status: r.get(3)?,
-                        path: r.get(4)?,
-                        sha256: r.get(5)?,
-                        bytes: r.get(6)?,
-                        next_attempt_at: r.get(7)?,
-                        finished_at: r.get(8)?,
-                    })
-                },
-            )
-            .optional()
-            .expect("read row")
+        queue_db::row(self, id)
+    }
+
+    /// Every row, in insertion order.
+    pub fn rows(&self) -> Vec<Row> {
+        queue_db::rows(self)
     }
 
     /// Waits until the row satisfies `pred`; fails with the row and the log otherwise.
@@ -308,98 +269,30 @@ impl Env {
         out
     }
 
-    /// Files in the archive directory (including hidden partials).
+    /// Names in the archive (including hidden partials), sorted.
     pub fn archive_files(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(&self.archive)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        store::archive_files(self)
     }
 
     pub fn partial_path(&self, id: &str) -> PathBuf {
-        self.archive.join(format!(".{id}.mp4.part"))
+        store::partial_path(self, id)
     }
 
     pub fn final_path(&self, id: &str) -> PathBuf {
-        self.archive.join(format!("{id}.mp4"))
+        store::final_path(self, id)
     }
 
     /// Beside the video: what the API said about it.
     pub fn sidecar_path(&self, id: &str) -> PathBuf {
-        self.archive.join(format!("{id}.json"))
+        store::sidecar_path(self, id)
     }
 }
 
-/// A Python producer holding the database's write lock: it runs `before` (committed), then
-/// `BEGIN IMMEDIATE` and `during`, and keeps the transaction open until `commit`.
-pub struct WriteLock {
-    child: Child,
-}
-
-impl Env {
-    pub fn hold_write_lock(&self, before: &str, during: &str) -> WriteLock {
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(
-                "import sqlite3, sys\n\
-                 c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
-                 if sys.argv[2]: c.execute(sys.argv[2])\n\
-                 c.execute('BEGIN IMMEDIATE')\n\
-                 if sys.argv[3]: c.execute(sys.argv[3])\n\
-                 print('locked', flush=True)\n\
-                 sys.stdin.readline()\n\
-                 c.execute('COMMIT')\n",
-            )
-            .arg(&self.db)
-            .args([before, during])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 is needed");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(
-            line.trim(),
-            "locked",
-            "the producer could not take the lock"
-        );
-        WriteLock { child }
-    }
-}
-
-impl WriteLock {
-    pub fn commit(mut self) {
-        self.child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(b"commit\n")
-            .unwrap();
-        assert!(
-            self.child.wait().unwrap().success(),
-            "the producer's commit failed"
-        );
-    }
-}
-
-impl Drop for WriteLock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// One queue row as an operator's tools see it, whatever the backend (`queue_db` reads it).
 #[derive(Clone, Debug)]
 pub struct Row {
+    /// Shown lossily when it is a BLOB or not UTF-8 (a hostile producer's).
+    pub id: String,
     pub state: String,
     pub attempts: i64,
     pub last_error: Option<String>,
@@ -482,10 +375,4 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub fn file_sha256(p: &Path) -> String {
-    use sha2::Digest;
-    let bytes = fs::read(p).expect("read archived file");
-    hingnetd::id::hex(&sha2::Sha256::digest(&bytes))
 }
