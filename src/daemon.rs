@@ -17,8 +17,8 @@ use crate::api::ApiClient;
 use crate::config::{self, Config, RetryConfig, format_duration};
 use crate::fetch::{Ended, Fetcher, Limits, Outcome};
 use crate::id::VideoId;
-use crate::pause::{self, Pause};
-use crate::policy::{REFUSALS_TO_FAIL, backoff, decide, rate_limit_wait};
+use crate::pause::{AccountPause, Pauses, token_advice};
+use crate::policy::{REFUSALS_TO_FAIL, decide};
 use crate::queue::{Claimed, Claims, Finish, QueueError};
 use crate::service::{Service, thousands};
 use crate::store::Partial;
@@ -84,48 +84,12 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How long parked downloads get to record themselves after the grace period.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// While new downloads wait for the archive's disk, how often it is looked at again.
-const STORAGE_RECHECK: Duration = Duration::from_secs(2);
-
-/// New downloads wait: the archive's disk is short of `archive.min_free`, or its directory is
-/// gone. Downloads in flight go on; the condition is checked again every `STORAGE_RECHECK`.
-struct StoragePause {
-    reason: String,
-    next_check: Instant,
-}
-
 /// What a finished download task reports to the loop.
 struct Report {
     claimed: Claimed,
     outcome: Outcome,
     /// When the task started (its request was sent after this).
     started: Instant,
-}
-
-/// The API refused (401/402/403): the token, or only the videos it was refused for? Until a
-/// probe tells, every download pauses and one probe runs at a time, on another video than the
-/// suspects when there is one. A refusal of another video confirms an account problem (probes
-/// then back off, and the token is re-read before each); an answer that is not a refusal ends
-/// the pause, and if no other video was refused meanwhile, each suspect's refusal counts
-/// against that video (`Scheduler::refusals`).
-struct AccountPause {
-    /// When the first refusal was heard.
-    since: Instant,
-    next_probe: Instant,
-    delay: Duration,
-    /// A video other than the first suspects was refused: the token itself.
-    confirmed: bool,
-    /// The probe in flight.
-    probe: Option<tokio::task::Id>,
-    /// The videos refused since the pause began, and what the API said.
-    suspects: HashMap<String, (Claimed, u16, String)>,
-}
-
-impl AccountPause {
-    /// A probe may go now: on another video at once while unconfirmed, on any at its time.
-    fn probe_now(&self, now: Instant) -> bool {
-        self.probe.is_none() && (!self.confirmed || self.next_probe <= now)
-    }
 }
 
 pub struct Scheduler {
@@ -140,30 +104,13 @@ pub struct Scheduler {
     orphans_checked: Option<Instant>,
     /// Cancels downloads in flight (after the shutdown grace period).
     downloads: CancellationToken,
-    rate_limited_until: Option<Instant>,
-    /// 429s without a success in between: the client-wide wait grows with them when the
-    /// server gives no `Retry-After`.
-    rate_limits_in_a_row: u32,
-    /// A `Retry-After` longer than `retry.max_delay` was cut short: when the wait ends, one
-    /// request goes first, and the rest follow once it is answered with something else.
-    rate_probe: bool,
-    /// The API host could not be reached: nothing is requested until then.
-    unreachable_until: Option<Instant>,
-    unreachable_in_a_row: u32,
-    account: Option<AccountPause>,
-    /// Refusals of a video while the API accepted the token for others (see `AccountPause`),
-    /// by video; in memory, so a restart starts the count again.
-    refusals: HashMap<String, u32>,
-    storage: Option<StoragePause>,
+    pauses: Pauses,
     /// Fired by SIGHUP.
     reload: Arc<Notify>,
     service: Service,
     /// The status line needs fresh counts (something changed since the last ones).
     counts_stale: bool,
     counts_at: Option<Instant>,
-    /// The pauses last published (`publish_pauses`), and since when each has been in force.
-    published: Vec<Pause>,
-    paused_since: HashMap<pause::Reason, Instant>,
     metrics: crate::metrics::Serving,
 }
 
@@ -184,20 +131,11 @@ impl Scheduler {
             in_flight: HashMap::new(),
             orphans_checked: None,
             downloads: CancellationToken::new(),
-            rate_limited_until: None,
-            rate_limits_in_a_row: 0,
-            rate_probe: false,
-            unreachable_until: None,
-            unreachable_in_a_row: 0,
-            account: None,
-            refusals: HashMap::new(),
-            storage: None,
+            pauses: Pauses::default(),
             reload,
             service,
             counts_stale: true,
             counts_at: None,
-            published: Vec::new(),
-            paused_since: HashMap::new(),
             metrics,
         }
     }
@@ -212,14 +150,7 @@ impl Scheduler {
         let mut last_look = Instant::now();
         let mut db_backoff = Duration::from_millis(500);
         loop {
-            let now = Instant::now();
-            if self.rate_limited_until.is_some_and(|t| t <= now) {
-                self.rate_limited_until = None;
-                self.counts_stale = true;
-                look = true;
-            }
-            if self.unreachable_until.is_some_and(|t| t <= now) {
-                self.unreachable_until = None;
+            if self.pauses.expire(Instant::now()) {
                 self.counts_stale = true;
                 look = true;
             }
@@ -248,7 +179,7 @@ impl Scheduler {
                         look = false;
                         let again = Instant::now() + db_backoff;
                         next_due = Some(again);
-                        if let Some(a) = &mut self.account {
+                        if let Some(a) = &mut self.pauses.account {
                             a.next_probe = a.next_probe.max(again);
                         }
                         db_backoff = (db_backoff * 2).min(Duration::from_secs(60));
@@ -262,30 +193,12 @@ impl Scheduler {
             // When to look for due rows whatever else happens: the safety-net poll, the next
             // due row, the end of a pause. Kept apart from the other wake-ups (rechecks, pings,
             // the status line) so that no stream of those can put a look off.
-            let look_at = [
-                Some(last_look + poll),
-                next_due,
-                self.rate_limited_until,
-                self.unreachable_until,
-                self.storage.as_ref().map(|s| s.next_check),
-                // A probe waits for the downloads in flight (their completion wakes us), and
-                // for any other pause to end (each its own deadline above): a probe time that
-                // has passed must not wake the loop while it cannot probe.
-                self.account
-                    .as_ref()
-                    .filter(|a| a.probe.is_none())
-                    .map(|a| a.next_probe)
-                    .filter(|_| {
-                        self.tasks.is_empty()
-                            && self.rate_limited_until.is_none()
-                            && self.unreachable_until.is_none()
-                            && self.storage.is_none()
-                    }),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("the poll deadline is always there");
+            let look_at = [Some(last_look + poll), next_due]
+                .into_iter()
+                .flatten()
+                .chain(self.pauses.deadlines(self.tasks.is_empty()))
+                .min()
+                .expect("the poll deadline is always there");
             let wake_at = [
                 Some(look_at),
                 self.orphans_checked.map(|t| t + self.orphan_interval()),
@@ -311,7 +224,7 @@ impl Scheduler {
                         Err(e) => {
                             let video = self.in_flight.remove(&e.id()).unwrap_or_default();
                             tracing::error!(video_id = %video, error = %e, "download task panicked");
-                            if let Some(a) = self.account.as_mut().filter(|a| a.probe == Some(e.id())) {
+                            if let Some(a) = self.pauses.account.as_mut().filter(|a| a.probe == Some(e.id())) {
                                 a.probe = None;
                             }
                         }
@@ -373,75 +286,21 @@ impl Scheduler {
         self.service.status(text);
     }
 
-    /// Every pause in force now, in `pause::Reason`'s order: the one to act on first first.
-    fn pauses(&self) -> Vec<Pause> {
-        let mut out = Vec::new();
-        if let Some(s) = &self.storage {
-            out.push(Pause {
-                reason: pause::Reason::Storage,
-                detail: s.reason.clone(),
-                until: None,
-                advice: Some(format!(
-                    "free space in the archive's filesystem ({}); new downloads start once it has archive.min_free ({}) free",
-                    self.fetcher.store().location(),
-                    config::format_size(self.settings.config.archive.min_free)
-                )),
-            });
-        }
-        if let Some(a) = &self.account {
-            // The first suspect by ID, so that the text does not change from look to look.
-            let first = a.suspects.iter().min_by(|x, y| x.0.cmp(y.0));
-            let said = first.map_or(String::new(), |(video, (_, status, reason))| {
-                format!(" (HTTP {status} for {video}: {reason})")
-            });
-            out.push(Pause {
-                reason: pause::Reason::Token,
-                detail: if a.confirmed {
-                    format!("API rejected the token{said}")
-                } else {
-                    format!("API refused a video; probing whether it is the token{said}")
-                },
-                until: a.probe.is_none().then_some(a.next_probe),
-                advice: Some(if a.confirmed {
-                    format!("fix the token: {}", token_advice())
-                } else {
-                    "none yet: one probe on another video tells whether the token or the video is refused".into()
-                }),
-            });
-        }
-        if let Some(until) = self.rate_limited_until {
-            out.push(Pause {
-                reason: pause::Reason::RateLimited,
-                detail: if self.rate_probe {
-                    "rate limited (429); one request probes before the rest follow".into()
-                } else {
-                    "rate limited (429)".into()
-                },
-                until: Some(until),
-                advice: None,
-            });
-        }
-        if let Some(until) = self.unreachable_until {
-            out.push(Pause {
-                reason: pause::Reason::Unreachable,
-                detail: format!(
-                    "API host unreachable ({} attempt(s) in a row)",
-                    self.unreachable_in_a_row
-                ),
-                until: Some(until),
-                advice: Some(
-                    "check the network, DNS and any proxy (HTTPS_PROXY) on the way to api.base_url"
-                        .into(),
-                ),
-            });
-        }
-        out
+    /// Every pause in force now, the one to act on first first.
+    fn pauses(&self) -> Vec<crate::pause::Pause> {
+        self.pauses.in_force(|| {
+            format!(
+                "free space in the archive's filesystem ({}); new downloads start once it has archive.min_free ({}) free",
+                self.fetcher.store().location(),
+                config::format_size(self.settings.config.archive.min_free)
+            )
+        })
     }
 
     async fn clear_pauses(&mut self) {
         crate::metrics::get().set_paused(&[]);
         match self.queue.set_pauses(Vec::new()).await {
-            Ok(()) => self.published.clear(),
+            Ok(()) => self.pauses.published(Vec::new()),
             Err(e) => tracing::warn!(error = %e, "cannot clear the published pauses"),
         }
     }
@@ -450,25 +309,12 @@ impl Scheduler {
     /// (another process) and to the metrics. A failed write is tried again at the next turn.
     async fn publish_pauses(&mut self) {
         let now = self.pauses();
-        if now == self.published {
+        let Some(records) = self.pauses.to_publish(&now) else {
             return;
-        }
-        let at = Instant::now();
-        self.paused_since
-            .retain(|r, _| now.iter().any(|p| p.reason == *r));
-        let records: Vec<pause::Record> = now
-            .iter()
-            .map(|p| pause::Record {
-                reason: p.reason,
-                detail: p.detail.clone(),
-                since_ago: at - *self.paused_since.entry(p.reason).or_insert(at),
-                until_in: p.until.map(|u| u.saturating_duration_since(at)),
-                advice: p.advice.clone(),
-            })
-            .collect();
+        };
         crate::metrics::get().set_paused(&records.iter().map(|r| r.reason).collect::<Vec<_>>());
         match self.queue.set_pauses(records).await {
-            Ok(()) => self.published = now,
+            Ok(()) => self.pauses.published(now),
             Err(e) => tracing::warn!(error = %e, "cannot publish the pauses for `hingnetd status`"),
         }
     }
@@ -482,7 +328,7 @@ impl Scheduler {
                 tracing::info!(config = %self.settings.config_path.display(), "configuration reloaded");
                 // The operator may have just fixed the token: probe now, not at the end of
                 // the current backoff.
-                if let Some(a) = &mut self.account {
+                if let Some(a) = &mut self.pauses.account {
                     a.delay = self.settings.config.retry.initial_delay;
                     a.next_probe = Instant::now();
                 }
@@ -557,52 +403,31 @@ impl Scheduler {
     /// when the next pending row falls due (if none is due now).
     async fn fill_slots(&mut self) -> Result<Option<Instant>, QueueError> {
         let now = Instant::now();
-        let free = if self.rate_limited_until.is_some() || self.unreachable_until.is_some() {
-            0
-        } else if let Some(a) = &self.account {
-            // One probe at a time, when its time comes, and only once the downloads in flight
-            // have said what they had to say about the token.
-            usize::from(self.tasks.is_empty() && a.probe_now(now))
-        } else if self.rate_probe {
-            usize::from(self.tasks.is_empty())
-        } else {
-            self.settings
-                .config
-                .download
-                .concurrency
-                .saturating_sub(self.tasks.len())
-        };
+        let free = self.pauses.slots(
+            self.settings.config.download.concurrency,
+            self.tasks.len(),
+            now,
+        );
         if free == 0 {
             // Nothing to claim with: a finished download, or the end of a pause, looks again.
             // (Asking for the next due row here would spin while due rows wait for a slot.)
             return Ok(None);
         }
-        if self.storage.as_ref().is_some_and(|s| s.next_check > now) {
+        if self.pauses.storage_resting(now) {
             return Ok(None);
         }
-        match self.fetcher.store().storage_problem().await {
-            Some(reason) => {
-                if self.storage.is_none() {
-                    tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive has room again");
-                    self.counts_stale = true;
-                }
-                self.storage = Some(StoragePause {
-                    reason,
-                    next_check: now + STORAGE_RECHECK,
-                });
-                return Ok(None);
-            }
-            None => {
-                if self.storage.take().is_some() {
-                    tracing::info!("archive storage is usable again: downloads resumed");
-                    self.counts_stale = true;
-                }
-            }
+        let problem = self.fetcher.store().storage_problem().await;
+        let short = problem.is_some();
+        if self.pauses.storage_seen(problem, now) {
+            self.counts_stale = true;
+        }
+        if short {
+            return Ok(None);
         }
         // A probe goes to another video than those refused, if one is due; to any video only
         // at the probe's time. Nothing here changes the pause until a probe is under way, so
         // an error (the database) leaves the probe scheduled.
-        let (except, any_at) = match &self.account {
+        let (except, any_at) = match &self.pauses.account {
             Some(a) => (
                 a.suspects.keys().cloned().collect::<Vec<_>>(),
                 a.next_probe <= now,
@@ -611,13 +436,13 @@ impl Scheduler {
         };
         let mut claimed = self.queue.claim(free, except, any_at).await?;
         let got = claimed.len();
-        if self.account.is_some() {
+        if self.pauses.account.is_some() {
             // The operator may have fixed the token: the probe goes with what is there now.
             let probe = claimed.pop().map(|c| {
                 self.reload_token();
                 self.spawn(c)
             });
-            let a = self.account.as_mut().expect("checked above");
+            let a = self.pauses.account.as_mut().expect("checked above");
             match probe {
                 Some(task) => {
                     a.probe = Some(task);
@@ -683,8 +508,8 @@ impl Scheduler {
             started,
         } = report;
         let retry = self.settings.config.retry.clone();
-        let probe = self.account.as_ref().is_some_and(|a| a.probe == Some(task));
-        if probe && let Some(a) = &mut self.account {
+        let probe = (self.pauses.account.as_ref()).is_some_and(|a| a.probe == Some(task));
+        if probe && let Some(a) = &mut self.pauses.account {
             a.probe = None;
             // Whatever it says (a 429, a shutdown, no request at all), the next probe may go
             // as soon as the loop allows, unless the answer below says otherwise.
@@ -695,46 +520,14 @@ impl Scheduler {
                 http_status,
                 reason,
             } => self.refused(claimed, probe, http_status, reason),
-            Outcome::RateLimited { retry_after } => {
-                self.rate_limits_in_a_row += 1;
-                let (wait, cut) = rate_limit_wait(
-                    &retry,
-                    retry_after,
-                    backoff(&retry, self.rate_limits_in_a_row),
-                );
-                let until = Instant::now() + wait;
-                if self.rate_limited_until.is_none_or(|t| t < until) {
-                    if cut {
-                        tracing::warn!(
-                            retry_after = %format_duration(retry_after.unwrap_or_default()),
-                            wait = %format_duration(wait),
-                            "rate limited (429) for longer than retry.max_delay: pausing all requests that long, then probing with one"
-                        );
-                    } else {
-                        tracing::warn!(wait = %format_duration(wait), "rate limited (429): pausing all requests");
-                    }
-                    self.rate_limited_until = Some(until);
-                }
-                self.rate_probe |= cut;
-            }
+            Outcome::RateLimited { retry_after } => self.pauses.rate_limited(&retry, retry_after),
             Outcome::Unreachable { reason } => {
-                self.unreachable_in_a_row += 1;
-                let wait = backoff(&retry, self.unreachable_in_a_row);
-                let until = Instant::now() + wait;
-                if self.unreachable_until.is_none_or(|t| t < until) {
-                    tracing::warn!(reason = %reason, wait = %format_duration(wait), "API host unreachable: pausing all requests");
-                    self.unreachable_until = Some(until);
+                if self.pauses.unreachable(&retry, &reason) {
                     self.counts_stale = true;
                 }
             }
             Outcome::DiskShort { reason } => {
-                if self.storage.is_none() {
-                    tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive has room again");
-                }
-                self.storage = Some(StoragePause {
-                    reason,
-                    next_check: Instant::now() + STORAGE_RECHECK,
-                });
+                self.pauses.disk_short(reason);
                 self.counts_stale = true;
             }
             // Any other answer means the token was accepted.
@@ -744,17 +537,7 @@ impl Scheduler {
             | Outcome::MaybeMissing { .. }
             | Outcome::Gone { .. }
             | Outcome::Transient { .. } => {
-                self.rate_limits_in_a_row = 0;
-                self.rate_probe = false;
-                self.refusals.remove(&claimed.video_id);
-                if std::mem::take(&mut self.unreachable_in_a_row) > 0 {
-                    tracing::info!("API host reachable again");
-                }
-                // An answer to a request sent before the first refusal proves nothing about
-                // the token now (it may have been revoked in between): only a later one, the
-                // probe's or another's, ends the pause.
-                if self.account.as_ref().is_some_and(|a| started >= a.since) {
-                    let a = self.account.take().expect("checked above");
+                if let Some(a) = self.pauses.answered(&claimed.video_id, started) {
                     self.accepted(a, &claimed.video_id).await;
                 }
             }
@@ -770,7 +553,7 @@ impl Scheduler {
     fn refused(&mut self, claimed: Claimed, probe: bool, http_status: u16, reason: String) {
         let retry = &self.settings.config.retry;
         let video = claimed.video_id.clone();
-        let Some(a) = &mut self.account else {
+        let Some(a) = &mut self.pauses.account else {
             tracing::error!(
                 video_id = %video,
                 http_status,
@@ -778,7 +561,7 @@ impl Scheduler {
                 "API refused a download: ALL DOWNLOADS PAUSED while one probe on another video tells whether the token or this video is refused"
             );
             let suspects = HashMap::from([(video, (claimed, http_status, reason))]);
-            self.account = Some(AccountPause {
+            self.pauses.account = Some(AccountPause {
                 since: Instant::now(),
                 next_probe: Instant::now() + retry.initial_delay,
                 delay: retry.initial_delay,
@@ -831,13 +614,13 @@ impl Scheduler {
             if video == answered {
                 continue;
             }
-            let n = self.refusals.entry(video.clone()).or_default();
+            let n = self.pauses.refusals.entry(video.clone()).or_default();
             *n += 1;
             if *n < REFUSALS_TO_FAIL {
                 tracing::warn!(video_id = %video, http_status, refusals = *n, reason = %reason, "the API refused this video, not the token; it fails after {REFUSALS_TO_FAIL} such refusals");
                 continue;
             }
-            self.refusals.remove(&video);
+            self.pauses.refusals.remove(&video);
             let error = format!(
                 "the API refused this video {REFUSALS_TO_FAIL} times ({http_status}) while it accepted the token for others: {reason}"
             );
@@ -1000,20 +783,6 @@ fn log_decision(claimed: &Claimed, outcome: &Outcome, finish: &Finish, elapsed: 
             "put back to pending"
         ),
         (_, Finish::Done { .. }) => unreachable!("only Archived becomes Done"),
-    }
-}
-
-/// How an operator gets a fixed token to the daemon, where it runs: under systemd the token is
-/// a credential, copied once per start, so only a restart reads a new one; otherwise the token
-/// file is re-read before each probe, and SIGHUP probes at once.
-fn token_advice() -> String {
-    if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
-        "systemd copies the credential only at start: put the new token in the file LoadCredential= names (/etc/hingnetd/token in the packaged unit), then run `systemctl restart hingnetd`".into()
-    } else {
-        format!(
-            "write the new token where the daemon reads it; it is re-read before each probe, and `kill -HUP {}` probes at once",
-            std::process::id()
-        )
     }
 }
 
