@@ -454,6 +454,18 @@ enum StreamEnd {
     Restart(String),
 }
 
+/// Where a 200/206 body goes in the file (`Attempt::body_range`).
+struct Range {
+    /// Its first byte's offset in the file.
+    start: u64,
+    /// A 206's last byte.
+    last: Option<u64>,
+    /// The whole file's size, if the response says.
+    total: Option<u64>,
+    /// What identifies this version of the file (`ETag`, `Last-Modified`).
+    validator: Option<String>,
+}
+
 /// What the content endpoint said instead of the video.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NotServed {
@@ -744,14 +756,49 @@ impl Attempt<'_> {
         self.learned_expiry().or(self.expires_at)
     }
 
-    /// Streams a 200/206 body into the partial file through the writer thread.
+    /// Streams a 200/206 body into the partial: where it belongs in the file (`body_range`),
+    /// whether it may be written there (`admit_body`), the bytes (`pump`), then whether the
+    /// file, or the range asked for, is complete.
     async fn stream(&mut self, answer: Answer, offset: u64) -> StreamEnd {
-        let mut response = answer.response;
-        let status = response.status();
-        // Where this body starts in the file, where it ends (a 206), and the file's size.
-        let validator = api::validator(response.headers());
+        let status = answer.response.status();
+        let range = match self.body_range(&answer.response, offset) {
+            Ok(r) => r,
+            Err(end) => return end,
+        };
+        let (response, queued) = match self.admit_body(answer, offset, &range).await {
+            Ok(admitted) => admitted,
+            Err(end) => return end,
+        };
+        let end = self.pump(response, &range, queued).await;
+        let Range { last, total, .. } = range;
+        if matches!(end, StreamEnd::Complete) {
+            let have = self.partial().size();
+            match (last, total) {
+                (Some(last), _) if have != last + 1 => {
+                    return transient(
+                        status,
+                        format!("body ended at {have}, its range at {}", last + 1),
+                    );
+                }
+                (Some(last), Some(t)) if last + 1 < t => return StreamEnd::Continue,
+                (_, Some(t)) if have != t => {
+                    return transient(status, format!("body ended at {have} of {t} bytes"));
+                }
+                _ => {}
+            }
+        }
+        end
+    }
+
+    /// Where a body starts in the file, where it ends (a 206), and the file's size; a 206 for
+    /// another range than asked, or of another file, restarts the download.
+    fn body_range(
+        &mut self,
+        response: &reqwest::Response,
+        offset: u64,
+    ) -> Result<Range, StreamEnd> {
         let had_total = self.partial().total();
-        let (start, last, total) = if status == StatusCode::PARTIAL_CONTENT {
+        let (start, last, total) = if response.status() == StatusCode::PARTIAL_CONTENT {
             match api::content_range(response.headers()) {
                 // The rest (or the next piece) of the same file: where we asked, and the total
                 // the file started with. Without a Range (offset 0), the whole file or its
@@ -767,34 +814,60 @@ impl Attempt<'_> {
                 // The whole file as a 206, whatever was asked: a 200 by another name.
                 Some((0, e, Some(t))) if e + 1 == t => (0, Some(e), Some(t)),
                 other => {
-                    return StreamEnd::Restart(format!(
+                    return Err(StreamEnd::Restart(format!(
                         "206 with Content-Range {other:?} for bytes={offset}-"
-                    ));
+                    )));
                 }
             }
         } else {
             (0, None, response.content_length())
         };
+        Ok(Range {
+            start,
+            last,
+            total,
+            validator: api::validator(response.headers()),
+        })
+    }
+
+    /// Whether the body may go into the partial, before any of it does: one that starts
+    /// mid-file must be the same version of the file and not an error page; one that starts at
+    /// zero must look like an MP4 (its first chunks, read to tell, are returned), and starts
+    /// the partial over; the file must fit `download.max_bytes` and the disk.
+    async fn admit_body(
+        &mut self,
+        answer: Answer,
+        offset: u64,
+        range: &Range,
+    ) -> Result<(reqwest::Response, Vec<Bytes>), StreamEnd> {
+        let Range {
+            start,
+            total,
+            ref validator,
+            ..
+        } = *range;
+        let mut response = answer.response;
+        let status = response.status();
         if start > 0 {
             // The bytes cannot be looked at (they start mid-file): refuse an error page by its
             // label, and another version of the file (the server ignored If-Range) rather than
             // splice two versions together.
             if let Some(mime) = api::is_text_type(response.headers()) {
                 self.resume_failed = true;
-                return transient(
+                return Err(transient(
                     status,
                     format!(
                         "{} answered {status} with {mime}, not a video",
                         answer.origin
                     ),
-                );
+                ));
             }
             if let (Some(had), Some(now)) = (self.partial().validator(), validator.as_deref())
                 && had != now
             {
-                return StreamEnd::Restart(format!(
+                return Err(StreamEnd::Restart(format!(
                     "the file changed on the server since byte {offset} was written"
-                ));
+                )));
             }
         }
         // The first bytes decide whether this is a video, whatever Content-Type says.
@@ -803,7 +876,7 @@ impl Attempt<'_> {
             match self.sniff(&mut response).await {
                 Sniffed::Video(chunks) => queued = chunks,
                 Sniffed::Interrupted => {
-                    return StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 });
+                    return Err(StreamEnd::Outcome(Outcome::Interrupted { parked_bytes: 0 }));
                 }
                 Sniffed::NotVideo(head) => {
                     let what = match api::is_text_type(response.headers()) {
@@ -818,36 +891,36 @@ impl Attempt<'_> {
                         }
                         api::Host::Cdn => api::CDN_BODY_NOT_KEPT.into(),
                     };
-                    return transient(
+                    return Err(transient(
                         status,
                         format!("{} answered {status} with {what}: {reason}", answer.origin),
-                    );
+                    ));
                 }
                 Sniffed::Short => {
-                    return transient(status, "the body ended before 8 bytes".into());
+                    return Err(transient(status, "the body ended before 8 bytes".into()));
                 }
             }
         }
         if start == 0 && offset > 0 {
             tracing::info!(video_id = %self.id, had = offset, "server sent the whole file; discarding partial");
             if let Err(e) = self.restart_partial().await {
-                return storage(e);
+                return Err(storage(e));
             }
         }
         if start == 0
             && let Err(e) = self.partial().set_version(validator.as_deref(), total)
         {
-            return storage(e);
+            return Err(storage(e));
         }
         let max = self.limits.max_bytes;
         if let Some(t) = total.filter(|t| *t > max) {
-            return transient(
+            return Err(transient(
                 status,
                 format!("the file is {t} bytes, over download.max_bytes ({max})"),
-            );
+            ));
         }
         if let Err(e) = self.partial().admit(total).await {
-            return storage(e);
+            return Err(storage(e));
         }
         if start == 0 || self.resumed_from.is_none() {
             self.resumed_from = Some(start);
@@ -857,6 +930,20 @@ impl Attempt<'_> {
             let (api, id) = (self.api.clone(), self.id.clone());
             self.metadata_read = Some(tokio::spawn(async move { api.read_status(&id).await }));
         }
+        Ok((response, queued))
+    }
+
+    /// The body's bytes into the partial, through its writer: read with the stall limit and
+    /// the speed floor, held to `download.max_bytes` and paid for from the rate limit, until
+    /// it ends, fails or is cancelled. The partial is back home after (unless writing failed).
+    async fn pump(
+        &mut self,
+        mut response: reqwest::Response,
+        range: &Range,
+        queued: Vec<Bytes>,
+    ) -> StreamEnd {
+        let (status, start, total) = (response.status(), range.start, range.total);
+        let max = self.limits.max_bytes;
         let mut writer = self.partial.take().expect("partial is home").writer();
         let read_timeout = self.api.read_timeout();
         let mut floor = SpeedFloor::new(self.limits.low_speed);
@@ -948,22 +1035,6 @@ impl Attempt<'_> {
             // Nothing of that body is worth resuming from.
             if let Err(e) = self.restart_partial().await {
                 return storage(e);
-            }
-        }
-        if matches!(end, StreamEnd::Complete) {
-            let have = self.partial().size();
-            match (last, total) {
-                (Some(last), _) if have != last + 1 => {
-                    return transient(
-                        status,
-                        format!("body ended at {have}, its range at {}", last + 1),
-                    );
-                }
-                (Some(last), Some(t)) if last + 1 < t => return StreamEnd::Continue,
-                (_, Some(t)) if have != t => {
-                    return transient(status, format!("body ended at {have} of {t} bytes"));
-                }
-                _ => {}
             }
         }
         end
