@@ -122,42 +122,69 @@ pub(super) fn hash_prefix(file: &mut File, n: u64) -> io::Result<Option<(Sha256,
 
 /// A download in progress: the hidden partial file, hashed as it is written.
 pub struct Partial {
+    /// The server's version of the bytes, and what earlier downloads were refused for.
+    version: Version,
+    record: Record,
+    file: File,
+    path: PathBuf,
+    /// Received bytes not yet written: large writes cost fewer syscalls and checkpoints.
+    buf: Vec<u8>,
+    /// Covers exactly the bytes written to the file (`written`).
+    hasher: Sha256,
+    written: u64,
+    head: Vec<u8>,
+    writeback: Writeback,
+    space: Space,
+    names: Names,
+}
+
+/// What the resume record says besides its checkpoint.
+struct Version {
     /// What identifies the server's version of the bytes already in the file, for `If-Range`.
     validator: Option<String>,
     /// The file's size as announced when its first byte was received, if it was.
     total: Option<u64>,
     /// Whole downloads refused as incomplete MP4s, and the last one's SHA-256.
     rejected: Option<(u32, String)>,
-    record: File,
-    record_path: PathBuf,
-    /// Length of the record file's current contents (rewritten in place).
-    record_len: u64,
+}
+
+/// The resume record's file (see `ResumeRecord`).
+struct Record {
     file: File,
-    /// Received bytes not yet written: large writes cost fewer syscalls and checkpoints.
-    buf: Vec<u8>,
-    /// Covers exactly the bytes written to the file (`written`).
-    hasher: Sha256,
-    written: u64,
-    /// The file up to here has been handed to the kernel's writeback (`write_back`).
+    path: PathBuf,
+    /// Length of its current contents (rewritten in place).
+    len: u64,
+}
+
+/// How far the file has gone to disk while it downloads (see `Partial::write_back`).
+struct Writeback {
+    /// Off when the filesystem does not support `sync_file_range`.
+    enabled: bool,
+    /// The file up to here has been handed to the kernel's writeback.
     submitted: u64,
     /// Where the submission before that one ended.
     previous: u64,
     /// The file up to here is on disk and out of the page cache.
     settled: u64,
-    /// Off when the filesystem does not support `sync_file_range`.
-    writeback: bool,
-    head: Vec<u8>,
-    path: PathBuf,
+}
+
+/// The download's share of the disk (see `Partial::reserve` and `Partial::keep_free`).
+struct Space {
+    /// Disk space promised to this download and not yet written.
+    reserved: u64,
+    /// Promised to every download in flight: the archive's.
+    reservations: Arc<AtomicU64>,
+    /// `archive.min_free` while writing.
+    floor: Option<u64>,
+    /// `written` when the free space was last looked at.
+    checked: u64,
+}
+
+/// Where the video's files end up.
+struct Names {
     final_path: PathBuf,
     sidecar_path: PathBuf,
     dir: PathBuf,
-    /// Disk space promised to this download and not yet written (see `reserve`).
-    reserved: u64,
-    reservations: Arc<AtomicU64>,
-    /// `archive.min_free` while writing (see `keep_free`).
-    floor: Option<u64>,
-    /// `written` when the free space was last looked at.
-    space_checked: u64,
 }
 
 /// Proof that a partial's bytes were checked to be a whole MP4 (`Partial::check_whole`): the
@@ -241,31 +268,41 @@ impl Partial {
         file.set_len(written).map_err(ferr)?;
         file.seek(SeekFrom::Start(written)).map_err(ferr)?;
         let mut partial = Partial {
-            validator,
-            total,
-            rejected,
-            record,
-            record_path,
-            record_len,
+            version: Version {
+                validator,
+                total,
+                rejected,
+            },
+            record: Record {
+                file: record,
+                path: record_path,
+                len: record_len,
+            },
             file,
             // Allocated on first use: a download whose chunks are all `DIRECT_WRITE` or
             // larger never needs it.
             buf: Vec::new(),
             hasher,
             written,
-            submitted: written,
-            previous: written,
-            settled: written,
-            writeback: true,
             head,
+            writeback: Writeback {
+                enabled: true,
+                submitted: written,
+                previous: written,
+                settled: written,
+            },
             path,
-            final_path: archive.final_path(id),
-            sidecar_path: archive.sidecar_path(id),
-            dir: archive.dir.clone(),
-            reserved: 0,
-            reservations: archive.reservations.clone(),
-            floor: None,
-            space_checked: written,
+            space: Space {
+                reserved: 0,
+                reservations: archive.reservations.clone(),
+                floor: None,
+                checked: written,
+            },
+            names: Names {
+                final_path: archive.final_path(id),
+                sidecar_path: archive.sidecar_path(id),
+                dir: archive.dir.clone(),
+            },
         };
         if written == 0 {
             partial.checkpoint()?;
@@ -290,37 +327,41 @@ impl Partial {
     }
 
     pub fn validator(&self) -> Option<&str> {
-        self.validator.as_deref()
+        self.version.validator.as_deref()
     }
 
     /// Rewrites the resume record in place: one small `pwrite`, cheap enough for every flush.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
         use std::os::unix::fs::FileExt;
         let text = ResumeRecord {
-            validator: self.validator.clone(),
-            total: self.total,
+            validator: self.version.validator.clone(),
+            total: self.version.total,
             len: self.written,
             sha256: hex(&self.hasher.clone().finalize()),
-            rejected: self.rejected.clone(),
+            rejected: self.version.rejected.clone(),
         }
         .render();
-        let r = self.record.write_all_at(text.as_bytes(), 0).and_then(|()| {
-            if (text.len() as u64) < self.record_len {
-                self.record.set_len(text.len() as u64)?;
-            }
-            Ok(())
-        });
+        let r = self
+            .record
+            .file
+            .write_all_at(text.as_bytes(), 0)
+            .and_then(|()| {
+                if (text.len() as u64) < self.record.len {
+                    self.record.file.set_len(text.len() as u64)?;
+                }
+                Ok(())
+            });
         r.map_err(|source| StoreError::File {
-            path: self.record_path.clone(),
+            path: self.record.path.clone(),
             source,
         })?;
-        self.record_len = text.len() as u64;
+        self.record.len = text.len() as u64;
         Ok(())
     }
 
     /// The whole file's size, as the response that started the file announced it.
     pub fn total(&self) -> Option<u64> {
-        self.total
+        self.version.total
     }
 
     /// Records which version of the file is being written from byte zero: its validator and
@@ -331,10 +372,10 @@ impl Partial {
         total: Option<u64>,
     ) -> Result<(), StoreError> {
         // A header value cannot hold a line break; one here would corrupt the record.
-        self.validator = validator
+        self.version.validator = validator
             .filter(|v| !v.contains(['\n', '\r']))
             .map(str::to_owned);
-        self.total = total;
+        self.version.total = total;
         self.checkpoint()
     }
 
@@ -349,10 +390,10 @@ impl Partial {
         self.hasher = Sha256::new();
         self.head.clear();
         self.written = 0;
-        self.submitted = 0;
-        self.previous = 0;
-        self.settled = 0;
-        self.space_checked = 0;
+        self.writeback.submitted = 0;
+        self.writeback.previous = 0;
+        self.writeback.settled = 0;
+        self.space.checked = 0;
         self.set_version(None, None)
     }
 
@@ -360,7 +401,7 @@ impl Partial {
     /// downloads in flight were promised, falls below `min_free` (`archive.min_free`). A body
     /// without a length reserved nothing up front, and another process may fill the disk.
     pub fn keep_free(&mut self, min_free: u64) {
-        self.floor = Some(min_free).filter(|m| *m > 0);
+        self.space.floor = Some(min_free).filter(|m| *m > 0);
     }
 
     /// Takes the next bytes of the body. `StoreError::DiskShort` (see `keep_free`) comes only
@@ -398,32 +439,33 @@ impl Partial {
         self.hasher.update(data);
         let n = data.len() as u64;
         self.written += n;
-        let done = n.min(self.reserved);
-        self.reserved -= done;
-        self.reservations.fetch_sub(done, Ordering::Relaxed);
+        let done = n.min(self.space.reserved);
+        self.space.reserved -= done;
+        self.space.reservations.fetch_sub(done, Ordering::Relaxed);
         self.checkpoint()?;
         self.write_back()
     }
 
     /// See `keep_free`. The bytes written so far are checkpointed: the file can be resumed.
     fn check_space(&mut self) -> Result<(), StoreError> {
-        let Some(min_free) = self.floor else {
+        let Some(min_free) = self.space.floor else {
             return Ok(());
         };
-        if self.written - self.space_checked < SPACE_CHECK {
+        if self.written - self.space.checked < SPACE_CHECK {
             return Ok(());
         }
-        self.space_checked = self.written;
-        let available = sys::available_bytes(&self.dir).map_err(|source| StoreError::Dir {
-            path: self.dir.clone(),
-            source,
-        })?;
+        self.space.checked = self.written;
+        let available =
+            sys::available_bytes(&self.names.dir).map_err(|source| StoreError::Dir {
+                path: self.names.dir.clone(),
+                source,
+            })?;
         // Our own promise shrinks as we write, and so does the free space: what is left of it
         // is still ours to write.
-        let free = available.saturating_sub(self.reservations.load(Ordering::Relaxed));
+        let free = available.saturating_sub(self.space.reservations.load(Ordering::Relaxed));
         if free < min_free {
             return Err(StoreError::DiskShort {
-                dir: self.dir.clone(),
+                dir: self.names.dir.clone(),
                 free,
                 min_free,
             });
@@ -441,26 +483,33 @@ impl Partial {
     /// Any error while waiting is a write error: the kernel reports a failed writeback once,
     /// to whoever waits first, so the final fsync might never hear of it.
     fn write_back(&mut self) -> Result<(), StoreError> {
-        if !self.writeback || self.written - self.submitted < WRITEBACK_WINDOW {
+        if !self.writeback.enabled || self.written - self.writeback.submitted < WRITEBACK_WINDOW {
             return Ok(());
         }
-        let started =
-            sys::start_writeback(&self.file, self.submitted, self.written - self.submitted);
+        let started = sys::start_writeback(
+            &self.file,
+            self.writeback.submitted,
+            self.written - self.writeback.submitted,
+        );
         match started.map_err(|e| self.err(e))? {
             sys::Writeback::Started => {}
             // The fsync at publish does all the work, as it would without this.
             sys::Writeback::Unsupported => {
-                self.writeback = false;
+                self.writeback.enabled = false;
                 return Ok(());
             }
         }
-        if self.previous > self.settled {
-            let r = sys::settle(&self.file, self.settled, self.previous - self.settled);
+        if self.writeback.previous > self.writeback.settled {
+            let r = sys::settle(
+                &self.file,
+                self.writeback.settled,
+                self.writeback.previous - self.writeback.settled,
+            );
             r.map_err(|e| self.err(e))?;
-            self.settled = self.previous;
+            self.writeback.settled = self.writeback.previous;
         }
-        self.previous = self.submitted;
-        self.submitted = self.written;
+        self.writeback.previous = self.writeback.submitted;
+        self.writeback.submitted = self.written;
         Ok(())
     }
 
@@ -468,26 +517,28 @@ impl Partial {
     /// bytes free, counting the space other downloads in flight have been promised, and
     /// promises it to this one.
     pub fn reserve(&mut self, total: u64, min_free: u64) -> Result<(), StoreError> {
-        self.reservations
-            .fetch_sub(self.reserved, Ordering::Relaxed);
-        self.reserved = 0;
+        self.space
+            .reservations
+            .fetch_sub(self.space.reserved, Ordering::Relaxed);
+        self.space.reserved = 0;
         let need = total.saturating_sub(self.len());
-        let available = sys::available_bytes(&self.dir).map_err(|source| StoreError::Dir {
-            path: self.dir.clone(),
-            source,
-        })?;
-        let promised = self.reservations.fetch_add(need, Ordering::Relaxed);
+        let available =
+            sys::available_bytes(&self.names.dir).map_err(|source| StoreError::Dir {
+                path: self.names.dir.clone(),
+                source,
+            })?;
+        let promised = self.space.reservations.fetch_add(need, Ordering::Relaxed);
         let free = available.saturating_sub(promised);
         if free < need.saturating_add(min_free) {
-            self.reservations.fetch_sub(need, Ordering::Relaxed);
+            self.space.reservations.fetch_sub(need, Ordering::Relaxed);
             return Err(StoreError::NoSpace {
-                dir: self.dir.clone(),
+                dir: self.names.dir.clone(),
                 need,
                 free,
                 min_free,
             });
         }
-        self.reserved = need;
+        self.space.reserved = need;
         Ok(())
     }
 
@@ -506,7 +557,7 @@ impl Partial {
             return Err(e);
         }
         let written = self.written;
-        if written == 0 && self.rejected.is_none() {
+        if written == 0 && self.version.rejected.is_none() {
             self.discard()?;
         }
         Ok(written)
@@ -514,14 +565,14 @@ impl Partial {
 
     fn remove_files(&self) {
         let _ = remove_if_exists(&self.path);
-        let _ = remove_if_exists(&self.record_path);
+        let _ = remove_if_exists(&self.record.path);
     }
 
     /// Removes the partial file: what it holds will never be needed.
     pub fn discard(self) -> Result<(), StoreError> {
         remove_if_exists(&self.path).map_err(|e| self.err(e))?;
-        remove_if_exists(&self.record_path).map_err(|source| StoreError::File {
-            path: self.record_path.clone(),
+        remove_if_exists(&self.record.path).map_err(|source| StoreError::File {
+            path: self.record.path.clone(),
             source,
         })
     }
@@ -544,14 +595,17 @@ impl Partial {
     /// How many whole downloads of this video were refused as incomplete, and the SHA-256 of
     /// the last one.
     pub fn rejections(&self) -> Option<(u32, &str)> {
-        self.rejected.as_ref().map(|(n, sha)| (*n, sha.as_str()))
+        self.version
+            .rejected
+            .as_ref()
+            .map(|(n, sha)| (*n, sha.as_str()))
     }
 
     /// Refuses these bytes as an incomplete MP4: remembers their SHA-256 (in the resume record,
     /// so it outlives this attempt) and starts over from byte zero. Returns the refusals so far.
     pub fn reject(&mut self) -> Result<u32, StoreError> {
-        let n = self.rejected.as_ref().map_or(0, |(n, _)| *n) + 1;
-        self.rejected = Some((n, self.sha256()));
+        let n = self.version.rejected.as_ref().map_or(0, |(n, _)| *n) + 1;
+        self.version.rejected = Some((n, self.sha256()));
         self.restart()?;
         Ok(n)
     }
@@ -592,7 +646,7 @@ impl Partial {
         // The video first: a crash between the two renames leaves a video without its sidecar
         // (which the row's metadata column still holds), never a complete partial without its
         // resume record.
-        if let Err(e) = std::fs::rename(&self.path, &self.final_path) {
+        if let Err(e) = std::fs::rename(&self.path, &self.names.final_path) {
             self.remove_files();
             return Err(self.err(e));
         }
@@ -600,23 +654,23 @@ impl Partial {
             if let Err(e) = self.record_to_sidecar(text) {
                 // The status object is in the row too: a sidecar that cannot be written costs
                 // the video nothing.
-                tracing::warn!(path = %self.sidecar_path.display(), error = %e, "cannot write the metadata file");
+                tracing::warn!(path = %self.names.sidecar_path.display(), error = %e, "cannot write the metadata file");
             }
             text.to_owned()
         });
         // Only a leftover now, unless it became the sidecar; a failure to remove it costs
         // nothing.
-        let _ = remove_if_exists(&self.record_path);
-        if let Err(e) = sync_dir(&self.dir) {
+        let _ = remove_if_exists(&self.record.path);
+        if let Err(e) = sync_dir(&self.names.dir) {
             // The names may not be durable: take them back so that no row says done over them.
-            let _ = remove_if_exists(&self.final_path);
+            let _ = remove_if_exists(&self.names.final_path);
             if metadata.is_some() {
-                let _ = remove_if_exists(&self.sidecar_path);
+                let _ = remove_if_exists(&self.names.sidecar_path);
             }
             return Err(e);
         }
         Ok(Published {
-            path: self.final_path.display().to_string(),
+            path: self.names.final_path.display().to_string(),
             sha256: self.sha256(),
             bytes: self.written,
             metadata,
@@ -629,20 +683,21 @@ impl Partial {
     /// file of its own would cost every video a third inode, where two suffice.
     fn record_to_sidecar(&mut self, text: &str) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        if std::fs::symlink_metadata(&self.sidecar_path).is_ok_and(|m| m.is_dir()) {
+        if std::fs::symlink_metadata(&self.names.sidecar_path).is_ok_and(|m| m.is_dir()) {
             return Err(io::Error::other("a directory is in the way"));
         }
-        self.record.set_len(0)?;
-        self.record.write_all_at(text.as_bytes(), 0)?;
-        self.record.sync_all()?;
-        std::fs::rename(&self.record_path, &self.sidecar_path)
+        self.record.file.set_len(0)?;
+        self.record.file.write_all_at(text.as_bytes(), 0)?;
+        self.record.file.sync_all()?;
+        std::fs::rename(&self.record.path, &self.names.sidecar_path)
     }
 }
 
 impl Drop for Partial {
     fn drop(&mut self) {
-        self.reservations
-            .fetch_sub(self.reserved, Ordering::Relaxed);
+        self.space
+            .reservations
+            .fetch_sub(self.space.reserved, Ordering::Relaxed);
     }
 }
 
@@ -845,12 +900,19 @@ mod tests {
         }
         // Two windows stay in flight; everything before them was waited for and let go.
         assert!(
-            p.writeback,
+            p.writeback.enabled,
             "sync_file_range works on the test's filesystem"
         );
-        assert!(p.settled >= 2 * WRITEBACK_WINDOW, "settled {}", p.settled);
-        assert!(p.settled < p.previous && p.previous < p.submitted);
-        assert!(p.submitted <= p.written);
+        assert!(
+            p.writeback.settled >= 2 * WRITEBACK_WINDOW,
+            "settled {}",
+            p.writeback.settled
+        );
+        assert!(
+            p.writeback.settled < p.writeback.previous
+                && p.writeback.previous < p.writeback.submitted
+        );
+        assert!(p.writeback.submitted <= p.written);
         let whole = p.check_whole().unwrap().expect("a whole MP4");
         let pubd = p.publish(whole, None).unwrap();
         assert_eq!(pubd.sha256, hex(&Sha256::digest(&data)));
