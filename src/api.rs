@@ -71,8 +71,6 @@ pub enum VideoState {
     Pending,
     Finished,
     Failed(String),
-    /// The status endpoint does not know the video either (404).
-    Missing,
     /// A status word the contract does not list: treated as pending, with a warning.
     Unknown(String),
 }

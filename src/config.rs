@@ -434,6 +434,7 @@ fn keyed_lines(text: &str) -> impl Iterator<Item = (usize, String)> + '_ {
 pub struct Token(String);
 
 impl Token {
+    #[cfg(test)]
     pub fn new(s: String) -> Token {
         Token(s)
     }

@@ -309,7 +309,7 @@ impl Scheduler {
     /// (another process) and to the metrics. A failed write is tried again at the next turn.
     async fn publish_pauses(&mut self) {
         let now = self.pauses();
-        let Some(records) = self.pauses.to_publish(&now) else {
+        let Some(records) = self.pauses.unpublished(&now) else {
             return;
         };
         crate::metrics::get().set_paused(&records.iter().map(|r| r.reason).collect::<Vec<_>>());

@@ -292,9 +292,8 @@ impl Fetcher {
         }
     }
 
-    /// Opens the video's partial file and takes its lock, which tells every other process the
-    /// video has a live downloader. `hingnetd fetch` does this before it claims the row, so the
-    /// daemon never sees that claim without the lock.
+    /// Begins or resumes the video's partial: the video's only writer while it lives, in any
+    /// process (`StoreError::Busy` for a second one).
     pub async fn begin(&self, id: &VideoId) -> Result<Box<dyn Partial>, Outcome> {
         self.store.begin(id).await.map_err(storage_outcome)
     }

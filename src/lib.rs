@@ -1,28 +1,34 @@
-//! hingnetd: downloads finished HingNet videos named in a SQLite queue into a verified archive.
+//! hingnetd: downloads finished HingNet videos named in a queue into a verified archive.
 //!
-//! Modules, one concern each: `config` (the file and the token), `queue` (all SQL), `api` (the
-//! HTTP client and the status-to-action table), `archive` (file discipline), `mp4` (what a
-//! whole video file is), `fetch` (one download attempt), `bandwidth` (the
-//! one rate limit all downloads share), `daemon` (the scheduler loop and retry
-//! policy), `watch` (noticing new rows), `service` (sd_notify), `verify` (re-checking the
-//! archive), `journal` (native journald logging under systemd), `metrics` (Prometheus counters
-//! and the `/metrics` listener), `pause` (what the daemon publishes about its pauses), `cli`
-//! (commands and exit codes).
+//! Modules, one concern each:
+//! - the two backends' contracts, each with its one implementation so far: `queue` (what the
+//!   daemon and the operator's commands ask of the queue; `queue::sqlite`) and `store` (where
+//!   downloads are written and published; `store::local`, a directory);
+//! - the download: `api` (the HTTP client and the status-to-action table), `fetch` (one
+//!   attempt and the `Outcome` it ends in), `mp4` (what a whole video file is), `bandwidth` (the
+//!   one rate limit all downloads share), `id` (the video ID check);
+//! - the daemon: `policy` (what a row becomes after an attempt, backoff), `pause` (the
+//!   client-wide pauses), `daemon` (the scheduler loop and shutdown), `service` (sd_notify),
+//!   `journal` (native journald logging), `metrics` (Prometheus and `/metrics`);
+//! - the operator's side: `cli` (commands and exit codes), `verify` (re-checking the archive),
+//!   `config` (the file and the token), `sys` (the process's own C-library calls).
+//!
+//! Public only where the binary or the integration tests reach in.
 
-pub mod api;
-pub mod bandwidth;
+mod api;
+mod bandwidth;
 pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod fetch;
+mod config;
+mod daemon;
+mod fetch;
 pub mod id;
-pub mod journal;
-pub mod metrics;
-pub mod mp4;
-pub mod pause;
-pub mod policy;
+mod journal;
+mod metrics;
+mod mp4;
+mod pause;
+mod policy;
 pub mod queue;
-pub mod service;
+mod service;
 pub mod store;
-pub mod sys;
-pub mod verify;
+mod sys;
+mod verify;

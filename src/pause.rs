@@ -347,7 +347,7 @@ impl Pauses {
 
     /// `now` (from `in_force`) as records to publish, if it differs from what was last
     /// published; `published` says when the records were stored.
-    pub fn to_publish(&mut self, now: &[Pause]) -> Option<Vec<Record>> {
+    pub fn unpublished(&mut self, now: &[Pause]) -> Option<Vec<Record>> {
         if now == self.published {
             return None;
         }

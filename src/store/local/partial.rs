@@ -208,7 +208,7 @@ impl Partial {
         let mut file = open_own(&path).map_err(ferr)?;
         // Held for as long as the download runs (the lock goes with the file): it tells other
         // processes the partial has a live writer, and the kernel drops it if that writer dies.
-        // `partial_in_use` takes the lock for an instant to test it: try a little longer
+        // `remove_leftovers` takes the lock for an instant to test it: try a little longer
         // before calling the file busy.
         let mut tries = 0;
         loop {
