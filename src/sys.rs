@@ -1,6 +1,6 @@
 //! The process's own set-up, where it needs the C library: core dumps off, the allocator's
-//! settings, dropping root for `fetch`, and telling which file a descriptor is. The one module
-//! outside the local store that holds `unsafe`.
+//! settings, dropping root for `fetch`, and telling which file a descriptor is. With the local
+//! store's and the SQLite queue's `sys.rs`, the only modules that hold `unsafe`.
 
 use std::io;
 use std::os::fd::RawFd;
