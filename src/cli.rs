@@ -340,10 +340,15 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
     let archived = c.archived_bytes;
     let age = s.oldest_pending.as_ref().and_then(|o| o.age);
     let running = q.daemon_running();
-    let pauses = q.pauses().unwrap_or_else(|e| {
-        eprintln!("hingnetd: cannot read the daemon's pauses: {e}");
+    // What a daemon that is no longer running left behind is not in force.
+    let pauses = if running {
+        q.pauses().unwrap_or_else(|e| {
+            eprintln!("hingnetd: cannot read the daemon's pauses: {e}");
+            Vec::new()
+        })
+    } else {
         Vec::new()
-    });
+    };
     let mut o = out();
     if json {
         let v = serde_json::json!({
@@ -686,16 +691,14 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
         }
         let file = match (&row.path, delete_file, &archive, &vid) {
             (None, ..) => String::new(),
-            (Some(p), true, Some(a), Some(v)) if *p == a.video_path(v) => {
-                match a.delete_published(v) {
-                    Ok(()) => format!("; deleted {p}"),
-                    Err(e) => {
-                        eprintln!("hingnetd: {id}: removed from the queue, but {e}");
-                        refused += 1;
-                        format!("; its file stays at {p}")
-                    }
+            (Some(p), true, Some(a), Some(v)) if a.keeps_at(v, p) => match a.delete_published(v) {
+                Ok(()) => format!("; deleted {p}"),
+                Err(e) => {
+                    eprintln!("hingnetd: {id}: removed from the queue, but {e}");
+                    refused += 1;
+                    format!("; its file stays at {p}")
                 }
-            }
+            },
             (Some(p), true, ..) => {
                 eprintln!(
                     "hingnetd: {id}: removed from the queue, but its file {p} is not where the archive keeps it; left as it is"
@@ -903,11 +906,13 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
     let archive = store::open(&cfg.archive.dir, cfg.archive.min_free)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
-    let runtime = runtime()?;
-    let served = queue::serve(&cfg.queue.database).map_err(queue_failure)?;
+    // Held until the runtime below has stopped (see `queue::Hold`).
+    let (_hold, queue) = queue::open_for_daemon(&cfg.queue.database).map_err(queue_failure)?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
+    let runtime = runtime()?;
     runtime.block_on(async move {
+        let claims = queue.serve().map_err(queue_failure)?;
         let shutdown = CancellationToken::new();
         let reload = Arc::new(Notify::new());
         spawn_signal_handler(shutdown.clone(), Some(reload.clone()))?;
@@ -937,7 +942,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
             config: cfg,
             config_path,
         };
-        let scheduler = Scheduler::new(settings, served.claims, fetcher, reload, service, metrics);
+        let scheduler = Scheduler::new(settings, claims, fetcher, reload, service, metrics);
         scheduler.run(shutdown).await;
         tracing::info!("hingnetd stopped");
         Ok(())

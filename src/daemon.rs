@@ -392,11 +392,12 @@ impl Scheduler {
     /// are still alive, apart from the downloads in flight here.
     async fn recover_orphans(&mut self) -> Result<(), QueueError> {
         let ours = self.in_flight.values().cloned().collect();
-        for id in self.queue.recover_stale(ours).await? {
+        let recovered = self.queue.recover_stale(ours).await;
+        for id in recovered.released {
             tracing::warn!(video_id = %id, "row was left downloading by a downloader that stopped; pending again");
             self.counts_stale = true;
         }
-        Ok(())
+        recovered.error.map_or(Ok(()), Err)
     }
 
     /// Claims as many due rows as there are free slots, starts their downloads, and returns

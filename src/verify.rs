@@ -92,7 +92,7 @@ pub fn repair(
             done.push(skip("not a valid video ID".into()));
             continue;
         };
-        if changed && *path != archive.video_path(&vid) {
+        if changed && !archive.keeps_at(&vid, path) {
             done.push(skip(format!(
                 "its file {path} is not where the archive keeps it ({}); move it there or remove the row",
                 archive.video_path(&vid)

@@ -661,3 +661,37 @@ fn fetch_as_root_with_a_relative_archive_dir_not_made_yet_makes_it() {
     let file = env.dir.path().join("relative-videos/video_relative.mp4");
     assert_eq!(support::local::file_sha256(&file), v.sha256);
 }
+
+/// `fetch` leaves the daemon's lock file to the daemon: one created by whoever ran `fetch` first
+/// would belong to them, and a daemon running as another user could then not open it and would
+/// refuse to start.
+#[test]
+fn fetch_does_not_create_the_daemons_lock_file() {
+    let (api, env) = setup();
+    let v = api.add_video("video_fetch_nolock", 20_000);
+    let lock = std::path::PathBuf::from(format!("{}.lock", env.db.display()));
+    let out = env.cmd(&["fetch", "video_fetch_nolock"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    support::audit::assert_archived(&env, &v);
+    assert!(!lock.exists(), "fetch created {}", lock.display());
+}
+
+/// `remove --delete-file` knows the archive's file by its path, however the row spells it
+/// (`dir//id.mp4` and `dir/./id.mp4` are the same file).
+#[test]
+fn remove_delete_file_takes_a_path_spelled_another_way() {
+    let (api, env) = setup();
+    let v = api.add_video("video_rm_spelled", 20_000);
+    env.insert(&["video_rm_spelled"]);
+    let out = env.cmd(&["fetch", "video_rm_spelled"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    support::audit::assert_archived(&env, &v);
+    let spelled = format!("{}//./video_rm_spelled.mp4", env.archive.display());
+    queue_db::sql(
+        &env,
+        &format!("UPDATE queue SET path = '{spelled}' WHERE video_id = 'video_rm_spelled'"),
+    );
+    let out = env.cmd(&["remove", "--delete-file", "video_rm_spelled"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!env.final_path("video_rm_spelled").exists());
+}

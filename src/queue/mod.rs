@@ -210,6 +210,14 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
+/// What `Claims::recover_stale` did: the videos put back, and the error that stopped it
+/// partway, if one did (the rows put back before it stay put back).
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub released: Vec<String>,
+    pub error: Option<QueueError>,
+}
+
 /// What `Admin::remove` did.
 #[derive(Debug)]
 pub enum Removal {
@@ -362,9 +370,8 @@ pub trait Claims: Send + Sync {
     ) -> Result<bool, QueueError>;
 
     /// Puts back to pending every `downloading` row whose claim is no longer alive (its
-    /// downloader stopped), except the videos this process is downloading (`ours`). Returns
-    /// the videos put back.
-    async fn recover_stale(&self, ours: Vec<String>) -> Result<Vec<String>, QueueError>;
+    /// downloader stopped), except the videos this process is downloading (`ours`).
+    async fn recover_stale(&self, ours: Vec<String>) -> Recovered;
 
     /// How long until the earliest pending row is due (zero if one is due now).
     async fn next_due_in(&self) -> Result<Option<Duration>, QueueError>;
@@ -426,8 +433,8 @@ pub trait Admin: Send {
     /// Bytes recorded for done rows.
     fn archived_bytes(&self) -> Result<u64, QueueError>;
 
-    /// The pauses the running daemon published, in the order to act on them; none when no
-    /// daemon is running (what a stopped one left is not in force).
+    /// The pauses the daemon last published, in the order to act on them (stale when no
+    /// daemon is running: see `daemon_running`).
     fn pauses(&self) -> Result<Vec<crate::pause::Published>, QueueError>;
 
     /// Whether a daemon serves this queue now.
@@ -442,18 +449,25 @@ pub trait Backend: Claims + Admin {}
 
 impl<T: Claims + Admin> Backend for T {}
 
-/// The daemon's queue: the claims, held for as long as the daemon runs (with the backend's
-/// single-daemon guard, if it has one).
-pub struct Served {
-    pub claims: Arc<dyn Claims>,
+/// The daemon's hold on its queue (SQLite: the single-daemon lock), taken before anything
+/// else touches it. Kept until the process ends, after the runtime has stopped: a statement
+/// still waiting on a producer's lock must not outlive it.
+pub struct Hold(#[allow(dead_code)] Box<dyn std::any::Any + Send>);
+
+/// The daemon's queue, held and migrated, not yet watched for changes (`Daemon::serve`).
+pub struct Daemon(sqlite::Unwatched);
+
+impl Daemon {
+    /// Starts the change notification; the claims from then on.
+    pub fn serve(self) -> Result<Arc<dyn Claims>, QueueError> {
+        Ok(Arc::new(self.0.serve()?))
+    }
 }
 
-/// For `hingnetd run`: refuses a second daemon on the same queue, migrates, and starts the
-/// change notification. Call within the runtime.
-pub fn serve(database: &Path) -> Result<Served, QueueError> {
-    Ok(Served {
-        claims: Arc::new(sqlite::Sqlite::serve(database)?),
-    })
+/// For `hingnetd run`: refuses a second daemon on the same queue, then migrates.
+pub fn open_for_daemon(database: &Path) -> Result<(Hold, Daemon), QueueError> {
+    let (lock, unwatched) = sqlite::Sqlite::open_for_daemon(database)?;
+    Ok((Hold(Box::new(lock)), Daemon(unwatched)))
 }
 
 /// For the operator's commands: an existing, migrated queue (one never migrated is refused

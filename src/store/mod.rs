@@ -234,6 +234,9 @@ pub trait Inventory {
     /// Where the store keeps the video (what a done row's `path` says when it is ours).
     fn video_path(&self, id: &VideoId) -> String;
 
+    /// Whether `path` (as a row records it) is where the store keeps the video.
+    fn keeps_at(&self, id: &VideoId, path: &str) -> bool;
+
     /// Re-reads a file a row names: `bytes` and `sha256` as recorded. `progress` is told the
     /// bytes as they are hashed.
     fn check(

@@ -24,8 +24,8 @@ use db::{Queue, new_token};
 use lock::{ClaimLock, InstanceLock};
 
 use super::{
-    Claimed, Counts, Cursor, Enqueued, Finish, LogEntry, QueueError, Removal, RowView, State,
-    Status,
+    Claimed, Counts, Cursor, Enqueued, Finish, LogEntry, QueueError, Recovered, Removal, RowView,
+    State, Status,
 };
 
 /// The queue on SQLite, behind the contracts: one connection, with what the daemon holds.
@@ -41,7 +41,6 @@ pub struct Sqlite {
 /// What `hingnetd run` holds: the single-daemon lock, and the watch on the database's files
 /// with the `data_version` checks that confirm what it saw (see `watch`).
 struct Serving {
-    _lock: InstanceLock,
     _watch: watch::DbWatch,
     wake: Arc<Notify>,
     recheck: Mutex<watch::Recheck>,
@@ -59,23 +58,11 @@ impl Sqlite {
     }
 
     /// For the daemon: the lock first (a second daemon stops here, before it touches the
-    /// schema), then the migrations, then the watch.
-    pub fn serve(path: &Path) -> Result<Sqlite, QueueError> {
+    /// schema), then the migrations. The caller keeps the lock for as long as the process runs.
+    pub fn open_for_daemon(path: &Path) -> Result<(InstanceLock, Unwatched), QueueError> {
         let lock = InstanceLock::acquire(path)?;
         let q = Queue::open_and_migrate(path)?;
-        let version = q.data_version().unwrap_or(0);
-        let wake = Arc::new(Notify::new());
-        let watch = watch::watch(path, wake.clone()).map_err(|e| QueueError::Watch(e.into()))?;
-        Ok(Sqlite::new(
-            q,
-            Some(Serving {
-                _lock: lock,
-                _watch: watch,
-                wake,
-                recheck: Mutex::default(),
-                version: AtomicI64::new(version),
-            }),
-        ))
+        Ok((lock, Unwatched(q)))
     }
 
     pub fn open_existing(path: &Path) -> Result<Sqlite, QueueError> {
@@ -105,6 +92,29 @@ impl Sqlite {
 
     fn claim_locks(&self) -> MutexGuard<'_, HashMap<String, ClaimLock>> {
         self.claim_locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The daemon's connection before its watch starts (`Unwatched::serve`).
+pub struct Unwatched(Queue);
+
+impl Unwatched {
+    /// Starts watching the database's files for other processes' commits.
+    pub fn serve(self) -> Result<Sqlite, QueueError> {
+        let q = self.0;
+        let version = q.data_version().unwrap_or(0);
+        let wake = Arc::new(Notify::new());
+        let watch =
+            watch::watch(q.path(), wake.clone()).map_err(|e| QueueError::Watch(e.into()))?;
+        Ok(Sqlite::new(
+            q,
+            Some(Serving {
+                _watch: watch,
+                wake,
+                recheck: Mutex::default(),
+                version: AtomicI64::new(version),
+            }),
+        ))
     }
 }
 
@@ -139,16 +149,11 @@ impl super::Claims for Sqlite {
     async fn claim_one(&self, video_id: &str) -> Result<Result<Claimed, State>, QueueError> {
         // The claim lock first, then the claim: the daemon never sees this claim without a
         // live lock behind it, so it never takes the row over.
-        let (token, lock) = loop {
-            let token = new_token();
-            if let Some(lock) = ClaimLock::take(&self.path, &token)? {
-                break (token, lock);
-            }
-        };
+        let (token, lock) = ClaimLock::take(&self.path, new_token);
         let id = video_id.to_owned();
         let t = token.clone();
         let claimed = self.call(move |q| q.claim_one(&id, &t)).await?;
-        if claimed.is_ok() {
+        if let (Ok(_), Some(lock)) = (&claimed, lock) {
             self.claim_locks().insert(token, lock);
         }
         Ok(claimed)
@@ -185,26 +190,42 @@ impl super::Claims for Sqlite {
     /// A claim is alive while its process holds its claim lock (`hingnetd fetch`), or while
     /// this daemon downloads it (`ours`): the daemon's own claims need no lock, as no other
     /// process recovers rows while it holds the single-daemon lock.
-    async fn recover_stale(&self, ours: Vec<String>) -> Result<Vec<String>, QueueError> {
+    async fn recover_stale(&self, ours: Vec<String>) -> Recovered {
         let path = self.path.clone();
         self.call(move |q| {
-            let mut released = Vec::new();
-            for held in q.downloading()? {
+            let mut done = Recovered::default();
+            let held = match q.downloading() {
+                Ok(rows) => rows,
+                Err(e) => {
+                    done.error = Some(e);
+                    return Ok(done);
+                }
+            };
+            for held in held {
                 if ours.contains(&held.video_id) {
                     continue;
                 }
                 if let Some(token) = &held.token
-                    && ClaimLock::is_held(&path, token)?
+                    && ClaimLock::is_held(&path, token)
                 {
                     continue;
                 }
-                if q.release_stale(&held)? {
-                    released.push(held.video_id);
+                match q.release_stale(&held) {
+                    Ok(true) => done.released.push(held.video_id),
+                    Ok(false) => {}
+                    Err(e) => {
+                        done.error = Some(e);
+                        break;
+                    }
                 }
             }
-            Ok(released)
+            Ok(done)
         })
         .await
+        .unwrap_or_else(|e| Recovered {
+            released: Vec::new(),
+            error: Some(e),
+        })
     }
 
     async fn next_due_in(&self) -> Result<Option<Duration>, QueueError> {
@@ -309,9 +330,6 @@ impl super::Admin for Sqlite {
     }
 
     fn pauses(&self) -> Result<Vec<crate::pause::Published>, QueueError> {
-        if !self.daemon_running() {
-            return Ok(Vec::new());
-        }
         self.db().pauses()
     }
 

@@ -15,10 +15,11 @@ fn byte(kind: libc::c_short, offset: u64) -> libc::flock {
     l
 }
 
-/// Locks one byte for writing, without waiting; `false` if another open file holds it. The
-/// lock lives as long as `file` (every descriptor of its open file description) stays open.
+/// Read-locks one byte, without waiting; `false` if another open file holds a write lock on it.
+/// The lock lives as long as `file` (every descriptor of its open file description) stays open.
+/// A read lock needs `file` open only for reading.
 pub fn try_lock_byte(file: &File, offset: u64) -> io::Result<bool> {
-    let mut l = byte(libc::F_WRLCK as libc::c_short, offset);
+    let mut l = byte(libc::F_RDLCK as libc::c_short, offset);
     // SAFETY: fcntl(2) with F_OFD_SETLK reads the `flock` it is given, on our own descriptor.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut l) } == 0 {
         return Ok(true);
@@ -29,7 +30,8 @@ pub fn try_lock_byte(file: &File, offset: u64) -> io::Result<bool> {
     }
 }
 
-/// Whether another open file holds a lock on the byte.
+/// Whether another open file holds any lock on the byte (asked as for a write lock, which every
+/// lock conflicts with).
 pub fn byte_is_locked(file: &File, offset: u64) -> io::Result<bool> {
     let mut l = byte(libc::F_WRLCK as libc::c_short, offset);
     // SAFETY: fcntl(2) with F_OFD_GETLK fills the `flock` it is given, on our own descriptor.

@@ -50,6 +50,8 @@ pub struct Archive {
     reservations: Arc<AtomicU64>,
     /// `archive.min_free` (`Store::keep_free`).
     min_free: Arc<AtomicU64>,
+    /// The directory as configured, which messages about listing it name.
+    given: PathBuf,
 }
 
 impl Archive {
@@ -65,16 +67,23 @@ impl Archive {
         let probe = dir.join(format!(".hingnetd-probe-{}", std::process::id()));
         File::create(&probe).map_err(err)?;
         std::fs::remove_file(&probe).map_err(err)?;
-        Ok(Archive::at(dir))
+        Ok(Archive {
+            given: dir.clone(),
+            ..Archive::at(dir)
+        })
     }
 
     /// For reading only: nothing is created or written.
     pub fn inspect(dir: &Path) -> Archive {
-        Archive::at(dir.canonicalize().unwrap_or_else(|_| dir.to_owned()))
+        Archive {
+            given: dir.to_owned(),
+            ..Archive::at(dir.canonicalize().unwrap_or_else(|_| dir.to_owned()))
+        }
     }
 
     fn at(dir: PathBuf) -> Archive {
         Archive {
+            given: dir.clone(),
             dir,
             reservations: Arc::default(),
             min_free: Arc::default(),
@@ -328,7 +337,8 @@ impl crate::store::Store for Archive {
     async fn begin(&self, id: &VideoId) -> Result<Box<dyn crate::store::Partial>, StoreError> {
         let id = id.clone();
         let partial = self.blocking(move |a| a.begin(&id)).await?;
-        Ok(Box::new(LocalPartial::new(partial, self.min_free.clone())))
+        let min_free = self.min_free.load(Ordering::Relaxed);
+        Ok(Box::new(LocalPartial::new(partial, min_free)))
     }
 
     async fn remove_leftovers(&self, id: &VideoId) -> Result<(), StoreError> {
@@ -340,6 +350,11 @@ impl crate::store::Store for Archive {
 impl crate::store::Inventory for Archive {
     fn video_path(&self, id: &VideoId) -> String {
         self.final_path(id).display().to_string()
+    }
+
+    /// As paths, not text: `a//b.mp4` and `a/./b.mp4` name the same file.
+    fn keeps_at(&self, id: &VideoId, path: &str) -> bool {
+        Path::new(path) == self.final_path(id)
     }
 
     fn check(
@@ -375,7 +390,7 @@ impl crate::store::Inventory for Archive {
     /// files set aside as `.<id>.mp4.replaced-...` and our own probes are not listed at all).
     fn entries(&self) -> Result<Vec<Entry>, StoreError> {
         let dir_err = |source| StoreError::Dir {
-            path: self.dir.clone(),
+            path: self.given.clone(),
             source,
         };
         let rd = match std::fs::read_dir(&self.dir) {

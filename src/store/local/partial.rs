@@ -706,12 +706,13 @@ impl Drop for Partial {
 pub(super) struct LocalPartial {
     /// `None` only while a blocking thread has it.
     inner: Option<Partial>,
-    /// The archive's `archive.min_free`, as it is when a body is admitted.
-    min_free: Arc<AtomicU64>,
+    /// `archive.min_free` as it was when the partial was begun: an attempt keeps the settings
+    /// it started with, as the rest of its limits.
+    min_free: u64,
 }
 
 impl LocalPartial {
-    pub(super) fn new(inner: Partial, min_free: Arc<AtomicU64>) -> LocalPartial {
+    pub(super) fn new(inner: Partial, min_free: u64) -> LocalPartial {
         LocalPartial {
             inner: Some(inner),
             min_free,
@@ -741,7 +742,7 @@ impl LocalPartial {
     /// Runs `f`, which ends the partial one way or another, on a blocking thread.
     async fn end<T: Send + 'static>(
         self: Box<Self>,
-        f: impl FnOnce(Partial, Arc<AtomicU64>) -> T + Send + 'static,
+        f: impl FnOnce(Partial, u64) -> T + Send + 'static,
     ) -> T {
         let LocalPartial { inner, min_free } = *self;
         let p = inner.expect("partial is home");
@@ -781,7 +782,7 @@ impl store::Partial for LocalPartial {
     }
 
     async fn admit(&mut self, total: Option<u64>) -> Result<(), StoreError> {
-        let min_free = self.min_free.load(Ordering::Relaxed);
+        let min_free = self.min_free;
         self.on(move |p| {
             p.keep_free(min_free);
             match total {
