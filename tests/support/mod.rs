@@ -6,6 +6,7 @@ pub mod audit;
 pub mod canary;
 pub mod harness;
 pub mod local;
+pub mod postgres;
 pub mod sqlite;
 pub mod standin;
 pub mod tls;
