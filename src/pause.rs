@@ -199,13 +199,7 @@ impl Pauses {
 
     /// A download stopped for the disk while writing.
     pub fn disk_short(&mut self, reason: String) {
-        if self.storage.is_none() {
-            tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive has room again");
-        }
-        self.storage = Some(StoragePause {
-            reason,
-            next_check: Instant::now() + STORAGE_RECHECK,
-        });
+        self.storage_seen(Some(reason), Instant::now());
     }
 
     /// A 429: the whole client waits (see `policy::rate_limit_wait`).

@@ -55,8 +55,10 @@ fn free_port() -> u16 {
 impl Postgres {
     pub fn start() -> Postgres {
         let dir = tempfile::tempdir().expect("temporary directory");
+        let socket_dir = dir.path().join("socket");
+        std::fs::create_dir(&socket_dir).unwrap();
         if running_as_root() {
-            let uid_gid = |flag: &str| -> u32 {
+            let id = |flag: &str| -> u32 {
                 let out = Command::new("id")
                     .args([flag, "postgres"])
                     .output()
@@ -64,8 +66,11 @@ impl Postgres {
                 assert!(out.status.success(), "no postgres user: {out:?}");
                 String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
             };
-            std::os::unix::fs::chown(dir.path(), Some(uid_gid("-u")), Some(uid_gid("-g")))
-                .expect("give the cluster's directory to postgres");
+            let (uid, gid) = (id("-u"), id("-g"));
+            for d in [dir.path(), &socket_dir] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid))
+                    .expect("give the cluster's directories to postgres");
+            }
         }
         let mut pg = Postgres {
             dir,
@@ -82,15 +87,6 @@ impl Postgres {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb: {}", text(&out));
-        std::fs::create_dir_all(pg.socket_dir()).unwrap();
-        if running_as_root() {
-            let out = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(pg.socket_dir())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "chown: {}", text(&out));
-        }
         pg.start_server();
         pg
     }

@@ -148,7 +148,8 @@ impl super::Claims for Sqlite {
 
     async fn claim_one(&self, video_id: &str) -> Result<Result<Claimed, State>, QueueError> {
         // The claim lock first, then the claim: the daemon never sees this claim without a
-        // live lock behind it, so it never takes the row over.
+        // live lock behind it (where one can be had: see `ClaimLock::take`), so it never takes
+        // the row over.
         let (token, lock) = ClaimLock::take(&self.path, new_token);
         let id = video_id.to_owned();
         let t = token.clone();
