@@ -35,6 +35,14 @@ pub mod exit {
     /// `verify` could not do its job (database or archive directory unreadable): not the same
     /// as finding a problem.
     pub const IO: u8 = 74;
+    /// PostgreSQL: the queue's server cannot be reached (a restart may help).
+    pub const UNAVAILABLE: u8 = 69;
+    /// PostgreSQL: the server refused the login (user or password).
+    pub const LOGIN: u8 = 67;
+    /// PostgreSQL: the TLS handshake failed (a certificate not trusted, or for another name).
+    pub const TLS: u8 = 76;
+    /// PostgreSQL: the role lacks a privilege hingnetd needs.
+    pub const NO_PERMISSION: u8 = 77;
 }
 
 #[derive(Debug, Parser)]
@@ -188,6 +196,11 @@ impl Failure {
 fn queue_failure(e: QueueError) -> Failure {
     let code = match e {
         QueueError::AlreadyRunning { .. } => exit::ALREADY_RUNNING,
+        QueueError::Unreachable { .. } => exit::UNAVAILABLE,
+        QueueError::Login { .. } => exit::LOGIN,
+        QueueError::Tls { .. } => exit::TLS,
+        QueueError::Privilege { .. } => exit::NO_PERMISSION,
+        QueueError::Setup { .. } => exit::CONFIG,
         _ => exit::FAILURE,
     };
     Failure::new(code, e)
@@ -263,7 +276,7 @@ fn out() -> std::io::StdoutLock<'static> {
 }
 
 fn migrate(cfg: &Config) -> Result<(), Failure> {
-    let q = queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_and_migrate(&cfg.queue_location()).map_err(queue_failure)?;
     let _ = writeln!(out(), "{}: schema up to date", q.location());
     Ok(())
 }
@@ -316,7 +329,7 @@ fn read_ids(args: Vec<String>) -> Result<(Vec<String>, usize), Failure> {
 
 fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
     let (good, bad) = read_ids(args)?;
-    let q = queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_and_migrate(&cfg.queue_location()).map_err(queue_failure)?;
     let r = q.enqueue(&good).map_err(queue_failure)?;
     let _ = writeln!(
         out(),
@@ -334,7 +347,7 @@ fn enqueue(cfg: &Config, args: Vec<String>) -> Result<(), Failure> {
 }
 
 fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
-    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
     let s = q.status(5).map_err(queue_failure)?;
     let c = s.counts;
     let archived = c.archived_bytes;
@@ -365,6 +378,7 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
             "next_due_in_ms": s.next_due_in.map(|d| d.as_millis() as u64),
             "oldest_pending_age_s": age.map(|d| d.as_secs()),
             "archive_bytes": archived,
+            "claims_by_instance": s.claimants,
         });
         let _ = writeln!(o, "{v}");
         return Ok(());
@@ -379,6 +393,14 @@ fn status(cfg: &Config, json: bool) -> Result<(), Failure> {
         "daemon: {}",
         if running { "running" } else { "not running" }
     );
+    if !s.claimants.is_empty() {
+        let held: Vec<String> = s
+            .claimants
+            .iter()
+            .map(|c| format!("{} ({})", c.instance, c.claims))
+            .collect();
+        let _ = writeln!(o, "claims held by: {}", held.join(", "));
+    }
     for p in &pauses {
         let _ = writeln!(
             o,
@@ -457,7 +479,7 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn list(cfg: &Config, state: Option<State>, limit: usize, json: bool) -> Result<(), Failure> {
-    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
     let rows = q.list(state, limit).map_err(queue_failure)?;
     let mut o = out();
     if json {
@@ -493,7 +515,7 @@ fn list(cfg: &Config, state: Option<State>, limit: usize, json: bool) -> Result<
 }
 
 fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
-    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
     let Some(row) = q.get(id).map_err(queue_failure)? else {
         return Err(Failure::new(
             exit::DATA,
@@ -555,7 +577,7 @@ fn show(cfg: &Config, id: &str, json: bool) -> Result<(), Failure> {
 }
 
 fn retry(cfg: &Config, ids: Vec<String>, all_failed: bool) -> Result<(), Failure> {
-    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
     // Each ID as its row holds it (a producer's may have whitespace around it).
     let ids = ids
         .into_iter()
@@ -601,7 +623,7 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
 }
 
 fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(), Failure> {
-    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
     let report = crate::verify::run(
         &*q,
         &*store::inspect(&cfg.archive.dir),
@@ -649,7 +671,7 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
 /// pending or failed one left half-downloaded goes with it.
 fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Result<(), Failure> {
     use crate::queue::Removal;
-    let q = queue::open_existing(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
     let archive = match store::open_inventory(&cfg.archive.dir) {
         Ok(a) => Some(a),
         // Before any row goes: a row removed with its file kept was not what was asked.
@@ -737,7 +759,7 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
-    let q = queue::open_and_migrate(&cfg.queue.database).map_err(queue_failure)?;
+    let q = queue::open_and_migrate(&cfg.queue_location()).map_err(queue_failure)?;
     let runtime = runtime()?;
     // The partial file first: one held by another process (the daemon downloading this
     // video) stops here, before any claim.
@@ -907,18 +929,18 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
     let archive = store::open(&cfg.archive.dir, cfg.archive.min_free)
         .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
     // Held until the runtime below has stopped (see `queue::Hold`).
-    let (_hold, queue) = queue::open_for_daemon(&cfg.queue.database).map_err(queue_failure)?;
+    let (_hold, queue) = queue::open_for_daemon(&cfg.queue_location()).map_err(queue_failure)?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
     let runtime = runtime()?;
     runtime.block_on(async move {
-        let claims = queue.serve().map_err(queue_failure)?;
+        let claims = queue.serve().await.map_err(queue_failure)?;
         let shutdown = CancellationToken::new();
         let reload = Arc::new(Notify::new());
         spawn_signal_handler(shutdown.clone(), Some(reload.clone()))?;
         let fetcher = Arc::new(Fetcher::new(api, archive, Limits::of(&cfg)));
         tracing::info!(
-            database = %cfg.queue.database.display(),
+            database = %cfg.queue_location().display(),
             archive = %fetcher.store().location(),
             api = %crate::api::origin_of(&cfg.base_url()),
             token_from = %source,
@@ -927,7 +949,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
         );
         let mut metrics = crate::metrics::Serving {
             scrape: Arc::new(crate::metrics::Scrape::new(
-                cfg.queue.database.clone(),
+                cfg.queue_location(),
                 fetcher.store().clone(),
             )),
             endpoint: None,

@@ -89,10 +89,21 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    pub database: PathBuf,
-    /// Safety net only: new rows are noticed by watching the database files.
+    /// A file path: the SQLite queue. A `postgres://` URL: a queue shared by a fleet.
+    pub database: String,
+    /// Safety net only: new rows are noticed by watching the database files (SQLite) or by
+    /// LISTEN (PostgreSQL).
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub poll_interval: Duration,
+    /// PostgreSQL: a file holding the password (also: env PGPASSWORD, or the systemd
+    /// credential "hingnet-db-password"). Empty: none.
+    pub password_file: PathBuf,
+    /// PostgreSQL: how long a claim lives without its daemon's heartbeat; after a crash, its
+    /// rows wait this long before another daemon takes them.
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    pub lease: Duration,
+    /// PostgreSQL: this daemon's name in the queue. Empty: the host name.
+    pub instance: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,6 +196,9 @@ impl Default for QueueConfig {
         QueueConfig {
             database: "/var/lib/hingnetd/queue.db".into(),
             poll_interval: Duration::from_secs(5),
+            password_file: PathBuf::new(),
+            lease: Duration::from_secs(60),
+            instance: String::new(),
         }
     }
 }
@@ -309,6 +323,7 @@ impl Config {
             ("api.connect_timeout", self.api.connect_timeout),
             ("api.read_timeout", self.api.read_timeout),
             ("queue.poll_interval", self.queue.poll_interval),
+            ("queue.lease", self.queue.lease),
             ("retry.initial_delay", self.retry.initial_delay),
             ("retry.max_delay", self.retry.max_delay),
             ("retry.give_up_after", self.retry.give_up_after),
@@ -353,15 +368,38 @@ impl Config {
                 ),
             ));
         }
-        for (key, p) in [
-            ("queue.database", &self.queue.database),
-            ("archive.dir", &self.archive.dir),
-        ] {
-            if p.as_os_str().is_empty() {
-                return Err(bad(key, "must not be empty".into()));
-            }
+        if self.queue.database.is_empty() {
+            return Err(bad("queue.database", "must not be empty".into()));
+        }
+        if self.archive.dir.as_os_str().is_empty() {
+            return Err(bad("archive.dir", "must not be empty".into()));
+        }
+        crate::queue::Location::of(&self.queue).map_err(|e| bad("queue.database", e))?;
+        if self.queue.lease < Duration::from_secs(1) {
+            return Err(bad("queue.lease", "must be at least 1s".into()));
+        }
+        if !self.queue.instance.is_empty()
+            && (self.queue.instance.len() > 64
+                || !self
+                    .queue
+                    .instance
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+        {
+            return Err(bad(
+                "queue.instance",
+                format!(
+                    "{:?}: use up to 64 letters, digits, '.', '_' and '-'",
+                    self.queue.instance
+                ),
+            ));
         }
         Ok(())
+    }
+
+    /// Where the queue is; `validate` has already proven `[queue]` names one.
+    pub fn queue_location(&self) -> crate::queue::Location {
+        crate::queue::Location::of(&self.queue).expect("validated at load")
     }
 
     /// The base URL as parsed; `validate` has already proven it parses.
@@ -874,7 +912,7 @@ mod tests {
             .values()
             .map(|v| v.as_table().map_or(0, |t| t.len()))
             .sum();
-        assert_eq!(keys, 22, "hingnetd.toml.example should document every key");
+        assert_eq!(keys, 25, "hingnetd.toml.example should document every key");
     }
 
     #[test]

@@ -159,8 +159,11 @@ impl Scheduler {
                 .is_none_or(|t| t.elapsed() >= self.orphan_interval())
             {
                 self.orphans_checked = Some(Instant::now());
-                if let Err(e) = self.recover_orphans().await {
-                    tracing::error!(error = %e, "cannot check for interrupted rows");
+                match self.recover_orphans().await {
+                    // Rows put back are due now.
+                    Ok(true) => look = true,
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot check for interrupted rows"),
                 }
             }
             if look {
@@ -173,7 +176,11 @@ impl Scheduler {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, retry_in = ?db_backoff, "queue database error");
-                        self.service.status(format!("queue database error: {e}"));
+                        self.service.status(if e.is_unreachable() {
+                            "queue database unreachable; downloads in flight go on, and record their outcomes once it is back".to_owned()
+                        } else {
+                            format!("queue database error: {e}")
+                        });
                         // Looked again at next_due, not at the next wake-up of any kind; a
                         // probe that was due waits as long (it would meet the same error).
                         look = false;
@@ -378,26 +385,29 @@ impl Scheduler {
     }
 
     /// How often `downloading` rows are checked for a dead downloader: the poll interval, but
-    /// neither so often that it loads the database nor so rarely that a row waits for hours.
+    /// neither so often that it loads the database nor so rarely that a row waits for hours,
+    /// nor much longer than a lease (a shared queue's claims of a dead daemon wait that long).
     fn orphan_interval(&self) -> Duration {
-        self.settings
-            .config
-            .queue
+        let queue = &self.settings.config.queue;
+        queue
             .poll_interval
             .clamp(Duration::from_secs(1), Duration::from_secs(60))
+            .min(queue.lease.max(Duration::from_secs(1)))
     }
 
     /// Rows left `downloading` by a downloader that is gone (a crashed daemon, a killed
     /// `hingnetd fetch`, a panicked task) go back to `pending`; the queue tells which claims
     /// are still alive, apart from the downloads in flight here.
-    async fn recover_orphans(&mut self) -> Result<(), QueueError> {
+    /// Returns whether any row was put back.
+    async fn recover_orphans(&mut self) -> Result<bool, QueueError> {
         let ours = self.in_flight.values().cloned().collect();
         let recovered = self.queue.recover_stale(ours).await;
+        let any = !recovered.released.is_empty();
         for id in recovered.released {
             tracing::warn!(video_id = %id, "row was left downloading by a downloader that stopped; pending again");
             self.counts_stale = true;
         }
-        recovered.error.map_or(Ok(()), Err)
+        recovered.error.map_or(Ok(any), Err)
     }
 
     /// Claims as many due rows as there are free slots, starts their downloads, and returns
@@ -480,16 +490,8 @@ impl Scheduler {
         let video_id = claimed.video_id.clone();
         let task = self.tasks.spawn(async move {
             let started = Instant::now();
-            let (ended, finish, elapsed) =
-                attempt(&fetcher, &claimed, None, &retry, &cancel).await;
-            match queue
-                .finish(&claimed, &finish, elapsed, ended.expires_at)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(video_id = %claimed.video_id, "row changed or vanished while downloading; outcome not recorded"),
-                Err(e) => tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until restart"),
-            }
+            let (ended, finish, elapsed) = attempt(&fetcher, &claimed, None, &retry, &cancel).await;
+            record(&*queue, &claimed, &finish, elapsed, ended.expires_at).await;
             Report {
                 claimed,
                 outcome: ended.outcome,
@@ -690,6 +692,37 @@ impl Scheduler {
                     self.tasks.abort_all();
                     return;
                 }
+            }
+        }
+    }
+}
+
+/// Records a download's outcome. While the queue's server is unreachable it waits and tries
+/// again (the download's work is not thrown away, and nothing is failed for the database's
+/// absence); the claim's fence decides, once it is back, whether the outcome is still ours.
+async fn record(
+    queue: &dyn Claims,
+    claimed: &Claimed,
+    finish: &Finish,
+    elapsed: Duration,
+    expires_at: Option<i64>,
+) {
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match queue.finish(claimed, finish, elapsed, expires_at).await {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::warn!(video_id = %claimed.video_id, "lost the claim while downloading (the row changed or vanished, or its lease passed and another downloader took it over); outcome discarded");
+                return;
+            }
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(video_id = %claimed.video_id, error = %e, retry_in = ?wait, "cannot record the outcome yet; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(15));
+            }
+            Err(e) => {
+                tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until it is recovered");
+                return;
             }
         }
     }

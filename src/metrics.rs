@@ -4,7 +4,6 @@
 //! become one (unbounded series, and a signed URL is a credential).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -258,7 +257,7 @@ pub enum MetricsError {
 
 /// What a scrape reads fresh: the queue's gauges and the archive's free space.
 pub struct Scrape {
-    pub database: PathBuf,
+    pub database: queue::Location,
     store: Arc<dyn Store>,
     /// `archive.min_free`, which a reload may change (`Serving::apply`).
     reserve: AtomicU64,
@@ -267,7 +266,7 @@ pub struct Scrape {
 }
 
 impl Scrape {
-    pub fn new(database: PathBuf, store: Arc<dyn Store>) -> Scrape {
+    pub fn new(database: queue::Location, store: Arc<dyn Store>) -> Scrape {
         Scrape {
             database,
             store,

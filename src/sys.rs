@@ -82,3 +82,20 @@ pub fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
     #[allow(clippy::unnecessary_cast)]
     Some((st.st_dev as u64, st.st_ino as u64))
 }
+
+/// This host's name (a fleet daemon's default `queue.instance`), kept to the characters an
+/// instance name may have.
+pub fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = name
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "hingnetd".into()
+    } else {
+        name
+    }
+}

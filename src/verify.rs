@@ -345,7 +345,8 @@ mod tests {
         std::path::PathBuf,
     ) {
         use crate::queue::{FileRecord, Finish};
-        let q = crate::queue::open_and_migrate(&dir.join("q.db")).unwrap();
+        let q = crate::queue::open_and_migrate(&crate::queue::Location::Sqlite(dir.join("q.db")))
+            .unwrap();
         let archive = crate::store::local::Archive::open(&dir.join("videos")).unwrap();
         let path =
             std::path::PathBuf::from(archive.video_path(&VideoId::parse("video_r").unwrap()));

@@ -152,6 +152,7 @@ fn enqueue_and_status() {
 
 #[test]
 fn migrate_is_repeatable_and_refuses_a_newer_schema() {
+    support::sqlite_only();
     let env = env();
     let out = env.cmd(&["migrate"]);
     assert!(out.status.success());

@@ -605,6 +605,7 @@ fn concurrent_refusals_do_not_multiply_the_probe_delay() {
 /// scheduled, and once the database works and the token is fixed the video is downloaded.
 #[test]
 fn a_database_error_during_the_token_probe_leaves_the_probe_scheduled() {
+    support::sqlite_only();
     let (api, env) = setup_with(|s| {
         s.initial_delay = "200ms";
         s.max_delay = "400ms";
@@ -698,6 +699,7 @@ fn a_video_that_is_never_served_fails_at_its_expiry() {
 /// within 10 minutes.
 #[test]
 fn the_video_that_expires_first_is_downloaded_first() {
+    support::sqlite_only();
     let (api, env) = setup_with(|s| s.concurrency = 1);
     let hold = api.add_video("video_holding_the_slot", 200_000);
     api.script(

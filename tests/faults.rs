@@ -15,28 +15,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::audit::audit;
+use support::faults::{scale, seed};
 use support::harness::{DEADLINE, Env, Settings, stderr, wait_until};
 use support::queue_db::{self, count};
 use support::sqlite;
 use support::standin::{Request, StandIn, Step, Video};
 
 const TOKEN: &str = "hn-faults-token-5d2c";
-
-fn full() -> bool {
-    std::env::var("HINGNETD_FAULTS").as_deref() == Ok("full")
-}
-
-/// Bounded or full size.
-fn scale(bounded: usize, full_size: usize) -> usize {
-    if full() { full_size } else { bounded }
-}
-
-fn seed(default: u64) -> u64 {
-    std::env::var("HINGNETD_FAULTS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 fn setup_with(tune: impl FnOnce(&mut Settings)) -> (StandIn, Env) {
     let api = StandIn::start(TOKEN);
@@ -479,6 +464,7 @@ fn assert_clear_start_error(env: &Env, case: &str, needle: &str) -> String {
 /// query finds) clear errors while the daemon stays up; never a panic, never a `done` row.
 #[test]
 fn a_corrupt_or_read_only_database_is_a_clear_error() {
+    support::sqlite_only();
     let (api, env) = setup_with(|_| {});
     api.add_video("video_db", 10_000);
     let ids: Vec<String> = (0..300).map(|i| format!("video_db{i}")).collect();
@@ -621,7 +607,7 @@ fn four_producers_and_a_killed_daemon_lose_no_id() {
     let twice = queue_db::query_i64(
         &env,
         "SELECT count(*) FROM (SELECT video_id FROM attempt_log WHERE outcome = 'done' \
-         GROUP BY video_id HAVING count(*) > 1)",
+         GROUP BY video_id HAVING count(*) > 1) AS twice",
     );
     let mut violations = archive_violations(&env, &api, &videos);
     for id in &acked {
@@ -651,6 +637,7 @@ fn four_producers_and_a_killed_daemon_lose_no_id() {
 /// they wait for it, and no job fails or is retried.
 #[test]
 fn a_writer_holding_the_lock_for_10_s_fails_no_job() {
+    support::sqlite_only();
     let (api, env) = setup_with(|s| s.concurrency = 4);
     let videos: Vec<Video> = (0..12)
         .map(|i| api.add_video(&format!("video_l{i}"), 300_000))
@@ -690,6 +677,7 @@ fn a_writer_holding_the_lock_for_10_s_fails_no_job() {
 /// and once the reader lets go it is cut back to `queue::WAL_SIZE_LIMIT`.
 #[test]
 fn the_wal_is_cut_back_after_a_long_reader() {
+    support::sqlite_only();
     let hold = Duration::from_secs(scale(10, 60) as u64);
     let (api, env) = setup_with(|s| s.concurrency = 4);
     let wal = sqlite::wal_path(&env);

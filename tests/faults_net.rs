@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use support::audit::audit;
 use support::canary;
+use support::faults::{full, seed};
 use support::harness::{DEADLINE, Env, Settings};
 use support::queue_db::{self, attempt_log, count_where};
 use support::sqlite;
@@ -29,18 +30,6 @@ use support::tls::{HttpsServer, make_certs};
 // ---------------------------------------------------------------------------------------------
 // The frame every test shares
 // ---------------------------------------------------------------------------------------------
-
-fn full() -> bool {
-    std::env::var("HINGNETD_FAULTS").is_ok_and(|v| v == "full")
-}
-
-/// The test's fixed seed, unless `HINGNETD_FAULTS_SEED` says otherwise.
-fn seed(default: u64) -> u64 {
-    std::env::var("HINGNETD_FAULTS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Run {
     name: &'static str,
@@ -207,7 +196,7 @@ fn the_leak_sweep_finds_planted_secrets() {
         "planted.log",
         "(name)",
         "x.bin",
-        "queue.db",
+        queue_db::kept_in(&run.env),
         "planted output",
     ] {
         assert!(
@@ -1419,6 +1408,7 @@ fn marked(dir: &Path, marker: &str) -> Vec<PathBuf> {
 /// "invalid video id", none is requested, and no file appears anywhere.
 #[test]
 fn ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file() {
+    support::sqlite_only();
     let n = 10_000;
     let mut run = setup(
         "ten_thousand_hostile_ids_are_failed_without_a_request_or_a_file",

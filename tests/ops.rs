@@ -4,12 +4,12 @@
 
 mod support;
 
-use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;
-use std::sync::{Arc, Condvar, Mutex};
+
 use std::time::{Duration, Instant};
 
 use support::harness::{DEADLINE, Env, Settings, stderr, stdout};
+use support::notify::NotifySocket;
 use support::sqlite;
 use support::standin::{StandIn, Step};
 
@@ -22,67 +22,6 @@ fn setup() -> (StandIn, Env) {
 }
 
 /// Received messages with their arrival times, and a condvar notified on each.
-type Received = Arc<(Mutex<Vec<(Instant, String)>>, Condvar)>;
-
-/// Messages a daemon sends to `NOTIFY_SOCKET`, collected by a thread as they arrive.
-struct NotifySocket {
-    path: std::path::PathBuf,
-    log: Received,
-}
-
-impl NotifySocket {
-    fn bind(env: &Env) -> NotifySocket {
-        let path = env.dir.path().join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        let log: Received = Arc::default();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                let (m, cv) = &*l;
-                m.lock().unwrap().push((
-                    Instant::now(),
-                    String::from_utf8_lossy(&buf[..n]).trim_end().to_owned(),
-                ));
-                cv.notify_all();
-            }
-        });
-        NotifySocket { path, log }
-    }
-
-    fn env(&self) -> (&'static str, String) {
-        ("NOTIFY_SOCKET", self.path.to_str().unwrap().to_owned())
-    }
-
-    fn messages(&self) -> Vec<(Instant, String)> {
-        self.log.0.lock().unwrap().clone()
-    }
-
-    /// Waits until some message satisfies `pred`; returns when it arrived.
-    fn wait(&self, what: &str, pred: impl Fn(&str) -> bool) -> Instant {
-        self.wait_n(what, 1, pred)
-    }
-
-    /// Waits until `n` messages satisfy `pred`; returns when the n-th arrived.
-    fn wait_n(&self, what: &str, n: usize, pred: impl Fn(&str) -> bool) -> Instant {
-        let (m, cv) = &*self.log;
-        let deadline = Instant::now() + DEADLINE;
-        let mut g = m.lock().unwrap();
-        loop {
-            if let Some((t, _)) = g.iter().filter(|(_, msg)| pred(msg)).nth(n - 1) {
-                return *t;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no sd_notify message {what}; the last ones: {:?}",
-                &g[g.len().saturating_sub(10)..]
-            );
-            g = cv.wait_timeout(g, left).unwrap().0;
-        }
-    }
-}
-
 #[test]
 fn tells_systemd_ready_status_watchdog_and_stopping() {
     let (api, env) = setup();
@@ -105,6 +44,7 @@ fn tells_systemd_ready_status_watchdog_and_stopping() {
 
 #[test]
 fn the_watchdog_stops_while_the_loop_is_stuck_and_resumes_after() {
+    support::sqlite_only();
     let (_api, env) = setup();
     let sock = NotifySocket::bind(&env);
     let (k, v) = sock.env();
@@ -182,7 +122,10 @@ fn sighup_reloads_config_and_token_without_dropping_downloads() {
     assert_eq!(row.sha256.as_deref(), Some(x.sha256.as_str()));
 
     // What cannot change live says so.
-    let moved = good.replace(env.db.to_str().unwrap(), "/elsewhere/queue.db");
+    let moved = good.replace(
+        &support::queue_db::config(&env),
+        "database = \"/elsewhere/queue.db\"\n",
+    );
     std::fs::write(&env.config, moved).unwrap();
     d.signal(libc::SIGHUP);
     d.wait_log("cannot change while running");

@@ -1,15 +1,17 @@
 //! The queue's contract: what the daemon (`Claims`) and the operator's commands (`Admin`) ask
-//! of the queue, in types that name no database. One backend so far, `sqlite`; `open` is the
-//! one place that picks it.
+//! of the queue, in types that name no database. Two backends: `sqlite` (the embedded
+//! default) and `postgres` (a fleet's); `Location` and the `open_*` functions are the one place
+//! that picks one.
 //!
 //! A claim's life: `claim` (or `claim_one`) marks rows `downloading` under a fresh token; only
 //! that token's `finish` records the outcome; `recover_stale` gives back the rows whose claimer
 //! is gone, and the backend alone says whether a claim is still alive.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +66,30 @@ pub enum QueueError {
     /// The change notification could not be set up.
     #[error(transparent)]
     Watch(Cause),
+    /// The database server cannot be reached, or the connection was lost: never a row's fault.
+    #[error("queue database unreachable ({location}): {source}")]
+    Unreachable { location: String, source: Cause },
+    #[error("queue database {location} refused the login: {source}")]
+    Login { location: String, source: Cause },
+    #[error("queue database {location}: TLS: {source}")]
+    Tls { location: String, source: Cause },
+    #[error("queue database {location}: permission denied ({what}): {source}")]
+    Privilege {
+        location: String,
+        what: String,
+        source: Cause,
+    },
+    /// The settings to reach the database do not work (a password file, the TLS roots, a
+    /// database that does not exist).
+    #[error("queue database {location}: {problem}")]
+    Setup { location: String, problem: String },
+}
+
+impl QueueError {
+    /// The database is away for now (PostgreSQL): worth waiting for, and never the row's fault.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, QueueError::Unreachable { .. })
+    }
 }
 
 /// A row's identity as its backend keeps it, opaque to everyone else. (SQLite's is the key
@@ -262,6 +288,15 @@ pub struct Status {
     /// How long until the earliest pending row is due (zero if one is due now).
     pub next_due_in: Option<Duration>,
     pub recent_failures: Vec<FailureRow>,
+    /// The daemons holding claims, by instance (a fleet's queue; empty for SQLite).
+    pub claimants: Vec<Claimant>,
+}
+
+/// A daemon holding claims on a shared queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Claimant {
+    pub instance: String,
+    pub claims: u64,
 }
 
 /// The pending row enqueued first.
@@ -454,29 +489,89 @@ impl<T: Claims + Admin> Backend for T {}
 /// still waiting on a producer's lock must not outlive it.
 pub struct Hold(#[allow(dead_code)] Box<dyn std::any::Any + Send>);
 
-/// The daemon's queue, held and migrated, not yet watched for changes (`Daemon::serve`).
-pub struct Daemon(sqlite::Unwatched);
+/// Where the queue is: `queue.database` as a file path (SQLite) or a `postgres://` URL.
+#[derive(Debug, Clone)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(Box<postgres::target::Target>),
+}
 
-impl Daemon {
-    /// Starts the change notification; the claims from then on.
-    pub fn serve(self) -> Result<Arc<dyn Claims>, QueueError> {
-        Ok(Arc::new(self.0.serve()?))
+impl Location {
+    /// Reads `[queue]`; every problem is one line, without the URL (it may hold a password).
+    pub fn of(q: &crate::config::QueueConfig) -> Result<Location, String> {
+        if postgres::target::is_url(&q.database) {
+            let instance = if q.instance.is_empty() {
+                crate::sys::host_name()
+            } else {
+                q.instance.clone()
+            };
+            return postgres::target::Target::parse(
+                &q.database,
+                &q.password_file,
+                &instance,
+                q.lease,
+            )
+            .map(|t| Location::Postgres(Box::new(t)));
+        }
+        if q.database.contains("://") {
+            return Err("a URL must start with postgres:// or postgresql://; anything else is a SQLite file's path".into());
+        }
+        Ok(Location::Sqlite(PathBuf::from(&q.database)))
+    }
+
+    /// For messages: the path, or the URL without secrets.
+    pub fn display(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres(t) => t.display(),
+        }
     }
 }
 
-/// For `hingnetd run`: refuses a second daemon on the same queue, then migrates.
-pub fn open_for_daemon(database: &Path) -> Result<(Hold, Daemon), QueueError> {
-    let (lock, unwatched) = sqlite::Sqlite::open_for_daemon(database)?;
-    Ok((Hold(Box::new(lock)), Daemon(unwatched)))
+/// The daemon's queue, held and migrated, not yet watched for changes (`Daemon::serve`).
+pub enum Daemon {
+    Sqlite(sqlite::Unwatched),
+    Postgres(postgres::Unserved),
+}
+
+impl Daemon {
+    /// Starts the change notification; the claims from then on.
+    pub async fn serve(self) -> Result<Arc<dyn Claims>, QueueError> {
+        Ok(match self {
+            Daemon::Sqlite(u) => Arc::new(u.serve()?),
+            Daemon::Postgres(u) => Arc::new(u.serve().await?),
+        })
+    }
+}
+
+/// For `hingnetd run`: refuses a second daemon on the same queue (PostgreSQL: of the same
+/// instance name, at `serve`), then migrates.
+pub fn open_for_daemon(at: &Location) -> Result<(Hold, Daemon), QueueError> {
+    match at {
+        Location::Sqlite(path) => {
+            let (lock, unwatched) = sqlite::Sqlite::open_for_daemon(path)?;
+            Ok((Hold(Box::new(lock)), Daemon::Sqlite(unwatched)))
+        }
+        Location::Postgres(t) => Ok((
+            Hold(Box::new(())),
+            Daemon::Postgres(postgres::Postgres::open_for_daemon((**t).clone())?),
+        )),
+    }
 }
 
 /// For the operator's commands: an existing, migrated queue (one never migrated is refused
 /// rather than created); an older schema is upgraded in place.
-pub fn open_existing(database: &Path) -> Result<Box<dyn Admin>, QueueError> {
-    Ok(Box::new(sqlite::Sqlite::open_existing(database)?))
+pub fn open_existing(at: &Location) -> Result<Box<dyn Admin>, QueueError> {
+    Ok(match at {
+        Location::Sqlite(path) => Box::new(sqlite::Sqlite::open_existing(path)?),
+        Location::Postgres(t) => Box::new(postgres::Postgres::open_existing((**t).clone())?),
+    })
 }
 
 /// For `migrate`, `enqueue` and `fetch`: opened, created and migrated if need be.
-pub fn open_and_migrate(database: &Path) -> Result<Arc<dyn Backend>, QueueError> {
-    Ok(Arc::new(sqlite::Sqlite::open_and_migrate(database)?))
+pub fn open_and_migrate(at: &Location) -> Result<Arc<dyn Backend>, QueueError> {
+    Ok(match at {
+        Location::Sqlite(path) => Arc::new(sqlite::Sqlite::open_and_migrate(path)?),
+        Location::Postgres(t) => Arc::new(postgres::Postgres::open_and_migrate((**t).clone())?),
+    })
 }

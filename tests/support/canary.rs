@@ -238,6 +238,10 @@ pub fn sweep(env: &Env, api: &StandIn, token: &str, outputs: &[(&str, &[u8])]) -
         sweep.bytes += bytes.len() as u64;
         record(&mut sweep, label, &needles, bytes);
     }
+    for (label, bytes) in super::queue_db::contents(env) {
+        sweep.bytes += bytes.len() as u64;
+        record(&mut sweep, &label, &needles, &bytes);
+    }
     for r in api
         .requests()
         .iter()

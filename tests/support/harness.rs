@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{queue_db, store};
+use super::{postgres, queue_db, store};
 
 /// How long any single wait may take before the test fails: long, because a loaded CI machine
 /// is slow, and a passing test never waits this long.
@@ -78,11 +78,19 @@ pub struct Env {
     pub archive: PathBuf,
     pub token_file: PathBuf,
     pub settings: Settings,
+    /// The queue's server when the queue is PostgreSQL (`postgres`'s), stopped with the env;
+    /// `None`: the queue is the SQLite file `db`.
+    pub pg: Option<postgres::Postgres>,
 }
 
 impl Env {
-    /// A scratch directory with a config and token file, and a migrated queue database.
+    /// A scratch directory with a config and token file, and a migrated queue database of
+    /// the kind the stories run against (`super::stories_on_postgres`).
     pub fn new(settings: Settings, token: &str) -> Env {
+        Env::with_queue(settings, token, super::stories_on_postgres())
+    }
+
+    fn with_queue(settings: Settings, token: &str, on_postgres: bool) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let env = Env {
             config: dir.path().join("hingnetd.toml"),
@@ -90,12 +98,16 @@ impl Env {
             archive: dir.path().join("videos"),
             token_file: dir.path().join("token"),
             settings,
+            pg: on_postgres.then(postgres::Postgres::for_queue),
             dir,
         };
         env.write_config();
         env.set_token(token);
         let out = env.cmd(&["migrate"]);
         assert!(out.status.success(), "migrate failed: {}", stderr(&out));
+        if let Some(pg) = &env.pg {
+            pg.grant_producer();
+        }
         env
     }
 
@@ -151,8 +163,13 @@ impl Env {
     /// A `hingnetd` command with this env's config and a clean environment (no proxies, no
     /// token variable, no credentials directory inherited from the developer's shell).
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_with(&self.config, args)
+    }
+
+    /// Like `command`, with another config file (a second daemon's).
+    pub fn command_with(&self, config: &std::path::Path, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.arg("--config").arg(&self.config).args(args);
+        c.arg("--config").arg(config).args(args);
         for v in [
             "HINGNET_TOKEN",
             "CREDENTIALS_DIRECTORY",
@@ -178,18 +195,7 @@ impl Env {
     /// runs on instead (a daemon that starts anyway) is killed after `limit`, and its output
     /// returned all the same, so that the test fails rather than hangs.
     pub fn cmd_bounded(&self, args: &[&str], limit: Duration) -> Output {
-        let mut child = self
-            .command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run hingnetd");
-        let start = Instant::now();
-        while child.try_wait().expect("try_wait").is_none() && start.elapsed() < limit {
-            std::thread::sleep(POLL);
-        }
-        let _ = child.kill();
-        child.wait_with_output().expect("hingnetd's output")
+        bounded(self.command(args), limit)
     }
 
     pub fn start(&self) -> Daemon {
@@ -201,10 +207,20 @@ impl Env {
     }
 
     pub fn start_with_env(&self, name: &str, vars: &[(&str, &str)]) -> Daemon {
+        self.start_daemon(&self.config, name, vars)
+    }
+
+    /// A daemon with its own config file (one of a fleet), logging to `name` in the env.
+    pub fn start_daemon(
+        &self,
+        config: &std::path::Path,
+        name: &str,
+        vars: &[(&str, &str)],
+    ) -> Daemon {
         let log = self.dir.path().join(name);
         let file = fs::File::create(&log).expect("log file");
         let child = self
-            .command(&["run"])
+            .command_with(config, &["run"])
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -367,6 +383,21 @@ pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool
         assert!(start.elapsed() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Runs `c`, killing it after `limit` if it has not exited (see `Env::cmd_bounded`).
+pub fn bounded(mut c: Command, limit: Duration) -> Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hingnetd");
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() && start.elapsed() < limit {
+        std::thread::sleep(POLL);
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("hingnetd's output")
 }
 
 pub fn stderr(o: &Output) -> String {

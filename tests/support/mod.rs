@@ -1,20 +1,48 @@
 //! Shared test support: the HingNet stand-in server, the harness that runs the real binary, the
-//! leak sweep (`canary`), and the backends: one module per kind of queue database (`sqlite`)
-//! and of archive (`local`).
+//! leak sweep (`canary`), and the backends: one module per kind of queue database (`sqlite`,
+//! `postgres`, reached through `queue_db`) and of archive (`local`).
 
 pub mod audit;
 pub mod canary;
+pub mod faults;
 pub mod harness;
 pub mod local;
+pub mod notify;
 pub mod postgres;
 pub mod sqlite;
 pub mod standin;
 pub mod tls;
 
-/// The queue database the stories run against: the one line to change to run them against
-/// another backend, whose module provides the same functions. Tests about SQLite itself (its
-/// locks, WAL, dialect, `user_version`, shell and Python producers) name `sqlite` instead.
-pub use sqlite as queue_db;
+pub mod queue_db;
+
+/// The queue the stories run against: SQLite, or PostgreSQL when `HINGNETD_TEST_QUEUE` is
+/// `postgres` (`scripts/test` runs the suite once each way). The one line that picks it;
+/// `queue_db` then reaches the backend's module, which provides the same functions. Tests about
+/// SQLite itself (its locks, WAL, dialect, `user_version`, shell and Python producers) make
+/// call `sqlite_only` first and name `sqlite`.
+pub fn stories_on_postgres() -> bool {
+    FORCED
+        .get()
+        .unwrap_or_else(|| std::env::var("HINGNETD_TEST_QUEUE").is_ok_and(|v| v == "postgres"))
+}
+
+thread_local! {
+    /// Set by a test about one backend: whether its envs are on PostgreSQL.
+    static FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the running test as one about SQLite itself: the envs it makes have a SQLite queue,
+/// whatever the stories run against.
+#[allow(dead_code)]
+pub fn sqlite_only() {
+    FORCED.set(Some(false));
+}
+
+/// Marks the running test as one about PostgreSQL itself (`tests/postgres.rs`).
+#[allow(dead_code)]
+pub fn postgres_only() {
+    FORCED.set(Some(true));
+}
 
 /// The archive the stories run against: the one line to change for another backend. Tests
 /// about files on disk name `local` instead.

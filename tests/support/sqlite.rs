@@ -26,6 +26,21 @@ pub fn config(env: &Env) -> String {
     format!("database = {:?}\n", env.db)
 }
 
+/// What the queue keeps in the env's directory: the database's.
+pub fn files(_env: &Env) -> Vec<&'static str> {
+    vec!["state"]
+}
+
+/// Nothing besides the env's files, which the sweep reads anyway.
+pub fn contents(_env: &Env) -> Vec<(String, Vec<u8>)> {
+    Vec::new()
+}
+
+/// Where the sweep finds the queue's rows, as its findings name them.
+pub fn kept_in(_env: &Env) -> &'static str {
+    "queue.db"
+}
+
 /// Inserts IDs the way a producer script does: with the system `sqlite3` shell.
 pub fn insert(env: &Env, ids: &[&str]) {
     insert_sqlite3(env, ids);
