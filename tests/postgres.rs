@@ -320,14 +320,18 @@ fn a_daemon_past_its_lease_is_taken_over_and_its_late_outcome_is_discarded() {
     let api = StandIn::start(TOKEN);
     let env = pg_env(&api);
     let v = api.add_video("video_late", 300_000);
-    // The first download stops after 100 kB until released; the second is served whole.
-    api.script("video_late", vec![Step::Hold(100_000), Step::Serve]);
+    // Both downloads stop after 100 kB: d1's for good (its claim is lost meanwhile), d2's
+    // until released, so that d1's late outcome meets a row another daemon holds.
+    api.script(
+        "video_late",
+        vec![Step::Hold(100_000), Step::Hold(100_000), Step::Serve],
+    );
     let (c1, dir1) = support::postgres::fleet_config(&env, "d1", "2s");
     let (c2, dir2) = support::postgres::fleet_config(&env, "d2", "2s");
     let d1 = env.start_daemon(&c1, "d1.log", &[]);
     env.insert(&["video_late"]);
     api.wait_for("d1's held download", DEADLINE, |l| {
-        l.iter().any(|r| r.paused)
+        l.iter().filter(|r| r.paused).count() == 1
     });
     let out = env.cmd(&["status"]);
     assert!(
@@ -338,16 +342,29 @@ fn a_daemon_past_its_lease_is_taken_over_and_its_late_outcome_is_discarded() {
     // d1 freezes past its lease (a paused VM, a partition); d2 takes the row over.
     d1.signal(libc::SIGSTOP);
     let _d2 = env.start_daemon(&c2, "d2.log", &[]);
+    api.wait_for("d2's held download", DEADLINE, |l| {
+        l.iter().filter(|r| r.paused).count() == 2
+    });
+    // d1 comes back: its stalled attempt ends (its read timeout passed while it was stopped),
+    // and its outcome must not be recorded over d2's claim.
+    d1.signal(libc::SIGCONT);
+    d1.wait_log("lost the claim while downloading");
+    let row = env.row("video_late").unwrap();
+    assert_eq!(row.state, "downloading", "{row:?}");
+    assert_eq!(
+        queue_db::query_text(
+            &env,
+            "SELECT claimed_on FROM queue WHERE video_id = 'video_late'"
+        ),
+        "d2"
+    );
+    assert!(queue_db::attempt_log(&env, "video_late").is_empty());
+    // d2 finishes: the one outcome recorded, its file in d2's archive.
+    api.release("video_late");
     let row = env.wait_state("video_late", "done");
     let path = PathBuf::from(row.path.clone().unwrap());
     assert!(path.starts_with(&dir2), "{path:?}");
     assert_eq!(support::local::file_sha256(&path), v.sha256);
-    // d1 comes back and finishes its download: its outcome must not be recorded.
-    api.release("video_late");
-    d1.signal(libc::SIGCONT);
-    d1.wait_log("lost the claim while downloading");
-    let row = env.row("video_late").unwrap();
-    assert_eq!(row.path.as_deref(), Some(path.to_str().unwrap()));
     assert_eq!(
         queue_db::query_text(
             &env,
@@ -355,18 +372,16 @@ fn a_daemon_past_its_lease_is_taken_over_and_its_late_outcome_is_discarded() {
         ),
         "d2"
     );
-    let log = queue_db::attempt_log(&env, "video_late");
-    let done: Vec<_> = log.iter().filter(|e| e.1 == "done").collect();
-    assert_eq!(done.len(), 1, "{log:?}");
     assert_eq!(
         queue_db::query_text(
             &env,
-            "SELECT string_agg(instance, ',') FROM attempt_log WHERE video_id = 'video_late'"
+            "SELECT string_agg(instance || ' ' || outcome, ',') FROM attempt_log \
+             WHERE video_id = 'video_late'"
         ),
-        "d2"
+        "d2 done"
     );
     assert_eq!(queue_db::count(&env, "downloading"), 0);
-    let _ = dir1;
+    assert!(!dir1.join("video_late.mp4").exists());
 }
 
 #[test]
