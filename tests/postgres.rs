@@ -427,3 +427,68 @@ fn the_database_going_away_mid_download_loses_nothing_and_is_named() {
     env.insert(&["video_after_cut"]);
     support::audit::assert_archived(&env, &w);
 }
+
+#[test]
+fn claims_take_the_video_that_expires_first_first() {
+    let api = StandIn::start(TOKEN);
+    support::postgres_only();
+    let mut settings = Settings::new(&api.base_url());
+    settings.concurrency = 1;
+    let env = Env::new(settings, TOKEN);
+    let hold = api.add_video("video_holding_the_slot", 200_000);
+    api.script(
+        "video_holding_the_slot",
+        vec![Step::Hold(10_000), Step::Serve],
+    );
+    let _d = env.start();
+    env.insert(&["video_holding_the_slot"]);
+    api.wait_for("the held download", DEADLINE, |l| {
+        l.iter().any(|r| r.paused)
+    });
+    // Inserted in one transaction, none in expiry order, the way a producer that knows the
+    // expiry inserts it.
+    let order = [
+        ("video_exp_late", Some("30 minutes")),
+        ("video_exp_none", None),
+        ("video_exp_soon", Some("5 minutes")),
+        ("video_exp_mid", Some("20 minutes")),
+    ];
+    let mut statements = String::from("BEGIN;");
+    for (id, exp) in order {
+        api.add_video(id, 1000);
+        statements.push_str(&match exp {
+            Some(e) => format!(
+                "INSERT INTO queue(video_id, expires_at) VALUES ('{id}', now() + interval '{e}') \
+                 ON CONFLICT DO NOTHING;"
+            ),
+            None => format!("INSERT INTO queue(video_id) VALUES ('{id}') ON CONFLICT DO NOTHING;"),
+        });
+    }
+    statements.push_str("COMMIT;");
+    let out = env.pg.as_ref().unwrap().psql_as("producer", &statements);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value =
+        serde_json::from_slice(&env.cmd(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["expiring_soon"], 1, "{status}");
+    api.release("video_holding_the_slot");
+    support::audit::assert_archived(&env, &hold);
+    for (id, _) in order {
+        env.wait_state(id, "done");
+    }
+    let got: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_content())
+        .filter_map(|r| r.video_id())
+        .filter(|id| id.starts_with("video_exp_"))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "video_exp_soon",
+            "video_exp_mid",
+            "video_exp_late",
+            "video_exp_none"
+        ]
+    );
+}
