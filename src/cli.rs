@@ -690,6 +690,17 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
     let mut refused = 0;
     for raw in &ids {
         let id = raw.trim();
+        // Another host's file: this host cannot delete it, so the row stays to name it.
+        if delete_file
+            && let Some(row) = q.get(id).map_err(queue_failure)?
+            && let Some(on) = row.archived_elsewhere(q.instance())
+        {
+            eprintln!(
+                "hingnetd: {id}: its file is in {on}'s archive; run `hingnetd remove --delete-file {id}` there (or remove without --delete-file); not removed"
+            );
+            refused += 1;
+            continue;
+        }
         let row = match q.remove(id, force).map_err(queue_failure)? {
             Removal::Missing => {
                 eprintln!("hingnetd: {id}: not in the queue");

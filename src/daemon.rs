@@ -78,6 +78,9 @@ pub async fn attempt(
 /// The shortest wait before claiming again when the clock and the claim disagree.
 const RELOOK: Duration = Duration::from_millis(250);
 
+/// The status line while the queue's database is away.
+const UNREACHABLE: &str = "queue database unreachable; downloads in flight go on, and record their outcomes once it is back";
+
 /// The status line is recounted at most this often.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
@@ -177,7 +180,7 @@ impl Scheduler {
                     Err(e) => {
                         tracing::error!(error = %e, retry_in = ?db_backoff, "queue database error");
                         self.service.status(if e.is_unreachable() {
-                            "queue database unreachable; downloads in flight go on, and record their outcomes once it is back".to_owned()
+                            UNREACHABLE.to_owned()
                         } else {
                             format!("queue database error: {e}")
                         });
@@ -271,9 +274,13 @@ impl Scheduler {
         self.counts_at = Some(Instant::now());
         let counts = match self.queue.counts().await {
             Ok(c) => c,
-            // Stays stale: tried again after STATUS_EVERY.
+            // Stays stale: tried again after STATUS_EVERY. (With every slot busy no claim is
+            // tried, so this is where an unreachable database shows.)
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count rows for the status line");
+                if e.is_unreachable() {
+                    self.service.status(UNREACHABLE.to_owned());
+                }
                 return;
             }
         };
@@ -360,6 +367,21 @@ impl Scheduler {
             );
             new.queue.database = old.queue.database.clone();
         }
+        for (key, changed) in [
+            (
+                "queue.password_file",
+                new.queue.password_file != old.queue.password_file,
+            ),
+            ("queue.lease", new.queue.lease != old.queue.lease),
+            ("queue.instance", new.queue.instance != old.queue.instance),
+        ] {
+            if changed {
+                tracing::warn!(key, "cannot change while running; restart to apply");
+            }
+        }
+        new.queue.password_file = old.queue.password_file.clone();
+        new.queue.lease = old.queue.lease;
+        new.queue.instance = old.queue.instance.clone();
         if new.archive.dir != old.archive.dir {
             tracing::warn!(
                 key = "archive.dir",
@@ -708,14 +730,20 @@ async fn record(
     expires_at: Option<i64>,
 ) {
     let mut wait = Duration::from_millis(250);
+    let mut tried = false;
     loop {
         match queue.finish(claimed, finish, elapsed, expires_at).await {
             Ok(true) => return,
+            Ok(false) if tried => {
+                tracing::warn!(video_id = %claimed.video_id, "the row is no longer this claim's: an earlier try may have recorded this outcome before its answer was lost, or the claim was lost while the database was away; not recorded again");
+                return;
+            }
             Ok(false) => {
                 tracing::warn!(video_id = %claimed.video_id, "lost the claim while downloading (the row changed or vanished, or its lease passed and another downloader took it over); outcome discarded");
                 return;
             }
-            Err(e) if e.is_unreachable() => {
+            Err(e) if e.is_temporary() => {
+                tried = true;
                 tracing::warn!(video_id = %claimed.video_id, error = %e, retry_in = ?wait, "cannot record the outcome yet; trying again");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(15));

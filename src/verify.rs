@@ -152,6 +152,12 @@ pub enum Problem {
     NotQueued {
         id: String,
     },
+    /// A shared queue's row whose file is in another instance's archive (another host's
+    /// disk): not checked here, and never repaired from here.
+    Elsewhere {
+        id: String,
+        on: String,
+    },
     /// A partial file (or its resume record) whose video will not resume it: its row is done,
     /// failed, or gone.
     Leftover {
@@ -172,6 +178,9 @@ impl fmt::Display for Problem {
                 write!(f, "NOTDONE {id} is {state}, nothing to verify")
             }
             Problem::NotQueued { id } => write!(f, "UNKNOWN {id} is not in the queue"),
+            Problem::Elsewhere { id, on } => {
+                write!(f, "ELSEWHERE {id} is archived on {on}; verify it there")
+            }
             Problem::Leftover { path, why } => {
                 write!(f, "PARTIAL {path} ({why}; nothing will resume it)")
             }
@@ -244,6 +253,12 @@ pub fn run(
                     id: id.clone(),
                     state: r.state,
                 }),
+                Some(r) if r.archived_elsewhere(q.instance()).is_some() => {
+                    report.problems.push(Problem::Elsewhere {
+                        id: id.clone(),
+                        on: r.archived_on.unwrap_or_default(),
+                    })
+                }
                 Some(r) => rows.push(r),
             }
         }

@@ -365,4 +365,5 @@ fn three_daemons_under_kills_a_stop_cuts_and_a_database_restart_archive_each_vid
         stops == 1 && restarts == 1,
         "stops={stops} restarts={restarts}"
     );
+    assert!(takeovers > 0, "no claim of a killed daemon was taken back");
 }

@@ -387,7 +387,12 @@ fn a_daemon_past_its_lease_is_taken_over_and_its_late_outcome_is_discarded() {
 #[test]
 fn the_database_going_away_mid_download_loses_nothing_and_is_named() {
     let api = StandIn::start(TOKEN);
-    let mut env = pg_env(&api);
+    support::postgres_only();
+    // One slot, taken by the download: no claim is tried while the database is away, and the
+    // status line must say so all the same.
+    let mut settings = Settings::new(&api.base_url());
+    settings.concurrency = 1;
+    let mut env = Env::new(settings, TOKEN);
     let v = api.add_video("video_outage", 200_000);
     api.script("video_outage", vec![Step::Hold(50_000), Step::Serve]);
     let sock = NotifySocket::bind(&env);
@@ -491,4 +496,105 @@ fn claims_take_the_video_that_expires_first_first() {
             "video_exp_none"
         ]
     );
+}
+
+#[test]
+fn timestamps_postgres_cannot_use_are_refused_or_ignored_and_stall_nothing() {
+    let api = StandIn::start(TOKEN);
+    let env = pg_env(&api);
+    let far = api.add_video("video_far_expiry", 2000);
+    // An expiry the API reports in milliseconds past what a timestamp holds (year 294276).
+    api.status_fields(
+        "video_far_expiry",
+        serde_json::json!({ "expires_at": 9_300_000_000_000_000i64 }),
+    );
+    let after = api.add_video("video_after_infinity", 2000);
+    let _d = env.start();
+    // 'infinity' sorts first and no claim could read it back: refused at the insert, in words
+    // that name the problem.
+    let out = env.pg.as_ref().unwrap().psql_as(
+        "producer",
+        "INSERT INTO queue(video_id, expires_at) VALUES ('video_inf', '-infinity') \
+         ON CONFLICT DO NOTHING",
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("queue_times_finite"),
+        "{}",
+        stderr(&out)
+    );
+    env.insert(&["video_far_expiry", "video_after_infinity"]);
+    support::audit::assert_archived(&env, &far);
+    support::audit::assert_archived(&env, &after);
+    assert_eq!(queue_db::count(&env, "downloading"), 0);
+}
+
+#[test]
+fn an_outcome_the_database_refuses_does_not_leave_the_row_claimed() {
+    let api = StandIn::start(TOKEN);
+    let env = pg_env(&api);
+    let v = api.add_video("video_refused_once", 2000);
+    let pg = env.pg.as_ref().unwrap();
+    // The database refuses to record this video done (a DBA's trigger, a constraint a newer
+    // schema added): not the database being away, so not retried as such.
+    pg.psql(
+        "hingnet",
+        "CREATE FUNCTION refuse_done() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER refuse_done BEFORE UPDATE ON queue FOR EACH ROW \
+         WHEN (NEW.state = 'done') EXECUTE FUNCTION refuse_done();",
+    );
+    let d = env.start();
+    env.insert(&["video_refused_once"]);
+    d.wait_log("cannot record outcome");
+    // Once the refusal goes, the row is taken back (this daemon's own dead claim, at once)
+    // and archived: not left `downloading`, renewed for ever.
+    pg.psql("hingnet", "DROP TRIGGER refuse_done ON queue");
+    support::audit::assert_archived(&env, &v);
+}
+
+#[test]
+fn a_file_in_another_hosts_archive_is_neither_repaired_nor_deleted_from_here() {
+    let api = StandIn::start(TOKEN);
+    let env = pg_env(&api);
+    let v = api.add_video("video_on_d2", 2000);
+    let (c1, _) = support::postgres::fleet_config(&env, "d1", "5s");
+    let (c2, dir2) = support::postgres::fleet_config(&env, "d2", "5s");
+    {
+        let _d2 = env.start_daemon(&c2, "d2.log", &[]);
+        env.insert(&["video_on_d2"]);
+        env.wait_state("video_on_d2", "done");
+    }
+    let before = env.row("video_on_d2").unwrap();
+    assert!(PathBuf::from(before.path.as_deref().unwrap()).starts_with(&dir2));
+    let out = env
+        .command_with(&c1, &["verify", "--repair", "video_on_d2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("ELSEWHERE video_on_d2 is archived on d2"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = env
+        .command_with(&c1, &["remove", "--delete-file", "video_on_d2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("in d2's archive"), "{}", stderr(&out));
+    let after = env.row("video_on_d2").unwrap();
+    assert_eq!(after.state, "done");
+    assert_eq!(after.path, before.path);
+    assert_eq!(
+        support::local::file_sha256(Path::new(after.path.as_deref().unwrap())),
+        v.sha256
+    );
+    // From d2 itself, verify checks the file.
+    let out = env
+        .command_with(&c2, &["verify", "video_on_d2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }

@@ -32,7 +32,14 @@ CREATE TABLE queue (
     -- The instance (`queue.instance`) holding the claim, for `hingnetd status`.
     claimed_on       text,
     -- The instance whose local archive holds the file.
-    archived_on      text
+    archived_on      text,
+    -- 'infinity' sorts and compares, but is no time to download at or expire by: refused at the
+    -- insert, with an error naming the constraint, rather than stalling every claim later.
+    CONSTRAINT queue_times_finite CHECK (
+        isfinite(next_attempt_at) AND isfinite(enqueued_at)
+        AND (expires_at IS NULL OR isfinite(expires_at))
+        AND (first_attempt_at IS NULL OR isfinite(first_attempt_at))
+        AND (finished_at IS NULL OR isfinite(finished_at)))
 );
 
 -- Claims take due rows earliest expiry first, rows without an expiry after them; the planner

@@ -79,6 +79,10 @@ pub enum QueueError {
         what: String,
         source: Cause,
     },
+    /// A statement the database refused for now (a deadlock, a serialization failure, a
+    /// cancelled statement, a lock or resource shortage): worth trying again.
+    #[error("queue database: {what}: {source} (temporary; tried again)")]
+    Transient { what: String, source: Cause },
     /// The settings to reach the database do not work (a password file, the TLS roots, a
     /// database that does not exist).
     #[error("queue database {location}: {problem}")]
@@ -89,6 +93,14 @@ impl QueueError {
     /// The database is away for now (PostgreSQL): worth waiting for, and never the row's fault.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, QueueError::Unreachable { .. })
+    }
+
+    /// Trying again later may succeed: the database is away, or refused a statement for now.
+    pub fn is_temporary(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Unreachable { .. } | QueueError::Transient { .. }
+        )
     }
 }
 
@@ -337,6 +349,9 @@ pub struct RowView {
     /// `next_attempt_at` has come, by the queue's clock.
     #[serde(skip)]
     pub due: bool,
+    /// A shared queue's: the instance whose archive holds the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archived_on: Option<String>,
 }
 
 impl RowView {
@@ -344,6 +359,15 @@ impl RowView {
     /// kept.
     pub fn names_a_file(&self) -> bool {
         self.state == State::Done || (self.state == State::Failed && self.path.is_some())
+    }
+
+    /// The instance whose archive holds the file, when it is not `here` (`Admin::instance`):
+    /// another host's disk, which this host can neither check nor delete.
+    pub fn archived_elsewhere(&self, here: Option<&str>) -> Option<&str> {
+        match (self.archived_on.as_deref(), here) {
+            (Some(on), Some(here)) if on != here => Some(on),
+            _ => None,
+        }
     }
 }
 
@@ -477,6 +501,12 @@ pub trait Admin: Send {
 
     /// Where the queue is, for messages.
     fn location(&self) -> String;
+
+    /// This daemon's name in a queue several hosts share; `None` for a queue only this host
+    /// uses.
+    fn instance(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Both contracts, on one connection: what `hingnetd fetch` works with.

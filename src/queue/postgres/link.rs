@@ -17,6 +17,9 @@ use crate::queue::QueueError;
 /// otherwise leaves it waiting until the kernel gives up.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest a connection may take to be ready for statements (TCP, TLS, login).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Opens a connection and starts its driver task, which hands every notification to
 /// `on_note` and ends when the connection does.
 pub(super) async fn connect(
@@ -30,9 +33,14 @@ pub(super) async fn connect(
     };
     let config = target.pg_config().map_err(setup)?;
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(target.tls().map_err(setup)?);
-    let (client, mut conn) = config
-        .connect(tls)
+    // The driver's connect_timeout covers the TCP connect only; TLS and the login (a pooler
+    // with no free server connection) are bounded here.
+    let (client, mut conn) = tokio::time::timeout(CONNECT_DEADLINE, config.connect(tls))
         .await
+        .map_err(|_| QueueError::Unreachable {
+            location: location.clone(),
+            source: format!("no session within {CONNECT_DEADLINE:?}").into(),
+        })?
         .map_err(|e| classify(target, "connect", e))?;
     let driver = tokio::spawn(async move {
         loop {
@@ -82,16 +90,31 @@ pub(super) fn classify(target: &Target, what: &str, e: tokio_postgres::Error) ->
                 problem: db.message().to_owned(),
             };
         }
-        // Connection exceptions, a server shutting down or starting, too many connections:
-        // the database is away for now, which is never a row's fault.
+        // Connection exceptions, a server shutting down or starting, too many connections, a
+        // server that is read-only (a standby after a failover: the connection is dropped, so
+        // that the next one finds the new primary): the database is away for now, which is
+        // never a row's fault.
         let c = code.code();
         if c.starts_with("08")
             || c.starts_with("57P")
             || *code == SqlState::TOO_MANY_CONNECTIONS
             || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         {
             return QueueError::Unreachable {
                 location,
+                source: text.clone().into(),
+            };
+        }
+        // Refused for now: a deadlock or serialization failure, a lock not to be had, a
+        // statement cancelled (statement_timeout, pg_cancel_backend), resources short.
+        if c.starts_with("40")
+            || c.starts_with("53")
+            || *code == SqlState::LOCK_NOT_AVAILABLE
+            || *code == SqlState::QUERY_CANCELED
+        {
+            return QueueError::Transient {
+                what: what.to_owned(),
                 source: text.clone().into(),
             };
         }
@@ -228,7 +251,7 @@ impl Link {
             Ok(Ok(t)) => Ok(t),
             Ok(Err(e)) => {
                 let e = classify(&self.target, what, e);
-                if e.is_unreachable() {
+                if e.is_unreachable() || client.is_closed() {
                     self.lost(&client).await;
                 }
                 Err(e)

@@ -20,6 +20,7 @@ mod sql;
 pub mod target;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ const PROBE_WAIT: Duration = Duration::from_secs(10);
 
 /// The longest wait between attempts to open the LISTEN connection again.
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
+
+/// How often the instance's lock is tried again while another session holds it.
+const LOCK_RETRY: Duration = Duration::from_secs(5);
 
 /// What the daemon's tasks share: the statement connection and the claims in flight.
 struct Shared {
@@ -76,6 +80,14 @@ impl Shared {
         }
         self.heartbeat.call_once(|| {
             tokio::spawn(heartbeat(Arc::downgrade(self)));
+        });
+    }
+
+    /// Forgets the claims of every video but `videos`.
+    fn keep_only(&self, videos: &[String]) {
+        self.live().retain(|_, held| {
+            held.retain(|v| videos.contains(v));
+            !held.is_empty()
         });
     }
 
@@ -205,13 +217,20 @@ pub struct Postgres {
     blocking: Mutex<Option<Blocking>>,
     /// The daemon's: woken by notifications and reconnects.
     wake: Option<Arc<Notify>>,
+    /// The daemon's: whether its LISTEN session holds the instance's lock now.
+    locked: Option<Arc<AtomicBool>>,
 }
 
 /// The daemon's queue before `serve`: checked and migrated.
 pub struct Unserved(Arc<Target>);
 
 impl Postgres {
-    fn new(target: Arc<Target>, blocking: Option<Blocking>, wake: Option<Arc<Notify>>) -> Postgres {
+    fn new(
+        target: Arc<Target>,
+        blocking: Option<Blocking>,
+        wake: Option<Arc<Notify>>,
+        locked: Option<Arc<AtomicBool>>,
+    ) -> Postgres {
         Postgres {
             shared: Arc::new(Shared {
                 link: Link::new(target.clone()),
@@ -221,6 +240,7 @@ impl Postgres {
             }),
             blocking: Mutex::new(blocking),
             wake,
+            locked,
         }
     }
 
@@ -256,14 +276,14 @@ impl Postgres {
             });
         }
         migrate(&mut b)?;
-        Ok(Postgres::new(target, Some(b), None))
+        Ok(Postgres::new(target, Some(b), None, None))
     }
 
     pub fn open_and_migrate(target: Target) -> Result<Postgres, QueueError> {
         let target = Arc::new(target);
         let mut b = Blocking::open(target.clone())?;
         migrate(&mut b)?;
-        Ok(Postgres::new(target, Some(b), None))
+        Ok(Postgres::new(target, Some(b), None, None))
     }
 
     fn admin<T>(
@@ -278,7 +298,7 @@ impl Postgres {
         held.as_mut().expect("just set").run(what, f)
     }
 
-    fn instance(&self) -> String {
+    fn instance_name(&self) -> String {
         self.shared.instance().to_owned()
     }
 }
@@ -321,15 +341,21 @@ impl Unserved {
     /// the same name stops here), then starts listening: the claims from then on.
     pub async fn serve(self) -> Result<Postgres, QueueError> {
         let wake = Arc::new(Notify::new());
+        let locked = Arc::new(AtomicBool::new(false));
         let (started, first) = tokio::sync::oneshot::channel();
-        tokio::spawn(listen(self.0.clone(), wake.clone(), started));
+        tokio::spawn(listen(
+            self.0.clone(),
+            wake.clone(),
+            locked.clone(),
+            started,
+        ));
         first.await.unwrap_or_else(|_| {
             Err(QueueError::Setup {
                 location: self.0.display(),
                 problem: "the listener stopped".into(),
             })
         })?;
-        Ok(Postgres::new(self.0, None, Some(wake)))
+        Ok(Postgres::new(self.0, None, Some(wake), Some(locked)))
     }
 }
 
@@ -341,6 +367,7 @@ impl Unserved {
 async fn listen(
     target: Arc<Target>,
     wake: Arc<Notify>,
+    locked: Arc<AtomicBool>,
     started: tokio::sync::oneshot::Sender<Result<(), QueueError>>,
 ) {
     let mut started = Some(started);
@@ -370,8 +397,9 @@ async fn listen(
         }
         .await;
         let (client, driver) = match opened {
-            Ok((client, driver, locked)) => {
-                if !locked {
+            Ok((client, driver, got_lock)) => {
+                locked.store(got_lock, Ordering::Relaxed);
+                if !got_lock {
                     let e = QueueError::AlreadyRunning {
                         database: target.display().into(),
                         holder: format!("a daemon with queue.instance = {:?}", target.instance),
@@ -382,7 +410,7 @@ async fn listen(
                             return;
                         }
                         None => {
-                            tracing::error!(error = %e, "after reconnecting, this daemon's instance lock is held by another; give each daemon its own queue.instance")
+                            tracing::warn!(error = %e, "after reconnecting, this instance's lock is held by another session (this daemon's old one, until the server notices it gone, or another daemon of the same queue.instance); taking it when it is free, and meanwhile leaving claims of this instance to their lease")
                         }
                     }
                 }
@@ -410,18 +438,32 @@ async fn listen(
         let probed = client
             .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &probe])
             .await;
+        let mut probing = probed.is_ok() && !said_silent;
+        let probe_by = tokio::time::Instant::now() + PROBE_WAIT;
+        let mut relock = tokio::time::interval(LOCK_RETRY);
         let mut driver = driver;
-        if probed.is_ok() && !said_silent {
+        // Until the connection ends (the only way out, so the driver is awaited once).
+        loop {
             tokio::select! {
-                _ = seen.notified() => {}
-                _ = tokio::time::sleep(PROBE_WAIT) => {
+                _ = &mut driver => break,
+                _ = seen.notified(), if probing => probing = false,
+                _ = tokio::time::sleep_until(probe_by), if probing => {
+                    probing = false;
                     said_silent = true;
                     tracing::warn!(database = %target.display(), "no notifications arrive on the LISTEN connection (PgBouncer in transaction mode passes none); new rows are noticed by the poll (queue.poll_interval) only");
                 }
-                _ = &mut driver => {}
+                // Another session held the lock when this one came back (often this daemon's
+                // own, not yet noticed gone by the server): take it once it is free.
+                _ = relock.tick(), if !locked.load(Ordering::Relaxed) => {
+                    if let Ok(true) = sql::lock_instance(&client, &target.instance).await {
+                        locked.store(true, Ordering::Relaxed);
+                        tracing::info!(instance = %target.instance, "holding this instance's lock again");
+                    }
+                }
             }
         }
-        let _ = driver.await;
+        // The lock went with the session.
+        locked.store(false, Ordering::Relaxed);
         drop(client);
         tracing::warn!(database = %target.display(), "lost the LISTEN connection; polling until it is back");
         // The scheduler looks now, and learns from its own statements whether the database
@@ -439,7 +481,7 @@ impl super::Claims for Postgres {
         avoid: Vec<String>,
         or_avoided: bool,
     ) -> Result<Vec<Claimed>, QueueError> {
-        let (instance, lease) = (self.instance(), self.shared.target.lease);
+        let (instance, lease) = (self.instance_name(), self.shared.target.lease);
         let token = new_token(&instance);
         let t = std::time::Instant::now();
         let claimed = self
@@ -466,7 +508,7 @@ impl super::Claims for Postgres {
     async fn claim_one(&self, video_id: &str) -> Result<Result<Claimed, State>, QueueError> {
         // Not the daemon's name: a restarting daemon takes back its own predecessor's claims.
         let (instance, lease) = (
-            format!("{} (fetch)", self.instance()),
+            format!("{} (fetch)", self.instance_name()),
             self.shared.target.lease,
         );
         let token = new_token(&instance);
@@ -492,7 +534,7 @@ impl super::Claims for Postgres {
         elapsed: Duration,
         expires_at: Option<i64>,
     ) -> Result<bool, QueueError> {
-        let (c2, f, instance) = (claimed.clone(), finish.clone(), self.instance());
+        let (c2, f, instance) = (claimed.clone(), finish.clone(), self.instance_name());
         let ours =
             self.shared
                 .link
@@ -502,10 +544,14 @@ impl super::Claims for Postgres {
                         sql::finish(&c, &c2, &f, elapsed, expires_at, &instance).await
                     },
                 )
-                .await?;
-        // Recorded, or fenced out: either way no longer this process's claim.
-        self.shared.release(claimed);
-        Ok(ours)
+                .await;
+        // Recorded, fenced out, or failed for good: no longer a claim this process keeps alive
+        // (its lease then lapses, and the row is taken back). Only while the caller will try
+        // again (the database away) is it still ours.
+        if !ours.as_ref().is_err_and(QueueError::is_temporary) {
+            self.shared.release(claimed);
+        }
+        ours
     }
 
     async fn fail_released(
@@ -514,7 +560,7 @@ impl super::Claims for Postgres {
         error: &str,
         http_status: Option<u16>,
     ) -> Result<bool, QueueError> {
-        let (c2, e, instance) = (claimed.clone(), error.to_owned(), self.instance());
+        let (c2, e, instance) = (claimed.clone(), error.to_owned(), self.instance_name());
         self.shared
             .link
             .run(&format!("fail {}", claimed.video_id), move |c| async move {
@@ -527,9 +573,18 @@ impl super::Claims for Postgres {
     /// them) are never taken back here, even late. The daemon also takes back at once what its
     /// predecessor of the same instance left (killed, or crashed): it holds the instance's lock,
     /// so no other daemon of that name runs. (`hingnetd fetch` claims under a name of its own.)
-    async fn recover_stale(&self, _ours: Vec<String>) -> Recovered {
+    async fn recover_stale(&self, ours: Vec<String>) -> Recovered {
+        if self.wake.is_some() {
+            // The daemon's downloads in flight are `ours`: a claim of a task that is gone (it
+            // panicked, or could not record its outcome) is not kept alive any longer.
+            self.shared.keep_only(&ours);
+        }
         let tokens = self.shared.tokens();
-        let instance = self.wake.is_some().then(|| self.instance());
+        let instance = self
+            .locked
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::Relaxed))
+            .then(|| self.instance_name());
         match self
             .shared
             .link
@@ -566,7 +621,7 @@ impl super::Claims for Postgres {
     }
 
     async fn set_pauses(&self, pauses: Vec<crate::pause::Record>) -> Result<(), QueueError> {
-        let instance = self.instance();
+        let instance = self.instance_name();
         self.shared
             .link
             .run("publish pauses", move |c| async move {
@@ -617,9 +672,10 @@ impl super::Admin for Postgres {
         why: &str,
         then: &mut dyn FnMut() -> Result<Option<String>, String>,
     ) -> Result<Option<Result<Option<String>, String>>, QueueError> {
+        let instance = self.instance_name();
         self.admin(&format!("put {video_id} back to pending"), async |c| {
             let tx = c.transaction().await?;
-            if !sql::requeue_archived(&tx, video_id, sha256, why).await? {
+            if !sql::requeue_archived(&tx, video_id, sha256, why, &instance).await? {
                 return Ok(None);
             }
             sql::wake_daemons_at_commit(&tx).await?;
@@ -668,7 +724,7 @@ impl super::Admin for Postgres {
     }
 
     fn archived_page(&self, after: Cursor, n: usize) -> Result<Vec<(Cursor, RowView)>, QueueError> {
-        let instance = self.instance();
+        let instance = self.instance_name();
         let rows = self.admin("list done rows", async |c| {
             sql::archived_page(c, after.0, n, &instance).await
         })?;
@@ -676,14 +732,14 @@ impl super::Admin for Postgres {
     }
 
     fn archived_bytes(&self) -> Result<u64, QueueError> {
-        let instance = self.instance();
+        let instance = self.instance_name();
         self.admin("sum archived bytes", async |c| {
             sql::archived_bytes(c, &instance).await
         })
     }
 
     fn pauses(&self) -> Result<Vec<crate::pause::Published>, QueueError> {
-        let instance = self.instance();
+        let instance = self.instance_name();
         self.admin("read pauses", async |c| sql::pauses(c, &instance).await)
     }
 
@@ -691,7 +747,7 @@ impl super::Admin for Postgres {
         if self.wake.is_some() {
             return true;
         }
-        let instance = self.instance();
+        let instance = self.instance_name();
         self.admin("look for a running daemon", async |c| {
             sql::daemon_running(c, &instance).await
         })
@@ -700,6 +756,10 @@ impl super::Admin for Postgres {
 
     fn location(&self) -> String {
         self.shared.target.display()
+    }
+
+    fn instance(&self) -> Option<&str> {
+        Some(self.shared.instance())
     }
 }
 

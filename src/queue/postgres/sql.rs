@@ -51,7 +51,7 @@ const ROW_COLUMNS: &str = concat!(
     ts!("finished_at"),
     ", ",
     ts!("expires_at"),
-    ", metadata, next_attempt_at <= now()"
+    ", metadata, next_attempt_at <= now(), archived_on"
 );
 
 /// What a claim returns, in the order `claimed` reads it.
@@ -95,6 +95,7 @@ fn row_view(r: &Row, i: usize) -> RowView {
         expires_at: r.get(i + 12),
         metadata: r.get(i + 13),
         due: r.get(i + 14),
+        archived_on: r.get(i + 15),
     }
 }
 
@@ -319,7 +320,11 @@ pub(super) async fn finish(
     let attempt = claimed.attempts as i32;
     let elapsed_ms = elapsed.as_millis() as i64;
     let detail = finish.describe();
-    let exp = expires_at.map(|e| e as f64);
+    // What PostgreSQL's timestamps can hold (to year 9999): an expiry past it is nonsense from
+    // the API, and is ignored as SQLite ignores it (its strftime gives NULL).
+    let exp = expires_at
+        .filter(|e| (0..=253_402_300_799).contains(e))
+        .map(|e| e as f64);
     let id = claimed.video_id.as_str();
     let token = claimed.token.as_str();
     let file = |f: &FileRecord| {
@@ -422,9 +427,12 @@ pub(super) async fn fail_released(
     };
     let n: i64 = c
         .query_one(
+            // Only while no daemon has tried it since it was given back: the release took its
+            // attempt back, so a newer attempt shows in the count.
             &logged(
                 "UPDATE queue SET state = 'failed', last_error = $9, http_status = $4, \
-                 finished_at = now() WHERE video_id = $1 AND state = 'pending'",
+                 finished_at = now() WHERE video_id = $1 AND state = 'pending' \
+                 AND attempts = greatest($2 - 1, 0)",
             ),
             &[
                 &claimed.video_id,
@@ -795,6 +803,7 @@ pub(super) async fn requeue_archived(
     video_id: &str,
     sha256: Option<&str>,
     why: &str,
+    instance: &str,
 ) -> PgResult<bool> {
     Ok(tx
         .execute(
@@ -802,8 +811,9 @@ pub(super) async fn requeue_archived(
                first_attempt_at = NULL, finished_at = NULL, path = NULL, sha256 = NULL, \
                bytes = NULL, http_status = NULL, archived_on = NULL, last_error = $3 \
              WHERE video_id = $1 AND state IN ('done', 'failed') \
-               AND sha256 IS NOT DISTINCT FROM $2",
-            &[&video_id, &sha256, &why],
+               AND sha256 IS NOT DISTINCT FROM $2 \
+               AND (archived_on IS NULL OR archived_on = $4)",
+            &[&video_id, &sha256, &why, &instance],
         )
         .await?
         == 1)

@@ -69,6 +69,8 @@ pub struct Target {
     connect_timeout: Duration,
     application_name: String,
     password_file: Option<PathBuf>,
+    /// `target_session_attrs=read-write`: connect only to a server that takes writes.
+    read_write: bool,
     /// This daemon's name in the queue.
     pub instance: String,
     /// How long a claim lives without a heartbeat.
@@ -95,7 +97,14 @@ impl Target {
             return Err("a password in the URL is refused: it would show in logs and `ps`; put it in queue.password_file, PGPASSWORD or the systemd credential hingnet-db-password".into());
         }
         let user = Some(decode(url.username(), "user")?).filter(|u| !u.is_empty());
-        let mut host = decode(url.host_str().unwrap_or(""), "host")?;
+        // An IPv6 literal keeps its brackets in the URL's host.
+        let mut host = decode(
+            url.host_str()
+                .unwrap_or("")
+                .trim_start_matches('[')
+                .trim_end_matches(']'),
+            "host",
+        )?;
         let dbname = decode(url.path().trim_start_matches('/'), "database name")?;
         if dbname.contains('/') {
             return Err(format!("{dbname:?} is not a database name"));
@@ -110,6 +119,7 @@ impl Target {
             connect_timeout: CONNECT_TIMEOUT,
             application_name: "hingnetd".into(),
             password_file: Some(password_file.to_owned()).filter(|p| !p.as_os_str().is_empty()),
+            read_write: false,
             instance: instance.to_owned(),
             lease,
         };
@@ -131,6 +141,17 @@ impl Target {
                 "user" => t.user = Some(value.into_owned()),
                 "dbname" => t.dbname = Some(value.into_owned()),
                 "application_name" => t.application_name = value.into_owned(),
+                "target_session_attrs" => {
+                    t.read_write = match &*value {
+                        "read-write" => true,
+                        "any" => false,
+                        other => {
+                            return Err(format!(
+                                "target_session_attrs {other:?} is not one of read-write, any"
+                            ));
+                        }
+                    }
+                }
                 "connect_timeout" => {
                     let secs: u64 = value.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
                         format!("connect_timeout {value:?} is not a whole number of seconds")
@@ -140,7 +161,7 @@ impl Target {
                 "password" => return Err("a password in the URL is refused: it would show in logs and `ps`; put it in queue.password_file, PGPASSWORD or the systemd credential hingnet-db-password".into()),
                 other => {
                     return Err(format!(
-                        "URL parameter {other:?} is not one hingnetd knows (sslmode, sslrootcert, host, port, user, dbname, application_name, connect_timeout)"
+                        "URL parameter {other:?} is not one hingnetd knows (sslmode, sslrootcert, host, port, user, dbname, application_name, connect_timeout, target_session_attrs)"
                     ));
                 }
             }
@@ -196,6 +217,13 @@ impl Target {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(30))
+            // And the server's side of the same: a session whose daemon vanished (a host cut
+            // off) otherwise holds its instance lock until the server's keepalive, two hours
+            // by default, notices.
+            .options(
+                "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 \
+                 -c tcp_keepalives_count=3 -c tcp_user_timeout=30000",
+            )
             .ssl_mode(match self.ssl_mode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -209,6 +237,9 @@ impl Target {
         if let Some(d) = &self.dbname {
             c.dbname(d);
         }
+        if self.read_write {
+            c.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
         if let Some(p) = self.password()? {
             c.password(p);
         }
@@ -216,7 +247,8 @@ impl Target {
     }
 
     /// The password: a systemd credential first, then `PGPASSWORD`, then `queue.password_file`;
-    /// none at all is fine (peer or certificate authentication).
+    /// none at all is fine (peer or trust authentication; client certificates are not
+    /// supported).
     fn password(&self) -> Result<Option<String>, String> {
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
             let path = Path::new(&dir).join(PASSWORD_CREDENTIAL);

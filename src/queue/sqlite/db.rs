@@ -170,6 +170,7 @@ fn row_view_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<RowView> {
             }),
         metadata: r.get(i + 13)?,
         due: r.get(i + 14)?,
+        archived_on: None,
     })
 }
 
