@@ -699,7 +699,6 @@ fn a_video_that_is_never_served_fails_at_its_expiry() {
 /// within 10 minutes.
 #[test]
 fn the_video_that_expires_first_is_downloaded_first() {
-    support::sqlite_only();
     let (api, env) = setup_with(|s| s.concurrency = 1);
     let hold = api.add_video("video_holding_the_slot", 200_000);
     api.script(
@@ -712,24 +711,16 @@ fn the_video_that_expires_first_is_downloaded_first() {
         l.iter().any(|r| r.paused)
     });
     let order = [
-        ("video_exp_late", Some("+30 minutes")),
+        ("video_exp_late", Some(30)),
         ("video_exp_none", None),
-        ("video_exp_soon", Some("+5 minutes")),
-        ("video_exp_mid", Some("+20 minutes")),
+        ("video_exp_soon", Some(5)),
+        ("video_exp_mid", Some(20)),
     ];
-    let mut statements = String::from("BEGIN;");
-    for (id, exp) in order {
+    for (id, _) in order {
         api.add_video(id, 1000);
-        statements.push_str(&match exp {
-            Some(e) => format!(
-                "INSERT OR IGNORE INTO queue(video_id, expires_at) VALUES \
-                 ('{id}', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '{e}'));"
-            ),
-            None => format!("INSERT OR IGNORE INTO queue(video_id) VALUES ('{id}');"),
-        });
     }
-    statements.push_str("COMMIT;");
-    sqlite::sql(&env, &statements);
+    // One transaction, none in expiry order, the way a producer that knows the expiry inserts.
+    queue_db::insert_expiring(&env, &order);
     let status: serde_json::Value =
         serde_json::from_slice(&env.cmd(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["expiring_soon"], 1, "{status}");
@@ -760,10 +751,7 @@ fn the_video_that_expires_first_is_downloaded_first() {
         ]
     );
     // What the status object says (expires_at = completion + 1 h) replaces what was inserted.
-    let exp = queue_db::query_text(
-        &env,
-        "SELECT expires_at FROM queue WHERE video_id = 'video_exp_none'",
-    );
+    let exp = queue_db::expires_at(&env, "video_exp_none").unwrap();
     assert!(exp.ends_with('Z') && exp.len() == 24, "{exp}");
     assert_clean(&api, &env);
 }

@@ -545,6 +545,36 @@ pub fn attempt_log(env: &Env, id: &str) -> Vec<(i64, String, String, Option<Stri
     })
 }
 
+/// As a producer on another host: `psql` as the role that may only INSERT.
+pub fn insert_expiring(env: &Env, rows: &[(&str, Option<u32>)]) {
+    let mut statements = String::from("BEGIN;");
+    for (id, exp) in rows {
+        statements.push_str(&match exp {
+            Some(m) => format!(
+                "INSERT INTO queue(video_id, expires_at) VALUES \
+                 ('{id}', now() + interval '{m} minutes') ON CONFLICT DO NOTHING;"
+            ),
+            None => format!("INSERT INTO queue(video_id) VALUES ('{id}') ON CONFLICT DO NOTHING;"),
+        });
+    }
+    statements.push_str("COMMIT;");
+    let out = server(env).psql_as("producer", &statements);
+    assert!(out.status.success(), "psql as producer: {}", text(&out));
+}
+
+pub fn expires_at(env: &Env, id: &str) -> Option<String> {
+    with_client(env, async |c| {
+        c.query_one(
+            "SELECT to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+             FROM queue WHERE video_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    })
+}
+
 /// Runs SQL as the daemon's role, as an operator's `psql` does.
 pub fn sql(env: &Env, statement: &str) {
     let out = server(env).psql_as("hingnetd", statement);

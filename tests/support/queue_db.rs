@@ -83,6 +83,17 @@ pub fn attempt_log(env: &Env, id: &str) -> Vec<(i64, String, String, Option<Stri
     either!(env, attempt_log(id))
 }
 
+/// Inserts `(id, expires in minutes)` in one transaction, as a producer that knows each
+/// video's expiry does.
+pub fn insert_expiring(env: &Env, rows: &[(&str, Option<u32>)]) {
+    either!(env, insert_expiring(rows))
+}
+
+/// The row's `expires_at` in the queue's timestamp format (`YYYY-MM-DDTHH:MM:SS.SSSZ`).
+pub fn expires_at(env: &Env, id: &str) -> Option<String> {
+    either!(env, expires_at(id))
+}
+
 /// Runs SQL on the queue the way an operator's shell does.
 pub fn sql(env: &Env, statement: &str) {
     either!(env, sql(statement))

@@ -153,6 +153,33 @@ pub fn attempt_log(env: &Env, id: &str) -> Vec<(i64, String, String, Option<Stri
         .unwrap()
 }
 
+pub fn insert_expiring(env: &Env, rows: &[(&str, Option<u32>)]) {
+    let mut statements = String::from("BEGIN;");
+    for (id, exp) in rows {
+        statements.push_str(&match exp {
+            Some(m) => format!(
+                "INSERT OR IGNORE INTO queue(video_id, expires_at) VALUES \
+                 ('{id}', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+{m} minutes'));"
+            ),
+            None => format!("INSERT OR IGNORE INTO queue(video_id) VALUES ('{id}');"),
+        });
+    }
+    statements.push_str("COMMIT;");
+    sql(env, &statements);
+}
+
+pub fn expires_at(env: &Env, id: &str) -> Option<String> {
+    open(env)
+        .query_row(
+            "SELECT expires_at FROM queue WHERE video_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap()
+        .flatten()
+}
+
 /// Runs SQL on the queue the way an operator's shell does (the system `sqlite3`).
 pub fn sql(env: &Env, statement: &str) {
     let out = Command::new("sqlite3")
