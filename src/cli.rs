@@ -724,6 +724,13 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
         }
         let file = match (&row.path, delete_file, &archive, &vid) {
             (None, ..) => String::new(),
+            (Some(p), true, ..) if row.archived_elsewhere(q.instance()).is_some() => {
+                eprintln!(
+                    "hingnetd: {id}: removed from the queue, but its file is in another host's archive; left as it is"
+                );
+                refused += 1;
+                format!("; its file stays at {p}")
+            }
             (Some(p), true, Some(a), Some(v)) if a.keeps_at(v, p) => match a.delete_published(v) {
                 Ok(()) => format!("; deleted {p}"),
                 Err(e) => {
@@ -850,6 +857,10 @@ fn not_claimed(cfg: &Config, q: &dyn queue::Admin, id: &str, state: State) -> Re
             progress_bar(total, "verifying")
         })
         .map_err(|e| Failure::new(exit::IO, e))?;
+        if let Some(crate::verify::Problem::Elsewhere { on, .. }) = report.problems.first() {
+            let _ = writeln!(out(), "{id}: already archived, in {on}'s archive");
+            return Ok(());
+        }
         if let Some(p) = report.problems.first() {
             return Err(Failure::new(
                 exit::FAILURE,

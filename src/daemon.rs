@@ -731,6 +731,10 @@ async fn record(
 ) {
     let mut wait = Duration::from_millis(250);
     let mut tried = false;
+    // A refusal "for now" that keeps coming (a statement_timeout shorter than the statement)
+    // is given up on after a while; the database being away is waited out.
+    const TRANSIENT_TRIES: u32 = 10;
+    let mut tries = 0;
     loop {
         match queue.finish(claimed, finish, elapsed, expires_at).await {
             Ok(true) => return,
@@ -742,8 +746,11 @@ async fn record(
                 tracing::warn!(video_id = %claimed.video_id, "lost the claim while downloading (the row changed or vanished, or its lease passed and another downloader took it over); outcome discarded");
                 return;
             }
-            Err(e) if e.is_temporary() => {
+            Err(e) if e.is_unreachable() || e.is_temporary() && tries < TRANSIENT_TRIES => {
                 tried = true;
+                if !e.is_unreachable() {
+                    tries += 1;
+                }
                 tracing::warn!(video_id = %claimed.video_id, error = %e, retry_in = ?wait, "cannot record the outcome yet; trying again");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(15));

@@ -482,9 +482,24 @@ fn an_outcome_the_database_refuses_does_not_leave_the_row_claimed() {
     let d = env.start();
     env.insert(&["video_refused_once"]);
     d.wait_log("cannot record outcome");
-    // Once the refusal goes, the row is taken back (this daemon's own dead claim, at once)
-    // and archived: not left `downloading`, renewed for ever.
-    pg.psql("hingnet", "DROP TRIGGER refuse_done ON queue");
+    // Given back for later, saying why: not left `downloading` and renewed for ever, nor
+    // downloaded again at once for as long as the refusal lasts.
+    let row = env.wait_row("video_refused_once", "given back", |r| r.state == "pending");
+    assert!(
+        row.last_error.as_deref().is_some_and(
+            |e| e.contains("cannot record the outcome") && e.contains("refused by the test")
+        ),
+        "{row:?}"
+    );
+    assert_eq!(api.content_requests("video_refused_once").len(), 1);
+    // The operator lifts the refusal and makes the row due now (waking the daemons, as
+    // `hingnetd retry` does for failed rows): archived.
+    pg.psql(
+        "hingnet",
+        "DROP TRIGGER refuse_done ON queue; \
+         UPDATE queue SET next_attempt_at = now() WHERE video_id = 'video_refused_once'; \
+         SELECT pg_notify('hingnetd_queue', '')",
+    );
     support::audit::assert_archived(&env, &v);
 }
 

@@ -81,7 +81,7 @@ pub enum QueueError {
     },
     /// A statement the database refused for now (a deadlock, a serialization failure, a
     /// cancelled statement, a lock or resource shortage): worth trying again.
-    #[error("queue database: {what}: {source} (temporary; tried again)")]
+    #[error("queue database: {what}: {source} (temporary)")]
     Transient { what: String, source: Cause },
     /// The settings to reach the database do not work (a password file, the TLS roots, a
     /// database that does not exist).

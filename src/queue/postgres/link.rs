@@ -35,11 +35,12 @@ pub(super) async fn connect(
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(target.tls().map_err(setup)?);
     // The driver's connect_timeout covers the TCP connect only; TLS and the login (a pooler
     // with no free server connection) are bounded here.
-    let (client, mut conn) = tokio::time::timeout(CONNECT_DEADLINE, config.connect(tls))
+    let deadline = CONNECT_DEADLINE.max(target.connect_timeout + Duration::from_secs(20));
+    let (client, mut conn) = tokio::time::timeout(deadline, config.connect(tls))
         .await
         .map_err(|_| QueueError::Unreachable {
             location: location.clone(),
-            source: format!("no session within {CONNECT_DEADLINE:?}").into(),
+            source: format!("no session within {deadline:?}").into(),
         })?
         .map_err(|e| classify(target, "connect", e))?;
     let driver = tokio::spawn(async move {
@@ -108,7 +109,8 @@ pub(super) fn classify(target: &Target, what: &str, e: tokio_postgres::Error) ->
         }
         // Refused for now: a deadlock or serialization failure, a lock not to be had, a
         // statement cancelled (statement_timeout, pg_cancel_backend), resources short.
-        if c.starts_with("40")
+        if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
             || c.starts_with("53")
             || *code == SqlState::LOCK_NOT_AVAILABLE
             || *code == SqlState::QUERY_CANCELED

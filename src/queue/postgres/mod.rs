@@ -44,6 +44,9 @@ const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// The longest wait between attempts to open the LISTEN connection again.
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
 
+/// When a row whose outcome the database refused is tried again.
+const GIVE_BACK_DELAY: Duration = Duration::from_secs(300);
+
 /// How often the instance's lock is tried again while another session holds it.
 const LOCK_RETRY: Duration = Duration::from_secs(5);
 
@@ -61,8 +64,12 @@ impl Shared {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn tokens(&self) -> Vec<String> {
-        self.live().keys().cloned().collect()
+    /// The claims held, as (tokens, videos) pairs.
+    fn held(&self) -> (Vec<String>, Vec<String>) {
+        self.live()
+            .iter()
+            .flat_map(|(t, vs)| vs.iter().map(move |v| (t.clone(), v.clone())))
+            .unzip()
     }
 
     /// Notes new claims, and starts the heartbeat with the first.
@@ -119,15 +126,15 @@ async fn heartbeat(shared: Weak<Shared>) {
     loop {
         tokio::time::sleep(every).await;
         let Some(s) = shared.upgrade() else { return };
-        let tokens = s.tokens();
-        if tokens.is_empty() {
+        let held = s.held();
+        if held.0.is_empty() {
             continue;
         }
         let lease = s.target.lease;
         match s
             .link
             .run("renew leases", move |c| async move {
-                sql::renew(&c, &tokens, lease).await
+                sql::renew(&c, &held, lease).await
             })
             .await
         {
@@ -389,6 +396,19 @@ async fn listen(
             .await?;
             let locked = async {
                 client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+                // The server's keepalives for this session, which holds the instance's lock: a
+                // daemon whose host was cut off otherwise keeps it until the server's default
+                // keepalive (two hours) notices. Set here, not as startup options, which a
+                // pooler may refuse; a server that refuses them (too old) keeps its defaults.
+                if let Err(e) = client
+                    .batch_execute(
+                        "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; \
+                         SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000",
+                    )
+                    .await
+                {
+                    tracing::debug!(error = %e, "cannot set the LISTEN session's keepalives");
+                }
                 sql::lock_instance(&client, &target.instance).await
             }
             .await
@@ -545,11 +565,25 @@ impl super::Claims for Postgres {
                     },
                 )
                 .await;
-        // Recorded, fenced out, or failed for good: no longer a claim this process keeps alive
-        // (its lease then lapses, and the row is taken back). Only while the caller will try
-        // again (the database away) is it still ours.
-        if !ours.as_ref().is_err_and(QueueError::is_temporary) {
-            self.shared.release(claimed);
+        // Recorded, fenced out, or failed for good: no longer a claim this process keeps alive.
+        // Only while the caller will try again (the database away) is it still ours.
+        match &ours {
+            Err(e) if e.is_temporary() => {}
+            Err(e) => {
+                self.shared.release(claimed);
+                // Failed for good (a trigger, a constraint): given back, not retried at once,
+                // or a refusal that lasts would have the video downloaded again and again. If
+                // even this fails, the row's lease lapses and it is taken back then.
+                let (c2, why) = (claimed.clone(), format!("cannot record the outcome: {e}"));
+                let _ = self
+                    .shared
+                    .link
+                    .run("give the row back", move |c| async move {
+                        sql::give_back(&c, &c2, GIVE_BACK_DELAY, &why).await
+                    })
+                    .await;
+            }
+            Ok(_) => self.shared.release(claimed),
         }
         ours
     }
@@ -579,7 +613,7 @@ impl super::Claims for Postgres {
             // panicked, or could not record its outcome) is not kept alive any longer.
             self.shared.keep_only(&ours);
         }
-        let tokens = self.shared.tokens();
+        let held = self.shared.held();
         let instance = self
             .locked
             .as_ref()
@@ -589,7 +623,7 @@ impl super::Claims for Postgres {
             .shared
             .link
             .run("take back expired claims", move |c| async move {
-                sql::release_expired(&c, &tokens, instance.as_deref()).await
+                sql::release_expired(&c, &held, instance.as_deref()).await
             })
             .await
         {

@@ -242,12 +242,21 @@ pub(super) async fn claim_one(
     Ok(Err(State::parse(&state).unwrap_or(State::Downloading)))
 }
 
-/// Renews the leases of the claims `tokens` still hold; returns the rows renewed.
-pub(super) async fn renew(c: &Client, tokens: &[String], lease: Duration) -> PgResult<u64> {
+/// Renews the leases of the claims this process still holds: `(tokens[i], videos[i])` pairs,
+/// not whole tokens (one claim's rows share a token, and a row whose outcome could not be
+/// recorded is no longer kept alive while its batch-mates download on). Returns the rows
+/// renewed.
+pub(super) async fn renew(
+    c: &Client,
+    (tokens, videos): &(Vec<String>, Vec<String>),
+    lease: Duration,
+) -> PgResult<u64> {
     c.execute(
-        "UPDATE queue SET lease_expires_at = now() + make_interval(secs => $2) \
-         WHERE state = 'downloading' AND claimed_by = ANY($1::text[])",
-        &[&tokens, &lease.as_secs_f64()],
+        "UPDATE queue q SET lease_expires_at = now() + make_interval(secs => $3) \
+         FROM unnest($1::text[], $2::text[]) AS held(token, video) \
+         WHERE q.state = 'downloading' AND q.claimed_by = held.token \
+           AND q.video_id = held.video",
+        &[tokens, videos, &lease.as_secs_f64()],
     )
     .await
 }
@@ -259,7 +268,7 @@ pub(super) async fn renew(c: &Client, tokens: &[String], lease: Duration) -> PgR
 /// unless another daemon has taken them meanwhile).
 pub(super) async fn release_expired(
     c: &Client,
-    ours: &[String],
+    (tokens, videos): &(Vec<String>, Vec<String>),
     instance: Option<&str>,
 ) -> PgResult<Vec<String>> {
     let rows = c
@@ -269,9 +278,10 @@ pub(super) async fn release_expired(
                last_error = coalesce(last_error, 'interrupted: its claim''s lease passed (its downloader stopped or lost the database)') \
              WHERE state = 'downloading' \
                AND (lease_expires_at IS NULL OR lease_expires_at < now() OR claimed_on = $2) \
-               AND (claimed_by IS NULL OR claimed_by <> ALL($1::text[])) \
+               AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $3::text[]) AS held(token, video) \
+                               WHERE held.token = claimed_by AND held.video = video_id) \
              RETURNING video_id",
-            &[&ours, &instance],
+            &[tokens, &instance, videos],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -320,8 +330,8 @@ pub(super) async fn finish(
     let attempt = claimed.attempts as i32;
     let elapsed_ms = elapsed.as_millis() as i64;
     let detail = finish.describe();
-    // What PostgreSQL's timestamps can hold (to year 9999): an expiry past it is nonsense from
-    // the API, and is ignored as SQLite ignores it (its strftime gives NULL).
+    // An expiry past year 9999 is nonsense from the API (and past 294276, more than a
+    // timestamp holds): ignored, as SQLite's strftime ignores it (NULL).
     let exp = expires_at
         .filter(|e| (0..=253_402_300_799).contains(e))
         .map(|e| e as f64);
@@ -410,6 +420,26 @@ pub(super) async fn finish(
         }
     };
     Ok(n == 1)
+}
+
+/// Puts a claimed row back to pending after `delay`, fenced like an outcome: for a claim whose
+/// outcome the database refused (the attempt's work is kept where it is: a published file is
+/// found again by the next attempt).
+pub(super) async fn give_back(
+    c: &Client,
+    claimed: &Claimed,
+    delay: Duration,
+    why: &str,
+) -> PgResult<bool> {
+    Ok(c.execute(
+        "UPDATE queue SET state = 'pending', claimed_by = NULL, claimed_on = NULL, \
+               lease_expires_at = NULL, last_error = $3, \
+               next_attempt_at = now() + make_interval(secs => $4) \
+             WHERE video_id = $1 AND state = 'downloading' AND claimed_by = $2",
+        &[&claimed.video_id, &claimed.token, &why, &secs(delay)],
+    )
+    .await?
+        == 1)
 }
 
 /// Fails a row a claim gave back to pending, only while it is still pending.

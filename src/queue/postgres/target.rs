@@ -66,7 +66,7 @@ pub struct Target {
     dbname: Option<String>,
     pub ssl_mode: SslMode,
     root_cert: Option<PathBuf>,
-    connect_timeout: Duration,
+    pub connect_timeout: Duration,
     application_name: String,
     password_file: Option<PathBuf>,
     /// `target_session_attrs=read-write`: connect only to a server that takes writes.
@@ -194,6 +194,8 @@ impl Target {
         let db = self.dbname.as_deref().unwrap_or("");
         if self.is_socket() {
             format!("postgres://{user}/{db} (socket in {})", self.host)
+        } else if self.host.contains(':') {
+            format!("postgres://{user}[{}]:{}/{db}", self.host, self.port)
         } else {
             format!("postgres://{user}{}:{}/{db}", self.host, self.port)
         }
@@ -217,13 +219,6 @@ impl Target {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(30))
-            // And the server's side of the same: a session whose daemon vanished (a host cut
-            // off) otherwise holds its instance lock until the server's keepalive, two hours
-            // by default, notices.
-            .options(
-                "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 \
-                 -c tcp_keepalives_count=3 -c tcp_user_timeout=30000",
-            )
             .ssl_mode(match self.ssl_mode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
