@@ -555,15 +555,10 @@ fn four_producers_and_a_killed_daemon_lose_no_id() {
     }
     // Producer p gets IDs i with i % 4 == p, and also those with i % 4 == (p + 1) % 4: every
     // ID is inserted twice, by two processes, in its own shuffled order.
+    let ids: Vec<&str> = videos.iter().map(|v| v.id.as_str()).collect();
     let mut producers = Vec::new();
     for p in 0..4 {
-        let mut mine: Vec<&str> = videos
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 4 == p || i % 4 == (p + 1) % 4)
-            .map(|(_, v)| v.id.as_str())
-            .collect();
-        rng.shuffle(&mut mine);
+        let mine = support::faults::producer_share(&ids, p, 0, &mut rng);
         let list = env.dir.path().join(format!("ids-{p}.txt"));
         std::fs::write(&list, mine.join("\n")).unwrap();
         let acked = env.dir.path().join(format!("acked-{p}.txt"));

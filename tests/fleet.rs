@@ -167,19 +167,11 @@ fn three_daemons_under_kills_a_stop_cuts_and_a_database_restart_archive_each_vid
     // Producer p inserts the IDs i with i % 4 in {p, p + 1}, and as many more picked at random:
     // every ID at least twice, by two processes, with duplicates within one list too.
     let url = env.pg.as_ref().unwrap().url("producer", "hingnet");
+    let ids: Vec<&str> = videos.iter().map(|v| v.id.as_str()).collect();
     let mut producers = Vec::new();
     let mut inserts = 0;
     for p in 0..4 {
-        let mut mine: Vec<&str> = videos
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 4 == p || i % 4 == (p + 1) % 4)
-            .map(|(_, v)| v.id.as_str())
-            .collect();
-        while mine.len() < per_producer {
-            mine.push(&videos[rng.usize(..n_videos)].id);
-        }
-        rng.shuffle(&mut mine);
+        let mine = support::faults::producer_share(&ids, p, per_producer, &mut rng);
         inserts += mine.len();
         let list = env.dir.path().join(format!("ids-{p}.txt"));
         std::fs::write(&list, mine.join("\n")).unwrap();

@@ -19,3 +19,25 @@ pub fn seed(default: u64) -> u64 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
+
+/// What producer `p` of four inserts: the IDs at positions `i` with `i % 4` in `{p, p + 1}`
+/// (so every ID is inserted by two producers), then random picks of any ID until the list is
+/// `len` long (duplicates within one list too), shuffled.
+pub fn producer_share<'a>(
+    ids: &[&'a str],
+    p: usize,
+    len: usize,
+    rng: &mut fastrand::Rng,
+) -> Vec<&'a str> {
+    let mut mine: Vec<&str> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 4 == p || i % 4 == (p + 1) % 4)
+        .map(|(_, id)| *id)
+        .collect();
+    while mine.len() < len {
+        mine.push(ids[rng.usize(..ids.len())]);
+    }
+    rng.shuffle(&mut mine);
+    mine
+}
