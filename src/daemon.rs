@@ -756,7 +756,7 @@ async fn record(
                 wait = (wait * 2).min(Duration::from_secs(15));
             }
             Err(e) => {
-                tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row stays downloading until it is recovered");
+                tracing::error!(video_id = %claimed.video_id, error = %e, "cannot record outcome; the row is left to be recovered and tried again");
                 return;
             }
         }
