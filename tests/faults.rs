@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -589,15 +589,7 @@ fn four_producers_and_a_killed_daemon_lose_no_id() {
     });
     drop(d);
 
-    let mut acked = HashSet::new();
-    for (_, file) in &producers {
-        acked.extend(
-            std::fs::read_to_string(file)
-                .unwrap()
-                .lines()
-                .map(str::to_owned),
-        );
-    }
+    let acked = support::faults::acknowledged(producers.iter().map(|(_, f)| f.as_path()));
     let rows = queue_db::query_i64(&env, "SELECT count(*) FROM queue");
     let twice = queue_db::query_i64(
         &env,

@@ -12,7 +12,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -265,15 +265,7 @@ fn three_daemons_under_kills_a_stop_cuts_and_a_database_restart_archive_each_vid
     let elapsed = started.elapsed();
 
     let mut violations = Vec::new();
-    let mut acked = HashSet::new();
-    for (_, file) in &producers {
-        acked.extend(
-            std::fs::read_to_string(file)
-                .unwrap()
-                .lines()
-                .map(str::to_owned),
-        );
-    }
+    let acked = support::faults::acknowledged(producers.iter().map(|(_, f)| f.as_path()));
     if acked.len() != n_videos {
         violations.push(format!(
             "{} distinct IDs acknowledged, {n_videos} made",

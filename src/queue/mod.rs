@@ -214,6 +214,19 @@ pub enum Finish {
 }
 
 impl Finish {
+    /// What the attempt log records of the outcome, whatever the backend: its word (done,
+    /// retry, released, failed), the HTTP status and the bytes archived.
+    pub fn log_fields(&self) -> (&'static str, Option<u16>, Option<u64>) {
+        match self {
+            Finish::Done { http_status, file } => ("done", Some(*http_status), Some(file.bytes)),
+            Finish::Retry { http_status, .. } => ("retry", *http_status, None),
+            Finish::Release { .. } => ("released", None, None),
+            Finish::Failed {
+                http_status, kept, ..
+            } => ("failed", *http_status, kept.as_ref().map(|f| f.bytes)),
+        }
+    }
+
     /// One line for the attempt log: what happened and when the next try is.
     pub fn describe(&self) -> String {
         use crate::config::format_duration as fd;

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
+use std::path::Path;
+
 pub fn full() -> bool {
     std::env::var("HINGNETD_FAULTS").is_ok_and(|v| v == "full")
 }
@@ -40,4 +43,18 @@ pub fn producer_share<'a>(
     }
     rng.shuffle(&mut mine);
     mine
+}
+
+/// Every ID the producers acknowledged: the lines of their `acked` files.
+pub fn acknowledged<'a>(files: impl IntoIterator<Item = &'a Path>) -> HashSet<String> {
+    let mut acked = HashSet::new();
+    for file in files {
+        acked.extend(
+            std::fs::read_to_string(file)
+                .unwrap()
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    acked
 }

@@ -28,14 +28,12 @@ use tokio::sync::Notify;
 use tokio_postgres::Client;
 
 use self::link::{Link, classify, connect};
+use self::sql::CHANNEL;
 use self::target::Target;
 use super::{
     Claimed, Counts, Cursor, Enqueued, Finish, LogEntry, QueueError, Recovered, Removal, RowView,
     State, Status,
 };
-
-/// The channel the row trigger notifies.
-const CHANNEL: &str = "hingnetd_queue";
 
 /// How long the LISTEN connection's own test notification may take before the daemon says
 /// that notifications do not arrive.
@@ -712,7 +710,7 @@ impl super::Admin for Postgres {
             if !sql::requeue_archived(&tx, video_id, sha256, why, &instance).await? {
                 return Ok(None);
             }
-            sql::wake_daemons_at_commit(&tx).await?;
+            sql::wake_daemons(&tx).await?;
             // Inside the transaction: no downloader can claim the row before `then` has run,
             // and its error rolls the update back (dropping `tx`).
             match then() {

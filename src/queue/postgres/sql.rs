@@ -25,6 +25,9 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[(
 /// transaction, and each daemon holds (class, hashtext(instance)) while it runs.
 pub(super) const LOCK_CLASS: i32 = 0x6869_6e67;
 
+/// The channel the row trigger (`migrations/postgres/`) notifies, and the daemons listen on.
+pub(super) const CHANNEL: &str = "hingnetd_queue";
+
 /// Attempt-log entries kept per video.
 const LOG_KEEP: i64 = 20;
 
@@ -317,14 +320,7 @@ pub(super) async fn finish(
     const OURS: &str = "claimed_by = NULL, claimed_on = NULL, lease_expires_at = NULL, \
          expires_at = coalesce(to_timestamp($10::float8), expires_at) \
          WHERE video_id = $1 AND state = 'downloading' AND claimed_by = $9";
-    let (outcome, status, bytes) = match finish {
-        Finish::Done { http_status, file } => ("done", Some(*http_status), Some(file.bytes)),
-        Finish::Retry { http_status, .. } => ("retry", *http_status, None),
-        Finish::Release { .. } => ("released", None, None),
-        Finish::Failed {
-            http_status, kept, ..
-        } => ("failed", *http_status, kept.as_ref().map(|f| f.bytes)),
-    };
+    let (outcome, status, bytes) = finish.log_fields();
     let status = status.map(i32::from);
     let bytes = bytes.map(|b| b as i64);
     let attempt = claimed.attempts as i32;
@@ -622,9 +618,10 @@ pub(super) async fn retry_failed(c: &Client, ids: Option<&[String]>) -> PgResult
 }
 
 /// Tells the daemons that rows are due: the row trigger notifies inserts only, and an
-/// operator's command that makes rows pending again should not wait for the poll.
-pub(super) async fn wake_daemons(c: &Client) -> PgResult<()> {
-    c.execute("SELECT pg_notify('hingnetd_queue', '')", &[])
+/// operator's command that makes rows pending again should not wait for the poll. In a
+/// transaction, delivered when it commits.
+pub(super) async fn wake_daemons(c: &impl tokio_postgres::GenericClient) -> PgResult<()> {
+    c.execute("SELECT pg_notify($1, '')", &[&CHANNEL])
         .await
         .map(drop)
 }
@@ -847,11 +844,4 @@ pub(super) async fn requeue_archived(
         )
         .await?
         == 1)
-}
-
-/// `wake_daemons` in the caller's transaction: delivered when it commits.
-pub(super) async fn wake_daemons_at_commit(tx: &tokio_postgres::Transaction<'_>) -> PgResult<()> {
-    tx.execute("SELECT pg_notify('hingnetd_queue', '')", &[])
-        .await
-        .map(drop)
 }

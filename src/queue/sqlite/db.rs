@@ -488,14 +488,7 @@ impl Queue {
         finish: &Finish,
         elapsed: Duration,
     ) -> rusqlite::Result<()> {
-        let (outcome, http_status, bytes) = match finish {
-            Finish::Done { http_status, file } => ("done", Some(*http_status), Some(file.bytes)),
-            Finish::Retry { http_status, .. } => ("retry", *http_status, None),
-            Finish::Release { .. } => ("released", None, None),
-            Finish::Failed {
-                http_status, kept, ..
-            } => ("failed", *http_status, kept.as_ref().map(|f| f.bytes)),
-        };
+        let (outcome, http_status, bytes) = finish.log_fields();
         self.conn
             .prepare_cached(
                 "INSERT INTO attempt_log(video_id, attempt, outcome, http_status, bytes, \
