@@ -193,7 +193,7 @@ pub struct Answer {
 /// anything kept, whichever of them a server echoes.
 static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
 
-fn remember_secret(secret: &str) {
+pub(crate) fn remember_secret(secret: &str) {
     let mut all = SECRETS.write().unwrap_or_else(|p| p.into_inner());
     if !all.iter().any(|s| s == secret) {
         all.push(secret.to_owned());
@@ -297,19 +297,24 @@ pub struct ApiClient {
     read_timeout: Duration,
 }
 
+/// The HTTP client every request of the daemon goes through (the API, its CDN, an archive
+/// bucket): no automatic redirects, the configured timeouts, proxies from the environment.
+pub fn http_client(cfg: &ApiConfig) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(cfg.connect_timeout)
+        .read_timeout(cfg.read_timeout)
+        .user_agent(concat!("hingnetd/", env!("CARGO_PKG_VERSION")))
+        .https_only(false)
+        .build()
+}
+
 impl ApiClient {
     pub fn new(cfg: &ApiConfig, base: Url, token: Token) -> Result<ApiClient, ApiError> {
         // Redirects are followed by hand (`get`) so that we decide who receives the token and
         // which schemes are acceptable. Proxies come from HTTPS_PROXY/NO_PROXY (reqwest's
         // default), TLS roots from the system store via rustls-platform-verifier.
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(cfg.connect_timeout)
-            .read_timeout(cfg.read_timeout)
-            .user_agent(concat!("hingnetd/", env!("CARGO_PKG_VERSION")))
-            .https_only(false)
-            .build()
-            .map_err(|e| ApiError::Network(error_text(&e)))?;
+        let http = http_client(cfg).map_err(|e| ApiError::Network(error_text(&e)))?;
         remember_secret(token.expose());
         Ok(ApiClient {
             http,

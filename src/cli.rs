@@ -35,13 +35,13 @@ pub mod exit {
     /// `verify` could not do its job (database or archive directory unreadable): not the same
     /// as finding a problem.
     pub const IO: u8 = 74;
-    /// PostgreSQL: the queue's server cannot be reached (a restart may help).
+    /// PostgreSQL or the archive bucket: the server cannot be reached (a restart may help).
     pub const UNAVAILABLE: u8 = 69;
-    /// PostgreSQL: the server refused the login (user or password).
+    /// PostgreSQL refused the login (user or password), or the bucket the access key.
     pub const LOGIN: u8 = 67;
     /// PostgreSQL: the TLS handshake failed (a certificate not trusted, or for another name).
     pub const TLS: u8 = 76;
-    /// PostgreSQL: the role lacks a privilege hingnetd needs.
+    /// PostgreSQL: the role lacks a privilege hingnetd needs; or the bucket's key does.
     pub const NO_PERMISSION: u8 = 77;
 }
 
@@ -126,6 +126,10 @@ pub enum Command {
         /// again (a changed file is renamed aside, never deleted).
         #[arg(long)]
         repair: bool,
+        /// With an archive in a bucket, read every object back and hash it (without it, the
+        /// store's own size and SHA-256 are compared). A directory is always read back.
+        #[arg(long)]
+        deep: bool,
         #[arg(value_name = "ID")]
         ids: Vec<String>,
     },
@@ -193,6 +197,27 @@ impl Failure {
     }
 }
 
+/// A store that cannot be opened: the exit code says whether a restart may help (the bucket
+/// unreachable or busy) or the operator must act (the key refused, no permission, no such
+/// bucket or directory: `otherwise`).
+fn store_failure(e: StoreError, otherwise: u8) -> Failure {
+    use crate::store::s3::S3Error;
+    let code = match &e {
+        StoreError::Bucket { source, .. } => match source {
+            S3Error::Unreachable(_) | S3Error::Busy(_) => exit::UNAVAILABLE,
+            S3Error::Credentials(_) => exit::LOGIN,
+            S3Error::Permission(_) => exit::NO_PERMISSION,
+            _ => otherwise,
+        },
+        _ => otherwise,
+    };
+    let key = match &e {
+        StoreError::Bucket { .. } | StoreError::Setup(_) => "archive.dir, [archive.s3]",
+        _ => "archive.dir",
+    };
+    Failure::new(code, format!("{e} ({key})"))
+}
+
 fn queue_failure(e: QueueError) -> Failure {
     let code = match e {
         QueueError::AlreadyRunning { .. } => exit::ALREADY_RUNNING,
@@ -241,7 +266,12 @@ pub fn main_with(cli: Cli) -> ExitCode {
         }
         Command::Show { id, json } => show(&cfg, &id, json),
         Command::Retry { ids, failed } => retry(&cfg, ids, failed),
-        Command::Verify { all, repair, ids } => verify(&cfg, all || ids.is_empty(), ids, repair),
+        Command::Verify {
+            all,
+            repair,
+            deep,
+            ids,
+        } => verify(&cfg, all || ids.is_empty(), deep, ids, repair),
         Command::Remove {
             ids,
             force,
@@ -622,15 +652,18 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(), Failure> {
+fn verify(
+    cfg: &Config,
+    all: bool,
+    deep: bool,
+    ids: Vec<String>,
+    repair: bool,
+) -> Result<(), Failure> {
     let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
-    let report = crate::verify::run(
-        &*q,
-        &*store::inspect(&cfg.archive.dir),
-        all,
-        &ids,
-        |total| progress_bar(total, "verifying"),
-    )
+    let archive = store::inspect(cfg).map_err(|e| store_failure(e, exit::IO))?;
+    let report = crate::verify::run(&*q, &*archive, all, deep, &ids, |total| {
+        progress_bar(total, "verifying")
+    })
     .map_err(|e| Failure::new(exit::IO, e))?;
     let mut o = out();
     for p in &report.problems {
@@ -639,8 +672,7 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
     let _ = writeln!(o, "{}", report.summary());
     let mut left = report.problems.len();
     if repair {
-        let archive = store::open_inventory(&cfg.archive.dir)
-            .map_err(|e| Failure::new(exit::IO, format!("{e} (archive.dir)")))?;
+        let archive = store::open_inventory(cfg).map_err(|e| store_failure(e, exit::IO))?;
         let repairs = crate::verify::repair(&*q, &*archive, &report)
             .map_err(|e| Failure::new(exit::IO, e))?;
         for r in &repairs {
@@ -672,7 +704,7 @@ fn verify(cfg: &Config, all: bool, ids: Vec<String>, repair: bool) -> Result<(),
 fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Result<(), Failure> {
     use crate::queue::Removal;
     let q = queue::open_existing(&cfg.queue_location()).map_err(queue_failure)?;
-    let archive = match store::open_inventory(&cfg.archive.dir) {
+    let archive = match store::open_inventory(cfg) {
         Ok(a) => Some(a),
         // Before any row goes: a row removed with its file kept was not what was asked.
         Err(e) if delete_file => {
@@ -692,6 +724,7 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
         let id = raw.trim();
         // Another host's file: this host cannot delete it, so the row stays to name it.
         if delete_file
+            && !archive.as_ref().is_some_and(|a| a.shared())
             && let Some(row) = q.get(id).map_err(queue_failure)?
             && let Some(on) = row.archived_elsewhere(q.instance())
         {
@@ -772,9 +805,8 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
     let id = id.as_str();
     crate::sys::no_core_dumps();
     let (token, _) = config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
-    become_archive_owner(&cfg.archive.dir)?;
-    let archive = store::open(&cfg.archive.dir, cfg.archive.min_free)
-        .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
+    become_archive_owner(cfg.archive_location().local_dir())?;
+    let archive = store::open(&cfg).map_err(|e| store_failure(e, exit::CONFIG))?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
     let q = queue::open_and_migrate(&cfg.queue_location()).map_err(queue_failure)?;
@@ -852,8 +884,8 @@ fn fetch(cfg: Config, id: &str) -> Result<(), Failure> {
 fn not_claimed(cfg: &Config, q: &dyn queue::Admin, id: &str, state: State) -> Result<(), Failure> {
     if state == State::Done {
         // The row says done; the file must say so too (what `verify ID` checks).
-        let archive = store::inspect(&cfg.archive.dir);
-        let report = crate::verify::run(q, &*archive, false, &[id.to_owned()], |total| {
+        let archive = store::inspect(cfg).map_err(|e| store_failure(e, exit::IO))?;
+        let report = crate::verify::run(q, &*archive, false, false, &[id.to_owned()], |total| {
             progress_bar(total, "verifying")
         })
         .map_err(|e| Failure::new(exit::IO, e))?;
@@ -948,8 +980,7 @@ fn run(cfg: Config, config_path: PathBuf) -> Result<(), Failure> {
     crate::sys::no_core_dumps();
     let (token, source) =
         config::load_token(&cfg.api).map_err(|e| Failure::new(exit::CONFIG, e))?;
-    let archive = store::open(&cfg.archive.dir, cfg.archive.min_free)
-        .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir)")))?;
+    let archive = store::open(&cfg).map_err(|e| store_failure(e, exit::CONFIG))?;
     // Held until the runtime below has stopped (see `queue::Hold`).
     let (_hold, queue) = queue::open_for_daemon(&cfg.queue_location()).map_err(queue_failure)?;
     let api = ApiClient::new(&cfg.api, cfg.base_url(), token)

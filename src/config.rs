@@ -109,13 +109,43 @@ pub struct QueueConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
+    /// A directory, or `s3://bucket/prefix/` for a bucket (`[archive.s3]`).
     pub dir: PathBuf,
+    /// With a bucket: where downloads are written before they are uploaded. Empty: `staging`
+    /// beside the SQLite queue database.
+    pub staging_dir: PathBuf,
     /// New downloads wait while the archive's filesystem has less free space than this, and
     /// a file is started only if it fits above it.
     #[serde(deserialize_with = "size", serialize_with = "ser_size")]
     pub min_free: u64,
     /// Write what the API says about each video (its status object) beside it as `<id>.json`.
     pub sidecar: bool,
+    pub s3: S3Config,
+}
+
+/// `[archive.s3]`: how to reach the bucket `archive.dir` names.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Empty: AWS, from the region.
+    pub endpoint: String,
+    pub region: String,
+    /// `https://endpoint/bucket/key` rather than `https://bucket.endpoint/key`: what Garage,
+    /// MinIO and most self-hosted stores need.
+    pub path_style: bool,
+    /// Plain http to an endpoint that is not loopback (a store on a trusted network).
+    pub allow_plain_http: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            path_style: false,
+            allow_plain_http: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -207,8 +237,10 @@ impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
             dir: "/var/lib/hingnetd/videos".into(),
+            staging_dir: PathBuf::new(),
             min_free: 1 << 30,
             sidecar: true,
+            s3: S3Config::default(),
         }
     }
 }
@@ -375,6 +407,16 @@ impl Config {
             return Err(bad("archive.dir", "must not be empty".into()));
         }
         crate::queue::Location::of(&self.queue).map_err(|e| bad("queue.database", e))?;
+        let archive = crate::store::Location::of(self).map_err(|(key, e)| bad(key, e))?;
+        if archive.is_bucket() && self.download.max_bytes > crate::store::s3::MAX_OBJECT {
+            return Err(bad(
+                "download.max_bytes",
+                format!(
+                    "{} is more than a bucket takes in one upload (5GiB): set it to at most \"5GiB\" when archive.dir is a bucket",
+                    self.download.max_bytes
+                ),
+            ));
+        }
         if self.queue.lease < Duration::from_secs(1) {
             return Err(bad("queue.lease", "must be at least 1s".into()));
         }
@@ -402,6 +444,11 @@ impl Config {
         crate::queue::Location::of(&self.queue).expect("validated at load")
     }
 
+    /// Where the archive is; `validate` has already proven `[archive]` names one.
+    pub fn archive_location(&self) -> crate::store::Location {
+        crate::store::Location::of(self).expect("validated at load")
+    }
+
     /// The base URL as parsed; `validate` has already proven it parses.
     pub fn base_url(&self) -> reqwest::Url {
         reqwest::Url::parse(&self.api.base_url).expect("validated at load")
@@ -409,7 +456,7 @@ impl Config {
 }
 
 /// Whether a URL names this machine: 127.0.0.0/8, ::1 or `localhost`.
-fn is_loopback(url: &reqwest::Url) -> bool {
+pub(crate) fn is_loopback(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
         return false;
     };
@@ -908,11 +955,14 @@ mod tests {
         assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
         // And every key is spelled out, not left to the defaults.
         let table: toml::Table = text.parse().unwrap();
-        let keys: usize = table
-            .values()
-            .map(|v| v.as_table().map_or(0, |t| t.len()))
-            .sum();
-        assert_eq!(keys, 25, "hingnetd.toml.example should document every key");
+        fn leaves(t: &toml::Table) -> usize {
+            t.values().map(|v| v.as_table().map_or(1, leaves)).sum()
+        }
+        assert_eq!(
+            leaves(&table),
+            30,
+            "hingnetd.toml.example should document every key"
+        );
     }
 
     #[test]

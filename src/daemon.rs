@@ -302,12 +302,19 @@ impl Scheduler {
 
     /// Every pause in force now, the one to act on first first.
     fn pauses(&self) -> Vec<crate::pause::Pause> {
-        self.pauses.in_force(|| {
-            format!(
-                "free space in the archive's filesystem ({}); new downloads start once it has archive.min_free ({}) free",
-                self.fetcher.store().location(),
-                config::format_size(self.settings.config.archive.min_free)
-            )
+        self.pauses.in_force(|reason| {
+            if reason.starts_with("archive bucket") {
+                format!(
+                    "the archive bucket ({}): what the reason names (the store, its access key or permissions); new downloads start once it answers",
+                    self.fetcher.store().location(),
+                )
+            } else {
+                format!(
+                    "free space in the archive's filesystem ({}); new downloads start once it has archive.min_free ({}) free",
+                    self.fetcher.store().location(),
+                    config::format_size(self.settings.config.archive.min_free)
+                )
+            }
         })
     }
 
@@ -551,7 +558,7 @@ impl Scheduler {
                     self.counts_stale = true;
                 }
             }
-            Outcome::DiskShort { reason } => {
+            Outcome::DiskShort { reason } | Outcome::StoreAway { reason } => {
                 self.pauses.disk_short(reason);
                 self.counts_stale = true;
             }

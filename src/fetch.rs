@@ -77,11 +77,14 @@ pub enum Outcome {
     /// The disk's free space fell below `archive.min_free` while writing: the partial is kept,
     /// and new downloads wait for room.
     DiskShort { reason: String },
+    /// The archive's store cannot be used now (a bucket down, busy or refusing the key): a
+    /// finished download stays staged for the next attempt, and new downloads wait.
+    StoreAway { reason: String },
 }
 
 impl Outcome {
     /// Every `label`, for the metrics to create their series up front.
-    pub const LABELS: [&'static str; 14] = [
+    pub const LABELS: [&'static str; 15] = [
         "archived",
         "kept",
         "not_ready",
@@ -96,6 +99,7 @@ impl Outcome {
         "interrupted",
         "storage",
         "disk_short",
+        "store_away",
     ];
 
     /// The outcome's name as a metrics label.
@@ -115,6 +119,7 @@ impl Outcome {
             Outcome::Interrupted { .. } => "interrupted",
             Outcome::Storage { .. } => "storage",
             Outcome::DiskShort { .. } => "disk_short",
+            Outcome::StoreAway { .. } => "store_away",
         }
     }
 }
@@ -1282,6 +1287,11 @@ fn transient(status: StatusCode, reason: String) -> StreamEnd {
 }
 
 fn storage_outcome(e: StoreError) -> Outcome {
+    if e.is_away() {
+        return Outcome::StoreAway {
+            reason: e.to_string(),
+        };
+    }
     Outcome::Storage {
         reason: e.to_string(),
     }

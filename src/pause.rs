@@ -179,7 +179,7 @@ impl Pauses {
             Some(reason) => {
                 let began = self.storage.is_none();
                 if began {
-                    tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive has room again");
+                    tracing::error!(reason = %reason, "NEW DOWNLOADS PAUSED until the archive can take them again");
                 }
                 self.storage = Some(StoragePause {
                     reason,
@@ -279,14 +279,14 @@ impl Pauses {
 
     /// Every pause in force now, in `Reason`'s order: the one to act on first first.
     /// `storage_advice` says what to do about a short disk.
-    pub fn in_force(&self, storage_advice: impl FnOnce() -> String) -> Vec<Pause> {
+    pub fn in_force(&self, storage_advice: impl FnOnce(&str) -> String) -> Vec<Pause> {
         let mut out = Vec::new();
         if let Some(s) = &self.storage {
             out.push(Pause {
                 reason: Reason::Storage,
                 detail: s.reason.clone(),
                 until: None,
-                advice: Some(storage_advice()),
+                advice: Some(storage_advice(&s.reason)),
             });
         }
         if let Some(a) = &self.account {

@@ -149,21 +149,34 @@ pub fn decide(
             delay: backoff,
             error: Some(format!("archive error: {reason}")),
         },
+        Outcome::StoreAway { reason } => Finish::Release {
+            delay: backoff,
+            error: Some(format!(
+                "waiting: {reason}; a finished download stays staged until it is uploaded"
+            )),
+        },
     };
     // Given back for the client's sake (a refused token, a 429, an outage, the disk), a video
     // past its expiry is still gone: waiting for it is pointless. (Not on a shutdown: the next
     // start asks the API once more.)
+    // Except for the archive's store: a finished download waits staged for it whatever the
+    // expiry (the API is not asked again), and one not started cannot be known to be lost
+    // until the store can be asked whether it holds the video.
     match finish {
         Finish::Release {
             error: Some(error), ..
-        } if until_expiry.is_some_and(|left| left <= 0.0) => Finish::Failed {
-            error: format!("{}: {error}", expired_words(expires_at)),
-            http_status: match &ended.outcome {
-                Outcome::AccountProblem { http_status, .. } => Some(*http_status),
-                _ => None,
-            },
-            kept: None,
-        },
+        } if until_expiry.is_some_and(|left| left <= 0.0)
+            && !matches!(ended.outcome, Outcome::StoreAway { .. }) =>
+        {
+            Finish::Failed {
+                error: format!("{}: {error}", expired_words(expires_at)),
+                http_status: match &ended.outcome {
+                    Outcome::AccountProblem { http_status, .. } => Some(*http_status),
+                    _ => None,
+                },
+                kept: None,
+            }
+        }
         other => other,
     }
 }

@@ -224,6 +224,7 @@ pub fn run(
     q: &dyn Admin,
     archive: &dyn Inventory,
     all: bool,
+    deep: bool,
     ids: &[String],
     make_bar: impl FnOnce(u64) -> Option<ProgressBar>,
 ) -> Result<Report, VerifyError> {
@@ -236,7 +237,7 @@ pub fn run(
             let Some((last, _)) = page.last() else { break };
             after = *last;
             for (_, row) in &page {
-                check(row, archive, &mut report, bar.as_ref());
+                check(row, archive, deep, &mut report, bar.as_ref());
             }
         }
         if let Some(b) = bar {
@@ -253,7 +254,7 @@ pub fn run(
                     id: id.clone(),
                     state: r.state,
                 }),
-                Some(r) if r.archived_elsewhere(q.instance()).is_some() => {
+                Some(r) if !archive.shared() && r.archived_elsewhere(q.instance()).is_some() => {
                     report.problems.push(Problem::Elsewhere {
                         id: id.clone(),
                         on: r.archived_on.unwrap_or_default(),
@@ -264,7 +265,7 @@ pub fn run(
         }
         let bar = make_bar(rows.iter().map(|r| r.bytes.unwrap_or(0) as u64).sum());
         for row in &rows {
-            check(row, archive, &mut report, bar.as_ref());
+            check(row, archive, deep, &mut report, bar.as_ref());
         }
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -273,7 +274,13 @@ pub fn run(
     Ok(report)
 }
 
-fn check(row: &RowView, archive: &dyn Inventory, report: &mut Report, bar: Option<&ProgressBar>) {
+fn check(
+    row: &RowView,
+    archive: &dyn Inventory,
+    deep: bool,
+    report: &mut Report,
+    bar: Option<&ProgressBar>,
+) {
     report.checked += 1;
     let path = row.path.clone().unwrap_or_default();
     let problem = |detail: String, unreadable| Problem::Changed {
@@ -288,7 +295,7 @@ fn check(row: &RowView, archive: &dyn Inventory, report: &mut Report, bar: Optio
             b.inc(n);
         }
     };
-    match archive.check(&path, row.bytes, row.sha256.as_deref(), &progress) {
+    match archive.check(&path, row.bytes, row.sha256.as_deref(), deep, &progress) {
         Checked::Intact { bytes } => {
             report.ok += 1;
             report.bytes += bytes;
@@ -312,30 +319,34 @@ fn find_orphans(
     report: &mut Report,
 ) -> Result<(), VerifyError> {
     for entry in archive.entries().map_err(VerifyError::List)? {
-        let path = entry.path;
-        let id = match entry.kind {
+        let id = match &entry.kind {
             EntryKind::Partial(id) => {
                 let why = match q.get(id.as_str())? {
                     None => "its video is not in the queue".to_owned(),
                     Some(r) if matches!(r.state, State::Pending | State::Downloading) => continue,
                     Some(r) => format!("its video is {}", r.state),
                 };
-                report.problems.push(Problem::Leftover { path, why });
+                report.problems.push(Problem::Leftover {
+                    path: entry.path,
+                    why,
+                });
                 continue;
             }
             EntryKind::Video(id) | EntryKind::Sidecar(id) => id,
             EntryKind::Unknown => {
-                report.problems.push(Problem::Orphan { path });
+                report.problems.push(Problem::Orphan { path: entry.path });
                 continue;
             }
         };
-        let ours = archive.video_path(&id);
         let named = q.get(id.as_str())?.is_some_and(|r| {
             r.state == State::Downloading
-                || (r.names_a_file() && r.path.as_deref() == Some(ours.as_str()))
+                || (r.names_a_file()
+                    && r.path
+                        .as_deref()
+                        .is_some_and(|p| archive.belongs(p, &entry)))
         });
         if !named {
-            report.problems.push(Problem::Orphan { path });
+            report.problems.push(Problem::Orphan { path: entry.path });
         }
     }
     Ok(())

@@ -1,13 +1,15 @@
 //! The archive's contract: where downloads are written and published (`Store`, `Partial`,
 //! `Writer`) and what the operator's commands ask of it (`Inventory`), in terms that name no
-//! storage. One store so far, `local` (a directory); `open` and `inspect` are the one place
-//! that picks it.
+//! storage. Two stores: `local` (a directory, the default) and `s3` (a bucket, which stages
+//! downloads in a local directory); `Location` and the `open`/`inspect` functions are the one
+//! place that picks one.
 //!
 //! The promise every store keeps: a video appears under its final name only complete, checked
 //! (`mp4::check`) and durable; a partial keeps exactly the bytes it can vouch for, so a resume
 //! never splices in anything else; nothing outside the store builds a path inside it.
 
 pub mod local;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +32,16 @@ pub enum StoreError {
     },
     #[error("{path} is not a whole MP4 file: {why}")]
     Incomplete { path: PathBuf, why: String },
+    /// The bucket refused or could not be reached (`S3Error::pauses` says whether that means
+    /// the store is away).
+    #[error("archive bucket {location}: {source}")]
+    Bucket {
+        location: String,
+        source: s3::S3Error,
+    },
+    /// The store's settings or credentials cannot be used.
+    #[error("{0}")]
+    Setup(String),
     #[error("{path} is being written by another process (a `hingnetd fetch`?)")]
     Busy { path: PathBuf },
     #[error(
@@ -51,6 +63,76 @@ pub enum StoreError {
         free: u64,
         min_free: u64,
     },
+}
+
+impl StoreError {
+    /// The store as a whole cannot be used now (a bucket unreachable, or refusing the key):
+    /// not the video's fault, and nothing to fail its row for.
+    pub fn is_away(&self) -> bool {
+        matches!(self, StoreError::Bucket { source, .. } if source.pauses())
+    }
+}
+
+/// Where the archive is, from `[archive]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    Dir(PathBuf),
+    Bucket {
+        target: Box<s3::Target>,
+        /// `archive.staging_dir`, or its default.
+        staging: PathBuf,
+    },
+}
+
+impl Location {
+    /// `archive.dir` and, for a bucket, `[archive.s3]` and the staging directory (by default
+    /// `staging` beside the SQLite queue); the key and why it is wrong otherwise.
+    pub fn of(cfg: &crate::config::Config) -> Result<Location, (&'static str, String)> {
+        let a = &cfg.archive;
+        if !s3::is_bucket(&a.dir) {
+            return Ok(Location::Dir(a.dir.clone()));
+        }
+        let dir = a.dir.to_str().unwrap_or_default();
+        let target = s3::Target::parse(dir, &a.s3).map_err(|e| ("archive.dir", e))?;
+        let staging = if !a.staging_dir.as_os_str().is_empty() {
+            a.staging_dir.clone()
+        } else {
+            match crate::queue::Location::of(&cfg.queue) {
+                Ok(crate::queue::Location::Sqlite(db)) => {
+                    db.parent().unwrap_or(Path::new(".")).join("staging")
+                }
+                _ => {
+                    return Err((
+                        "archive.staging_dir",
+                        "must be set when archive.dir is a bucket and the queue is not a SQLite file (a local directory for downloads in progress)".into(),
+                    ));
+                }
+            }
+        };
+        Ok(Location::Bucket {
+            target: Box::new(target),
+            staging,
+        })
+    }
+
+    pub fn is_bucket(&self) -> bool {
+        matches!(self, Location::Bucket { .. })
+    }
+
+    /// The directory where files are written (the archive's, or the bucket's staging).
+    pub fn local_dir(&self) -> &Path {
+        match self {
+            Location::Dir(d) => d,
+            Location::Bucket { staging, .. } => staging,
+        }
+    }
+
+    pub fn display(&self) -> String {
+        match self {
+            Location::Dir(d) => d.display().to_string(),
+            Location::Bucket { target, .. } => target.display(),
+        }
+    }
 }
 
 /// A video that made it into the archive.
@@ -237,15 +319,31 @@ pub trait Inventory {
     /// Whether `path` (as a row records it) is where the store keeps the video.
     fn keeps_at(&self, id: &VideoId, path: &str) -> bool;
 
-    /// Re-reads a file a row names: `bytes` and `sha256` as recorded. `progress` is told the
-    /// bytes as they are hashed.
+    /// Checks a file a row names against `bytes` and `sha256` as recorded: a directory re-reads
+    /// it always; a bucket compares the store's own size and SHA-256, and reads the object back
+    /// only when `deep`. `progress` is told the bytes as they are checked.
     fn check(
         &self,
         path: &str,
         bytes: Option<i64>,
         sha256: Option<&str>,
+        deep: bool,
         progress: &dyn Fn(u64),
     ) -> Checked;
+
+    /// Whether `entry` is the file a row recording `row_path` names, or its sidecar.
+    fn belongs(&self, row_path: &str, entry: &Entry) -> bool {
+        match &entry.kind {
+            EntryKind::Video(id) | EntryKind::Sidecar(id) => row_path == self.video_path(id),
+            _ => false,
+        }
+    }
+
+    /// Every host's daemons write to this same archive (a bucket), so a row another host
+    /// archived is checked here too.
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// Everything in the archive (none if it is not there).
     fn entries(&self) -> Result<Vec<Entry>, StoreError>;
@@ -261,22 +359,44 @@ pub trait Inventory {
     fn remove_leftovers(&self, id: &VideoId) -> Result<(), StoreError>;
 }
 
-/// The archive for downloads: created if need be and proven writable, so that a bad
-/// `archive.dir` is reported at start.
-pub fn open(dir: &Path, min_free: u64) -> Result<Arc<dyn Store>, StoreError> {
-    let archive = local::Archive::open(dir)?;
-    archive.keep_free(min_free);
-    Ok(Arc::new(archive))
+/// The archive for downloads: created if need be and proven writable (a bucket: listed,
+/// written and its access key checked), so that a bad `[archive]` is reported at start.
+pub fn open(cfg: &crate::config::Config) -> Result<Arc<dyn Store>, StoreError> {
+    let store: Arc<dyn Store> = match cfg.archive_location() {
+        Location::Dir(dir) => Arc::new(local::Archive::open(&dir)?),
+        Location::Bucket { target, staging } => {
+            Arc::new(s3::BucketStore::open(*target, &staging, http_client(cfg)?)?)
+        }
+    };
+    store.keep_free(cfg.archive.min_free);
+    Ok(store)
 }
 
 /// The archive for the operator's commands that change it (`remove`, `verify --repair`):
 /// opened as for downloads.
-pub fn open_inventory(dir: &Path) -> Result<Box<dyn Inventory>, StoreError> {
-    Ok(Box::new(local::Archive::open(dir)?))
+pub fn open_inventory(cfg: &crate::config::Config) -> Result<Box<dyn Inventory>, StoreError> {
+    match cfg.archive_location() {
+        Location::Dir(dir) => Ok(Box::new(local::Archive::open(&dir)?)),
+        Location::Bucket { target, staging } => {
+            s3::BucketStore::open(*target, &staging, http_client(cfg)?)?.into_inventory()
+        }
+    }
 }
 
 /// The archive for reading only (`verify`): nothing is created, and an archive that is not
 /// there has no entries.
-pub fn inspect(dir: &Path) -> Box<dyn Inventory> {
-    Box::new(local::Archive::inspect(dir))
+pub fn inspect(cfg: &crate::config::Config) -> Result<Box<dyn Inventory>, StoreError> {
+    match cfg.archive_location() {
+        Location::Dir(dir) => Ok(Box::new(local::Archive::inspect(&dir))),
+        Location::Bucket { target, staging } => {
+            s3::BucketStore::inspect(*target, &staging, http_client(cfg)?)?.into_inventory()
+        }
+    }
+}
+
+/// The bucket's HTTP client: the API client's settings (timeouts, proxies, TLS roots, no
+/// automatic redirects).
+fn http_client(cfg: &crate::config::Config) -> Result<reqwest::Client, StoreError> {
+    crate::api::http_client(&cfg.api)
+        .map_err(|e| StoreError::Setup(format!("cannot build the HTTP client: {e}")))
 }

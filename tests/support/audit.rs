@@ -1,81 +1,85 @@
 //! The archive's promise, checked from outside the way an operator would: an audit of `done`
 //! (and kept `failed`) rows against their files and the stand-in's videos. The promise is
-//! stated here; how to look at the archive is the `store` backend's.
+//! stated here; how to look at the archive is the backend's (`archive`).
 
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
 
+use super::archive;
 use super::harness::Env;
 use super::standin::{StandIn, Video};
-use super::store::{self, file_sha256};
 
 /// Waits until the row says done, then checks that the file it names is exactly the video and
-/// that no partial is left behind.
+/// that nothing is left behind to resume from.
 pub fn assert_archived(env: &Env, v: &Video) {
     let row = env.wait_state(&v.id, "done");
-    let path = env.final_path(&v.id);
-    assert_eq!(row.path.as_deref(), Some(path.to_str().unwrap()));
+    let path = archive::video_path(env, &v.id, &v.sha256);
+    assert_eq!(row.path.as_deref(), Some(path.as_str()));
     assert_eq!(row.sha256.as_deref(), Some(v.sha256.as_str()));
     assert_eq!(row.bytes, Some(v.bytes.len() as i64));
-    assert_eq!(file_sha256(&path), v.sha256);
-    assert!(!env.partial_path(&v.id).exists(), "partial left behind");
+    let bytes = archive::read(env, &path).expect("the archived file");
+    assert_eq!(archive::sha256(&bytes), v.sha256);
+    assert_eq!(archive::leftover(env, &v.id), None, "partial left behind");
 }
 
-/// The promise: a `done` row names a regular file (not a link) at the video's final path whose
-/// SHA-256 and size are the row's and the stand-in's video's; a `failed` row that names a file
-/// (bytes the API served, kept) names exactly those bytes; no published file (nor its
-/// `<id>.json`) without such a row. Returns one line per breach.
+/// The promise: a `done` row names a regular file (not a link; in a bucket, an object) at the
+/// video's place whose SHA-256 and size are the row's and the stand-in's video's; a `failed`
+/// row that names a file (bytes the API served, kept) names exactly those bytes; nothing
+/// published (nor its sidecar) without such a row. Returns one line per breach.
 pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
     let mut bad = Vec::new();
     let mut named = BTreeSet::new();
     for r in env.rows() {
         if r.state == "failed" && r.path.is_some() {
-            let final_path = env.final_path(&r.id);
-            named.insert(final_path.clone());
-            named.insert(env.sidecar_path(&r.id));
-            if r.path.as_deref() != final_path.to_str() {
+            let want = archive::video_path(env, &r.id, r.sha256.as_deref().unwrap_or(""));
+            named.insert(want.clone());
+            named.insert(archive::sidecar_of(env, &want));
+            if r.path.as_deref() != Some(want.as_str()) {
                 bad.push(format!("{}: kept with path {:?}", r.id, r.path));
-            } else if final_path.is_file() {
-                let on_disk = file_sha256(&final_path);
-                if r.sha256.as_deref() != Some(on_disk.as_str()) {
-                    bad.push(format!(
-                        "{}: kept, row sha256 {:?}, file {on_disk}",
-                        r.id, r.sha256
-                    ));
+                continue;
+            }
+            match archive::read(env, &want) {
+                Ok(bytes) => {
+                    let found = archive::sha256(&bytes);
+                    if r.sha256.as_deref() != Some(found.as_str()) {
+                        bad.push(format!(
+                            "{}: kept, row sha256 {:?}, file {found}",
+                            r.id, r.sha256
+                        ));
+                    }
                 }
-            } else {
-                bad.push(format!("{}: kept, but {final_path:?} is not a file", r.id));
+                Err(why) => bad.push(format!("{}: kept, but {why}", r.id)),
             }
             continue;
         }
         if r.state != "done" {
             continue;
         }
-        let final_path = env.final_path(&r.id);
-        named.insert(final_path.clone());
-        named.insert(env.sidecar_path(&r.id));
-        if r.path.as_deref() != final_path.to_str() {
+        let want = archive::video_path(env, &r.id, r.sha256.as_deref().unwrap_or(""));
+        named.insert(want.clone());
+        named.insert(archive::sidecar_of(env, &want));
+        if r.path.as_deref() != Some(want.as_str()) {
             bad.push(format!("{}: done with path {:?}", r.id, r.path));
             continue;
         }
-        if let Err(why) = store::regular_file(&final_path) {
-            bad.push(format!("{}: done, but {why}", r.id));
-            continue;
+        let bytes = match archive::read(env, &want) {
+            Ok(b) => b,
+            Err(why) => {
+                bad.push(format!("{}: done, but {why}", r.id));
+                continue;
+            }
+        };
+        let found = archive::sha256(&bytes);
+        if r.sha256.as_deref() != Some(found.as_str()) {
+            bad.push(format!("{}: row sha256 {:?}, file {found}", r.id, r.sha256));
         }
-        let on_disk = file_sha256(&final_path);
-        let want = api
+        let expected = api
             .video(&r.id)
             .map(|v| (v.sha256.clone(), v.bytes.len() as i64));
-        if r.sha256.as_deref() != Some(on_disk.as_str()) {
-            bad.push(format!(
-                "{}: row sha256 {:?}, file {on_disk}",
-                r.id, r.sha256
-            ));
-        }
-        match want {
-            Some((sha, len)) if sha != on_disk || r.bytes != Some(len) => bad.push(format!(
-                "{}: WRONG FILE MARKED DONE: {} bytes sha256 {on_disk}, the video is {len} bytes {sha}",
+        match expected {
+            Some((sha, len)) if sha != found || r.bytes != Some(len) => bad.push(format!(
+                "{}: WRONG FILE MARKED DONE: {} bytes sha256 {found}, the video is {len} bytes {sha}",
                 r.id,
                 r.bytes.unwrap_or(-1)
             )),
@@ -83,7 +87,7 @@ pub fn audit(env: &Env, api: &StandIn) -> Vec<String> {
             None => bad.push(format!("{}: done, but the stand-in has no such video", r.id)),
         }
     }
-    for (name, path) in store::published(env) {
+    for (name, path) in archive::published(env) {
         if !named.contains(&path) {
             bad.push(format!("published file without a done row: {name}"));
         }

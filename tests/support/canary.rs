@@ -205,7 +205,12 @@ fn grep_files(files: &[PathBuf], needles: &[(String, Vec<u8>)], sweep: &mut Swee
 /// test left there) by name and content, except the token file, plus `outputs` (captured
 /// command output, labelled), plus what the stand-in's CDN received.
 pub fn sweep(env: &Env, api: &StandIn, token: &str, outputs: &[(&str, &[u8])]) -> Sweep {
-    let needles = needles(token, api);
+    let mut needles = needles(token, api);
+    // A bucket archive: its secret, and any presigned request's signature.
+    if let Some(g) = &env.garage {
+        needles.push(("S3 secret".to_owned(), g.secret.as_bytes().to_vec()));
+        needles.push(("S3 signed request".to_owned(), b"X-Amz-Signature=".to_vec()));
+    }
     let mut sweep = Sweep::default();
     let mut paths = Vec::new();
     walk(env.dir.path(), &mut paths);
@@ -241,6 +246,17 @@ pub fn sweep(env: &Env, api: &StandIn, token: &str, outputs: &[(&str, &[u8])]) -
     for (label, bytes) in super::queue_db::contents(env) {
         sweep.bytes += bytes.len() as u64;
         record(&mut sweep, &label, &needles, &bytes);
+    }
+    // What the daemon wrote to a bucket besides the videos themselves: its sidecars.
+    if env.garage.is_some() {
+        for (name, path) in super::archive::published(env) {
+            if name.ends_with(".json")
+                && let Ok(bytes) = super::archive::read(env, &path)
+            {
+                sweep.bytes += bytes.len() as u64;
+                record(&mut sweep, &format!("{path} (object)"), &needles, &bytes);
+            }
+        }
     }
     for r in api
         .requests()

@@ -58,7 +58,7 @@ impl Settings {
             max_delay: "200ms",
             give_up_after: "1h",
             shutdown_grace: "200ms",
-            max_bytes: "16GiB",
+            max_bytes: "5GiB",
             min_free: "0",
             poll_interval: "1h",
             allow_plain_http: false,
@@ -81,6 +81,9 @@ pub struct Env {
     /// The queue's server when the queue is PostgreSQL (`postgres`'s), stopped with the env;
     /// `None`: the queue is the SQLite file `db`.
     pub pg: Option<postgres::Postgres>,
+    /// The archive's store when it is a bucket (`bucket`'s), stopped with the env; `None`: the
+    /// directory `archive`.
+    pub garage: Option<super::garage::Garage>,
 }
 
 impl Env {
@@ -99,6 +102,7 @@ impl Env {
             token_file: dir.path().join("token"),
             settings,
             pg: on_postgres.then(postgres::Postgres::for_queue),
+            garage: super::stories_on_s3().then(super::garage::Garage::start),
             dir,
         };
         env.write_config();
@@ -132,7 +136,7 @@ impl Env {
             // Where the queue and the archive are: the backends' lines.
             queue_db::config(self),
             s.poll_interval,
-            store::config(self),
+            super::archive::config(self),
             s.min_free,
             if s.sidecar { "" } else { "sidecar = false\n" },
             s.concurrency,
@@ -180,9 +184,20 @@ impl Env {
             "https_proxy",
             "all_proxy",
             "HINGNETD_CONFIG",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
         ] {
             c.env_remove(v);
         }
+        if let Some(g) = &self.garage {
+            c.env("AWS_ACCESS_KEY_ID", &g.key_id);
+            c.env("AWS_SECRET_ACCESS_KEY", &g.secret);
+        }
+        // No ~/.aws/credentials of the developer's.
+        c.env("HOME", self.dir.path());
         c.env("RUST_LOG", "info");
         c
     }
@@ -285,13 +300,27 @@ impl Env {
         out
     }
 
+    /// Where downloads are written: the archive directory, or a bucket's staging.
+    pub fn local_dir(&self) -> PathBuf {
+        if self.garage.is_some() {
+            self.staging()
+        } else {
+            self.archive.clone()
+        }
+    }
+
+    /// Where a bucket archive stages its downloads.
+    pub fn staging(&self) -> PathBuf {
+        self.dir.path().join("state").join("staging")
+    }
+
     /// Names in the archive (including hidden partials), sorted.
     pub fn archive_files(&self) -> Vec<String> {
-        store::archive_files(self)
+        super::archive::archive_files(self)
     }
 
     pub fn partial_path(&self, id: &str) -> PathBuf {
-        store::partial_path(self, id)
+        super::archive::partial_path(self, id)
     }
 
     pub fn final_path(&self, id: &str) -> PathBuf {

@@ -82,10 +82,35 @@ pub fn file_sha256(p: &Path) -> String {
 /// it stops (holding the partial's lock while it writes, with its resume record); returns what
 /// `park` says it kept.
 pub fn park_partial(env: &Env, id: &str, bytes: &[u8]) -> u64 {
-    let archive = hingnetd::store::local::Archive::open(&env.archive).unwrap();
+    let archive = hingnetd::store::local::Archive::open(&env.local_dir()).unwrap();
     let mut p = archive
         .begin(&hingnetd::id::VideoId::parse(id).unwrap())
         .unwrap();
     p.write(bytes).unwrap();
     p.park().unwrap()
+}
+
+/// What a done row's `path` says for the video.
+pub fn video_path(env: &Env, id: &str, _sha256: &str) -> String {
+    final_path(env, id).display().to_string()
+}
+
+/// The file's bytes, if it is a regular file itself; or why not.
+pub fn read(_env: &Env, path: &str) -> Result<Vec<u8>, String> {
+    regular_file(Path::new(path))?;
+    fs::read(path).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Where the sidecar of the video at `path` is.
+pub fn sidecar_of(path: &str) -> String {
+    match path.strip_suffix(".mp4") {
+        Some(p) => format!("{p}.json"),
+        None => format!("{path}.json"),
+    }
+}
+
+/// What is left for the video to resume from.
+pub fn leftover(env: &Env, id: &str) -> Option<String> {
+    let p = partial_path(env, id);
+    p.exists().then(|| p.display().to_string())
 }

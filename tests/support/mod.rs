@@ -1,16 +1,21 @@
 //! Shared test support: the HingNet stand-in server, the harness that runs the real binary, the
 //! leak sweep (`canary`), and the backends: one module per kind of queue database (`sqlite`,
-//! `postgres`, reached through `queue_db`) and of archive (`local`).
+//! `postgres`, reached through `queue_db`) and of archive (`local`, and `bucket` on a real
+//! Garage, `garage`, reached through `archive`).
 
+pub mod archive;
 pub mod audit;
+pub mod bucket;
 pub mod canary;
 pub mod faults;
+pub mod garage;
 pub mod harness;
 pub mod local;
 pub mod notify;
 pub mod postgres;
 pub mod sqlite;
 pub mod standin;
+pub mod tcp_proxy;
 pub mod tls;
 
 pub mod queue_db;
@@ -29,6 +34,30 @@ pub fn stories_on_postgres() -> bool {
 thread_local! {
     /// Set by a test about one backend: whether its envs are on PostgreSQL.
     static FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Set by a test about one store: whether its envs archive into a bucket.
+    static FORCED_STORE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// The archive the stories run against: a directory, or a bucket on a real Garage when
+/// `HINGNETD_TEST_STORE` is `s3` (`scripts/test` runs the archive's stories both ways). The
+/// one line that picks it; `archive` then reaches the store's module. Tests about files in a
+/// directory (partials, planted links, permissions) call `local_only` first.
+pub fn stories_on_s3() -> bool {
+    FORCED_STORE
+        .get()
+        .unwrap_or_else(|| std::env::var("HINGNETD_TEST_STORE").is_ok_and(|v| v == "s3"))
+}
+
+/// Marks the running test as one about the archive as a directory.
+#[allow(dead_code)]
+pub fn local_only() {
+    FORCED_STORE.set(Some(false));
+}
+
+/// Marks the running test as one about the archive as a bucket.
+#[allow(dead_code)]
+pub fn s3_only() {
+    FORCED_STORE.set(Some(true));
 }
 
 /// Marks the running test as one about SQLite itself: the envs it makes have a SQLite queue,

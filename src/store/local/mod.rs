@@ -81,6 +81,11 @@ impl Archive {
         }
     }
 
+    /// The directory, as opened.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn at(dir: PathBuf) -> Archive {
         Archive {
             given: dir.clone(),
@@ -362,6 +367,7 @@ impl crate::store::Inventory for Archive {
         path: &str,
         bytes: Option<i64>,
         sha256: Option<&str>,
+        _deep: bool,
         progress: &dyn Fn(u64),
     ) -> Checked {
         let meta = match std::fs::symlink_metadata(path) {

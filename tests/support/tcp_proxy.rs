@@ -1,0 +1,141 @@
+//! A TCP forwarder on a loopback port of its own, in front of a server whose port may change
+//! (Garage restarted after a kill cannot bind its old port while the killed one's connections
+//! sit in TIME_WAIT). It can also reset connections mid-stream: the next `n` connections are
+//! cut with a TCP RST once the client has sent more than `after` bytes, as a store restarting
+//! or a middlebox dropping state would.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct Proxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    target: AtomicU16,
+    /// Connections still to reset, and after how many client bytes.
+    resets_left: AtomicUsize,
+    reset_after: AtomicU64,
+    /// Connections reset so far.
+    resets_done: AtomicUsize,
+    accepted: AtomicUsize,
+    live: Mutex<Vec<TcpStream>>,
+}
+
+impl Proxy {
+    pub fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            target: AtomicU16::new(target),
+            resets_left: AtomicUsize::new(0),
+            reset_after: AtomicU64::new(0),
+            resets_done: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
+            live: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let s = s.clone();
+                std::thread::spawn(move || serve(client, &s));
+            }
+        });
+        Proxy { port, shared }
+    }
+
+    pub fn retarget(&self, port: u16) {
+        self.shared.target.store(port, Ordering::SeqCst);
+    }
+
+    /// The next `n` connections are reset once their client has sent `after` bytes.
+    pub fn reset_next(&self, n: usize, after: u64) {
+        self.shared.reset_after.store(after, Ordering::SeqCst);
+        self.shared.resets_left.store(n, Ordering::SeqCst);
+    }
+
+    pub fn resets_done(&self) -> usize {
+        self.shared.resets_done.load(Ordering::SeqCst)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Cuts every connection open now (with a RST).
+    pub fn cut_all(&self) {
+        for c in self.shared.live.lock().unwrap().drain(..) {
+            rst(&c);
+        }
+    }
+}
+
+fn rst(s: &TcpStream) {
+    // SO_LINGER with a zero timeout: close(2) sends a RST instead of a FIN.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a socket this process owns, with a correctly sized struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    let _ = s.shutdown(Shutdown::Both);
+}
+
+fn serve(client: TcpStream, s: &Shared) {
+    s.accepted.fetch_add(1, Ordering::SeqCst);
+    let target = s.target.load(Ordering::SeqCst);
+    let Ok(upstream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], target).into(), Duration::from_secs(5))
+    else {
+        rst(&client);
+        return;
+    };
+    let reset = s
+        .resets_left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let after = s.reset_after.load(Ordering::SeqCst);
+    s.live.lock().unwrap().push(client.try_clone().unwrap());
+    let (mut c_read, mut u_write) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+    let (mut u_read, mut c_write) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut u_read, &mut c_write);
+        let _ = c_write.shutdown(Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    loop {
+        let n = match c_read.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if reset && sent + n as u64 > after {
+            s.resets_done.fetch_add(1, Ordering::SeqCst);
+            rst(&client);
+            rst(&upstream);
+            break;
+        }
+        if u_write.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+    }
+    let _ = u_write.shutdown(Shutdown::Write);
+    let _ = back.join();
+}
