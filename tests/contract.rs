@@ -13,8 +13,7 @@ use support::audit::assert_archived;
 use support::canary;
 use support::harness::{DEADLINE, Env, Settings, stderr, stdout};
 use support::standin::{Host, StandIn, StatusStep, Step, Video, video_content};
-use support::store::file_sha256;
-use support::{queue_db, sqlite};
+use support::{archive, queue_db, sqlite};
 
 const TOKEN: &str = "hn-CANARY-5e1d7a09c3b24f6e";
 
@@ -83,14 +82,11 @@ fn an_incomplete_mp4_served_twice_is_kept_and_the_row_failed() {
             e.contains("the API served an incomplete MP4 twice") && e.contains(why),
             "{id}: {e}"
         );
-        let path = env.final_path(id);
-        assert_eq!(row.path.as_deref(), Some(path.to_str().unwrap()), "{id}");
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            *bytes,
-            "{id}: kept as served"
-        );
-        assert_eq!(row.sha256.as_deref(), Some(file_sha256(&path).as_str()));
+        let path = archive::video_path(&env, id, &archive::sha256(bytes));
+        assert_eq!(row.path.as_deref(), Some(path.as_str()), "{id}");
+        let kept = archive::read(&env, &path).unwrap();
+        assert_eq!(kept, *bytes, "{id}: kept as served");
+        assert_eq!(row.sha256.as_deref(), Some(archive::sha256(&kept).as_str()));
         assert_eq!(row.bytes, Some(bytes.len() as i64));
         assert_eq!(row.http_status, Some(200));
         assert_eq!(api.content_requests(id).len(), 2, "{}", api.dump());
@@ -135,7 +131,7 @@ fn at_most_three_full_downloads_and_a_good_second_body_is_done() {
         "{row:?}"
     );
     assert_eq!(
-        std::fs::read(env.final_path("video_three")).unwrap(),
+        archive::read(&env, row.path.as_deref().unwrap()).unwrap(),
         *bad(3)
     );
     assert_eq!(api.content_requests("video_three").len(), 3);
@@ -175,6 +171,8 @@ fn the_bytes_decide_what_is_a_video_not_the_content_type() {
 /// message naming the path, without a request.
 #[test]
 fn what_sits_at_the_final_path_is_set_aside_or_fails_the_row() {
+    // About the archive as a directory (its files, paths and disk).
+    support::local_only();
     let (api, env) = setup();
     std::fs::create_dir_all(&env.archive).unwrap();
     let empty = api.add_video("video_planted_empty", 30_000);
@@ -302,12 +300,13 @@ fn an_id_with_whitespace_around_it_is_trimmed() {
     let row = env.wait_state("video_echoed\n", "done");
     assert_eq!(
         row.path.as_deref(),
-        Some(env.final_path("video_echoed").to_str().unwrap())
+        Some(archive::video_path(&env, "video_echoed", &a.sha256).as_str())
     );
     assert_eq!(row.sha256.as_deref(), Some(a.sha256.as_str()));
     let row = env.wait_state(" video_padded\t", "done");
     assert_eq!(row.sha256.as_deref(), Some(b.sha256.as_str()));
-    assert_eq!(file_sha256(&env.final_path("video_padded")), b.sha256);
+    let padded = archive::read(&env, row.path.as_deref().unwrap()).unwrap();
+    assert_eq!(archive::sha256(&padded), b.sha256);
     assert!(d.log().contains("trimmed"), "{}", d.log());
     assert!(
         d.log().contains(r#"queued_as="video_echoed\n""#),
@@ -862,8 +861,13 @@ fn the_status_object_is_kept_without_its_signed_links() {
         "http://127.0.0.2:9/v/video_veo.mp4?[query removed]"
     );
     assert!(!meta.contains("SIGNED"), "{meta}");
-    let sidecar = std::fs::read_to_string(env.sidecar_path("video_veo")).unwrap();
-    assert_eq!(sidecar, meta);
+    let row = env.row("video_veo").unwrap();
+    let sidecar = archive::read(
+        &env,
+        &archive::sidecar_of(&env, row.path.as_deref().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(String::from_utf8(sidecar).unwrap(), meta);
     assert!(
         api.signatures_issued().len() >= 2,
         "the status object carried signed links"

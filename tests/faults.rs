@@ -158,14 +158,17 @@ fn kill_9_soak(name: &str, concurrency: usize, default_seed: u64) {
     drop(_d);
 
     let violations = archive_violations(&env, &api, &videos);
-    let partials = std::fs::read_dir(&env.archive)
+    // Hidden files in the archive directory; with a bucket, anything left in staging (a
+    // partial, or a finished download never uploaded).
+    let partials = std::fs::read_dir(env.local_dir())
         .unwrap()
         .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with('.')
+            env.garage.is_some()
+                || e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
         })
         .count();
     let reqs = api.requests();
@@ -236,6 +239,8 @@ fn ballast(path: &Path, mib: usize) {
 /// resume by themselves.
 #[test]
 fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
+    // About the archive as a directory (its files, paths and disk).
+    support::local_only();
     const NAME: &str = "disk_full";
     let (api, mut env) = setup_with(|s| {
         s.concurrency = 2;
@@ -327,6 +332,8 @@ fn a_full_disk_pauses_downloads_and_they_resume_when_space_returns() {
 /// stopped and ends in the right file.
 #[test]
 fn a_body_without_a_length_stops_at_the_reserve_and_resumes() {
+    // About the archive as a directory (its files, paths and disk).
+    support::local_only();
     const NAME: &str = "reserve_while_writing";
     let (api, mut env) = setup_with(|s| {
         s.concurrency = 1;
@@ -380,6 +387,8 @@ fn a_body_without_a_length_stops_at_the_reserve_and_resumes() {
 /// and during one (the publish fails; the row is not done). Recreating it resumes everything.
 #[test]
 fn an_archive_directory_that_disappears_fails_nothing() {
+    // About the archive as a directory (its files, paths and disk).
+    support::local_only();
     let (api, env) = setup_with(|_| {});
     let held = api.add_video("video_held", 1_000_000);
     api.script("video_held", vec![Step::Hold(500_000), Step::Serve]);

@@ -98,7 +98,14 @@ fn start_up_problems_are_one_line_each_with_its_own_exit_code() {
         "readonly-secret-0123456789",
     ];
     // (what, archive.dir, endpoint, keys, exit code, what the line says)
-    type Case<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>, i32, &'a str);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        i32,
+        &'a str,
+    );
     let cases: [Case; 7] = [
         (
             "a wrong secret",
@@ -166,6 +173,7 @@ fn start_up_problems_are_one_line_each_with_its_own_exit_code() {
             "plain http",
         ),
     ];
+    let cases_n = cases.len();
     for (what, dir, endpoint, keys, code, says) in cases {
         let config = config_for(&env, dir, endpoint);
         let (got, err) = run_refused(&env, &config, &keys);
@@ -177,6 +185,10 @@ fn start_up_problems_are_one_line_each_with_its_own_exit_code() {
         }
         assert!(!err.contains("X-Amz-Signature"), "{what}: {err}");
     }
+    println!(
+        "FAULTS s3_start_up_problems: cases={} violations=0 (wrong secret 67, unknown key 67, missing bucket 78, read-only key 77, nothing listening 69, no key 78, plain http 78)",
+        cases_n
+    );
     // Nothing was archived, and the right key still works.
     let v = api.add_video("video_s3ok", 100_000);
     let _d = env.start();
@@ -332,6 +344,10 @@ fn a_key_the_store_stops_accepting_pauses_and_fails_nothing() {
     write_keys("GKrotating0000000002", "second-secret-0123456789");
     assert_archived(&env, &v);
     d.wait_log("read the S3 access key again");
+    println!(
+        "FAULTS s3_wrong_credentials: paused=yes failed_rows={} violations=0",
+        env.rows().iter().filter(|r| r.state == "failed").count()
+    );
     let log = d.log();
     for s in [
         "first-secret-0123456789",
@@ -417,6 +433,38 @@ fn verify_finds_missing_changed_and_orphan_objects() {
     }
     let out = env.cmd(&["verify", "--deep"]);
     assert!(out.status.success(), "{}", stdout(&out));
+}
+
+/// `remove --delete-file` on a bucket deletes the video's objects (any host's: the bucket is
+/// shared), and `remove` without it keeps them.
+#[test]
+fn remove_delete_file_deletes_the_objects_and_only_when_asked() {
+    let api = StandIn::start(TOKEN);
+    let env = s3_env(&api);
+    let a = api.add_video("video_rm_a", 40_000);
+    let b = api.add_video("video_rm_b", 40_000);
+    {
+        let _d = env.start();
+        env.insert(&["video_rm_a", "video_rm_b"]);
+        assert_archived(&env, &a);
+        assert_archived(&env, &b);
+    }
+    let out = env.cmd(&["remove", "--delete-file", "video_rm_a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.cmd(&["remove", "video_rm_b"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let keys: Vec<String> = garage(&env)
+        .list(PREFIX)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(keys.iter().all(|k| !k.contains("video_rm_a")), "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|k| k.contains("video_rm_b")).count(),
+        2,
+        "{keys:?}"
+    );
+    assert!(env.row("video_rm_a").is_none() && env.row("video_rm_b").is_none());
 }
 
 /// Pinned: Garage answers a PUT with `If-None-Match: *` over an existing key with 200 and
