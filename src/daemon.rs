@@ -389,13 +389,21 @@ impl Scheduler {
         new.queue.password_file = old.queue.password_file.clone();
         new.queue.lease = old.queue.lease;
         new.queue.instance = old.queue.instance.clone();
-        if new.archive.dir != old.archive.dir {
-            tracing::warn!(
-                key = "archive.dir",
-                "cannot change while running; restart to apply"
-            );
-            new.archive.dir = old.archive.dir.clone();
+        for (key, changed) in [
+            ("archive.dir", new.archive.dir != old.archive.dir),
+            (
+                "archive.staging_dir",
+                new.archive.staging_dir != old.archive.staging_dir,
+            ),
+            ("archive.s3", new.archive.s3 != old.archive.s3),
+        ] {
+            if changed {
+                tracing::warn!(key, "cannot change while running; restart to apply");
+            }
         }
+        new.archive.dir = old.archive.dir.clone();
+        new.archive.staging_dir = old.archive.staging_dir.clone();
+        new.archive.s3 = old.archive.s3.clone();
         if new.log.level != old.log.level || new.log.format != old.log.format {
             tracing::warn!(key = "log", "log settings apply at the next start");
         }

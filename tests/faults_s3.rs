@@ -201,14 +201,18 @@ fn connections_reset_during_uploads_fail_nothing() {
     let proxy = &env.garage.as_ref().unwrap().proxy;
     let started = Instant::now();
     let _d = env.start();
-    // Every third connection from now on is cut once 10-200 KB of its request have gone: most
-    // are uploads (the listing and HEAD requests are far smaller).
-    let mut planned = 0;
+    // One reset at a time, of the connection that next sends 10-200 KB (an upload's body:
+    // listings and HEADs are far smaller); the next is armed once it has happened and another
+    // video is done, up to a bounded number.
+    let max_resets = scale(20, 100);
+    let (mut planned, mut done_at_reset) = (0, 0);
     env.insert(&ids);
     while done(&env) < n && Instant::now() < started + DEADLINE * 3 {
-        if proxy.resets_done() + 1 >= planned {
+        let now_done = done(&env);
+        if proxy.resets_done() >= planned && planned < max_resets && now_done > done_at_reset {
             proxy.reset_next(1, rng.u64(10_000..200_000));
             planned += 1;
+            done_at_reset = now_done;
         }
         std::thread::sleep(Duration::from_millis(rng.u64(5..50)));
     }

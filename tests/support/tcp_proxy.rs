@@ -1,8 +1,9 @@
 //! A TCP forwarder on a loopback port of its own, in front of a server whose port may change
 //! (Garage restarted after a kill cannot bind its old port while the killed one's connections
-//! sit in TIME_WAIT). It can also reset connections mid-stream: the next `n` connections are
-//! cut with a TCP RST once the client has sent more than `after` bytes, as a store restarting
-//! or a middlebox dropping state would.
+//! sit in TIME_WAIT). It can also reset connections mid-stream: after `reset_next(n, after)`,
+//! the first `n` connections (open or new: clients pool them) whose client sends more than
+//! `after` bytes from then on are cut with a TCP RST, as a store restarting or a middlebox
+//! dropping state would.
 
 #![allow(dead_code)]
 
@@ -19,6 +20,8 @@ pub struct Proxy {
 
 struct Shared {
     target: AtomicU16,
+    /// Bumped by each `reset_next`: a connection counts its bytes from the last one it saw.
+    armed: AtomicU64,
     /// Connections still to reset, and after how many client bytes.
     resets_left: AtomicUsize,
     reset_after: AtomicU64,
@@ -34,6 +37,7 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             target: AtomicU16::new(target),
+            armed: AtomicU64::new(0),
             resets_left: AtomicUsize::new(0),
             reset_after: AtomicU64::new(0),
             resets_done: AtomicUsize::new(0),
@@ -59,6 +63,7 @@ impl Proxy {
     pub fn reset_next(&self, n: usize, after: u64) {
         self.shared.reset_after.store(after, Ordering::SeqCst);
         self.shared.resets_left.store(n, Ordering::SeqCst);
+        self.shared.armed.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn resets_done(&self) -> usize {
@@ -106,11 +111,6 @@ fn serve(client: TcpStream, s: &Shared) {
         rst(&client);
         return;
     };
-    let reset = s
-        .resets_left
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
-    let after = s.reset_after.load(Ordering::SeqCst);
     s.live.lock().unwrap().push(client.try_clone().unwrap());
     let (mut c_read, mut u_write) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
     let (mut u_read, mut c_write) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
@@ -120,12 +120,21 @@ fn serve(client: TcpStream, s: &Shared) {
     });
     let mut buf = vec![0u8; 64 * 1024];
     let mut sent = 0u64;
+    let (mut seen, mut base) = (s.armed.load(Ordering::SeqCst), 0u64);
     loop {
         let n = match c_read.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if reset && sent + n as u64 > after {
+        let armed = s.armed.load(Ordering::SeqCst);
+        if armed != seen {
+            (seen, base) = (armed, sent);
+        }
+        let cut = sent + n as u64 - base > s.reset_after.load(Ordering::SeqCst)
+            && s.resets_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1))
+                .is_ok();
+        if cut {
             s.resets_done.fetch_add(1, Ordering::SeqCst);
             rst(&client);
             rst(&upstream);
