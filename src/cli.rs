@@ -319,6 +319,14 @@ fn check_config(cfg: &Config, path: &Path, quiet: bool) -> Result<(), Failure> {
     // trust store fails here, not at the service's first start.
     ApiClient::new(&cfg.api, cfg.base_url(), token)
         .map_err(|e| Failure::new(exit::CONFIG, format!("cannot build the HTTP client: {e}")))?;
+    // A bucket's access key must be found too (the bucket itself is asked only by `run`).
+    let s3_keys = if cfg.archive_location().is_bucket() {
+        let keys = store::s3::target::load_keys()
+            .map_err(|e| Failure::new(exit::CONFIG, format!("{e} (archive.dir is a bucket)")))?;
+        Some(keys.source)
+    } else {
+        None
+    };
     if quiet {
         return Ok(());
     }
@@ -326,6 +334,9 @@ fn check_config(cfg: &Config, path: &Path, quiet: bool) -> Result<(), Failure> {
     let mut o = out();
     let _ = writeln!(o, "# {}: valid", path.display());
     let _ = writeln!(o, "# token: read from {source} (redacted)");
+    if let Some(from) = s3_keys {
+        let _ = writeln!(o, "# S3 access key: read from {from} (secret redacted)");
+    }
     let _ = write!(o, "{text}");
     Ok(())
 }

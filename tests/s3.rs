@@ -189,6 +189,25 @@ fn start_up_problems_are_one_line_each_with_its_own_exit_code() {
         "FAULTS s3_start_up_problems: cases={} violations=0 (wrong secret 67, unknown key 67, missing bucket 78, read-only key 77, nothing listening 69, no key 78, plain http 78)",
         cases_n
     );
+    // check-config finds the access key too (without asking the bucket).
+    let mut c = env.command(&["check-config"]);
+    c.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY");
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        error_line(&stderr(&out)).contains("no S3 access key"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.cmd(&["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("S3 access key: read from environment"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains(SECRET));
     // Nothing was archived, and the right key still works.
     let v = api.add_video("video_s3ok", 100_000);
     let _d = env.start();
@@ -356,6 +375,31 @@ fn a_key_the_store_stops_accepting_pauses_and_fails_nothing() {
     ] {
         assert!(!log.contains(s), "{s} in the log");
     }
+}
+
+/// The systemd credentials `s3-access-key-id` and `s3-secret-access-key` come first: a wrong
+/// key in the environment beside them is not used.
+#[test]
+fn the_access_key_comes_from_systemd_credentials_first() {
+    let api = StandIn::start(TOKEN);
+    let env = s3_env(&api);
+    let creds = env.dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("s3-access-key-id"), format!("{KEY_ID}\n")).unwrap();
+    std::fs::write(creds.join("s3-secret-access-key"), format!("{SECRET}\n")).unwrap();
+    let dir = creds.display().to_string();
+    let v = api.add_video("video_creds", 30_000);
+    let d = env.start_with_env(
+        "daemon.log",
+        &[
+            ("CREDENTIALS_DIRECTORY", &dir),
+            ("AWS_ACCESS_KEY_ID", "GKwrong0123456789"),
+            ("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789"),
+        ],
+    );
+    env.insert(&["video_creds"]);
+    assert_archived(&env, &v);
+    assert!(!d.log().contains(SECRET));
 }
 
 /// Multipart uploads left unfinished under the archive's keys are aborted at start (their
