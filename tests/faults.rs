@@ -178,9 +178,10 @@ fn kill_9_soak(name: &str, concurrency: usize, default_seed: u64) {
     let total: usize = sizes.values().sum();
     println!(
         "FAULTS {name}: videos={n_videos} concurrency={concurrency} kills={kills} restarts={restarts} violations={} \
-         leftover_partials={partials} redundant_full_downloads={redundant} \
+         leftover_partials={partials} sidecars={} redundant_full_downloads={redundant} \
          bytes_sent={sent} bytes_archived={total} requests={} elapsed={:.1}s seed={seed}",
         violations.len(),
+        env.archive_files().iter().filter(|n| n.ends_with(".json")).count(),
         reqs.len(),
         started.elapsed().as_secs_f64()
     );
