@@ -300,13 +300,22 @@ pub struct ApiClient {
 /// The HTTP client every request of the daemon goes through (the API, its CDN, an archive
 /// bucket): no automatic redirects, the configured timeouts, proxies from the environment.
 pub fn http_client(cfg: &ApiConfig) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(cfg).read_timeout(cfg.read_timeout).build()
+}
+
+/// The same client without a read timeout, for uploads: reqwest's read timeout runs from the
+/// request until the answer's headers, and sending a large body takes longer than that; an
+/// upload's caller watches its progress instead (`store::s3`).
+pub fn upload_client(cfg: &ApiConfig) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(cfg).build()
+}
+
+fn client_builder(cfg: &ApiConfig) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(cfg.connect_timeout)
-        .read_timeout(cfg.read_timeout)
         .user_agent(concat!("hingnetd/", env!("CARGO_PKG_VERSION")))
         .https_only(false)
-        .build()
 }
 
 impl ApiClient {

@@ -768,7 +768,10 @@ fn remove(cfg: &Config, ids: Vec<String>, force: bool, delete_file: bool) -> Res
         }
         let file = match (&row.path, delete_file, &archive, &vid) {
             (None, ..) => String::new(),
-            (Some(p), true, ..) if row.archived_elsewhere(q.instance()).is_some() => {
+            (Some(p), true, ..)
+                if !archive.as_ref().is_some_and(|a| a.shared())
+                    && row.archived_elsewhere(q.instance()).is_some() =>
+            {
                 eprintln!(
                     "hingnetd: {id}: removed from the queue, but its file is in another host's archive; left as it is"
                 );

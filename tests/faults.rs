@@ -181,7 +181,10 @@ fn kill_9_soak(name: &str, concurrency: usize, default_seed: u64) {
          leftover_partials={partials} sidecars={} redundant_full_downloads={redundant} \
          bytes_sent={sent} bytes_archived={total} requests={} elapsed={:.1}s seed={seed}",
         violations.len(),
-        env.archive_files().iter().filter(|n| n.ends_with(".json")).count(),
+        env.archive_files()
+            .iter()
+            .filter(|n| n.ends_with(".json"))
+            .count(),
         reqs.len(),
         started.elapsed().as_secs_f64()
     );

@@ -171,8 +171,9 @@ fn garage_killed_and_restarted_mid_run_fails_nothing() {
         let g = env.garage.as_mut().unwrap();
         g.kill();
         kills += 1;
-        // Down long enough for uploads to fail and the pause to begin.
-        std::thread::sleep(Duration::from_millis(rng.u64(200..1500)));
+        // Down longer than one request's retries (about 2 s): uploads in flight give up, their
+        // downloads wait staged and the pause begins.
+        std::thread::sleep(Duration::from_millis(rng.u64(2500..4000)));
         g.restart();
     }
     wait_until("every video done", DEADLINE * 3, || done(&env) == n);
@@ -186,6 +187,7 @@ fn garage_killed_and_restarted_mid_run_fails_nothing() {
     );
     assert!(bad.is_empty(), "violations:\n{}", bad.join("\n"));
     assert!(kills > 0, "Garage was never killed");
+    assert!(paused > 0, "no outage was long enough to pause downloads");
 }
 
 /// Connections to the store reset mid-upload (a RST once part of the body has gone): each

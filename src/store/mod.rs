@@ -365,7 +365,9 @@ pub fn open(cfg: &crate::config::Config) -> Result<Arc<dyn Store>, StoreError> {
     let store: Arc<dyn Store> = match cfg.archive_location() {
         Location::Dir(dir) => Arc::new(local::Archive::open(&dir)?),
         Location::Bucket { target, staging } => {
-            Arc::new(s3::BucketStore::open(*target, &staging, http_client(cfg)?)?)
+            Arc::new(s3::BucketStore::open(*target, &staging, &|| {
+                http_clients(cfg)
+            })?)
         }
     };
     store.keep_free(cfg.archive.min_free);
@@ -378,7 +380,7 @@ pub fn open_inventory(cfg: &crate::config::Config) -> Result<Box<dyn Inventory>,
     match cfg.archive_location() {
         Location::Dir(dir) => Ok(Box::new(local::Archive::open(&dir)?)),
         Location::Bucket { target, staging } => {
-            s3::BucketStore::open(*target, &staging, http_client(cfg)?)?.into_inventory()
+            s3::BucketStore::open(*target, &staging, &|| http_clients(cfg))?.into_inventory()
         }
     }
 }
@@ -389,14 +391,19 @@ pub fn inspect(cfg: &crate::config::Config) -> Result<Box<dyn Inventory>, StoreE
     match cfg.archive_location() {
         Location::Dir(dir) => Ok(Box::new(local::Archive::inspect(&dir))),
         Location::Bucket { target, staging } => {
-            s3::BucketStore::inspect(*target, &staging, http_client(cfg)?)?.into_inventory()
+            s3::BucketStore::inspect(*target, &staging, http_clients(cfg)?)?.into_inventory()
         }
     }
 }
 
-/// The bucket's HTTP client: the API client's settings (timeouts, proxies, TLS roots, no
-/// automatic redirects).
-fn http_client(cfg: &crate::config::Config) -> Result<reqwest::Client, StoreError> {
-    crate::api::http_client(&cfg.api)
-        .map_err(|e| StoreError::Setup(format!("cannot build the HTTP client: {e}")))
+/// The bucket's HTTP clients: the API client's settings (timeouts, proxies, TLS roots, no
+/// automatic redirects), one without a read timeout for uploads, which are watched for
+/// progress for `api.read_timeout` instead.
+fn http_clients(cfg: &crate::config::Config) -> Result<s3::Http, StoreError> {
+    let e = |e: reqwest::Error| StoreError::Setup(format!("cannot build the HTTP client: {e}"));
+    Ok(s3::Http {
+        reads: crate::api::http_client(&cfg.api).map_err(e)?,
+        uploads: crate::api::upload_client(&cfg.api).map_err(e)?,
+        stall: cfg.api.read_timeout,
+    })
 }

@@ -27,6 +27,8 @@ struct Shared {
     reset_after: AtomicU64,
     /// Connections reset so far.
     resets_done: AtomicUsize,
+    /// Bytes a second each connection may carry from the client (0: unlimited).
+    rate: AtomicU64,
     accepted: AtomicUsize,
     live: Mutex<Vec<TcpStream>>,
 }
@@ -41,6 +43,7 @@ impl Proxy {
             resets_left: AtomicUsize::new(0),
             reset_after: AtomicU64::new(0),
             resets_done: AtomicUsize::new(0),
+            rate: AtomicU64::new(0),
             accepted: AtomicUsize::new(0),
             live: Mutex::new(Vec::new()),
         });
@@ -64,6 +67,12 @@ impl Proxy {
         self.shared.reset_after.store(after, Ordering::SeqCst);
         self.shared.resets_left.store(n, Ordering::SeqCst);
         self.shared.armed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Each connection carries at most this many bytes a second from its client (a slow
+    /// uplink); 0 lifts the limit.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.shared.rate.store(bytes_per_second, Ordering::SeqCst);
     }
 
     pub fn resets_done(&self) -> usize {
@@ -118,8 +127,9 @@ fn serve(client: TcpStream, s: &Shared) {
         let _ = std::io::copy(&mut u_read, &mut c_write);
         let _ = c_write.shutdown(Shutdown::Write);
     });
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     let mut sent = 0u64;
+    let begun = std::time::Instant::now();
     let (mut seen, mut base) = (s.armed.load(Ordering::SeqCst), 0u64);
     loop {
         let n = match c_read.read(&mut buf) {
@@ -144,6 +154,13 @@ fn serve(client: TcpStream, s: &Shared) {
             break;
         }
         sent += n as u64;
+        let rate = s.rate.load(Ordering::SeqCst);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(begun.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
     let _ = u_write.shutdown(Shutdown::Write);
     let _ = back.join();

@@ -49,6 +49,10 @@ pub enum S3Error {
     /// file is not what was hashed.
     #[error("the store found the upload's checksum wrong: {0}")]
     Digest(String),
+    /// The store answered an upload but did not end up holding it as sent (refused, or not
+    /// confirmed by `HeadObject`): nothing about the video, so like the store's absence.
+    #[error("the upload was not confirmed: {0}")]
+    Unconfirmed(String),
     /// No such object (404 `NoSuchKey`, or a bare 404 to a HEAD).
     #[error("no such object: {0}")]
     NotFound(String),
@@ -71,6 +75,7 @@ impl S3Error {
                 | S3Error::Credentials(_)
                 | S3Error::Permission(_)
                 | S3Error::NoBucket(_)
+                | S3Error::Unconfirmed(_)
         )
     }
 
@@ -97,17 +102,28 @@ pub struct Listed {
     pub size: u64,
 }
 
+/// The HTTP clients a bucket is reached with (`store::http_clients`).
+#[derive(Clone)]
+pub struct Http {
+    /// With `api.read_timeout`: listings, HEADs, GETs, deletes, small PUTs.
+    pub reads: reqwest::Client,
+    /// Without a read timeout: video uploads, which fail instead when no byte of the body has
+    /// been taken for `stall` (and the answer is awaited as long after the last one).
+    pub uploads: reqwest::Client,
+    pub stall: Duration,
+}
+
 /// A bucket and a client for it. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
+    http: Http,
     bucket: Arc<Bucket>,
     keys: Arc<RwLock<Arc<(Keys, Credentials)>>>,
     origin: String,
 }
 
 impl Client {
-    pub fn new(target: &Target, http: reqwest::Client, keys: Keys) -> Result<Client, String> {
+    pub fn new(target: &Target, http: Http, keys: Keys) -> Result<Client, String> {
         let style = if target.path_style {
             UrlStyle::Path
         } else {
@@ -167,6 +183,18 @@ impl Client {
         body: Option<reqwest::Body>,
         what: &str,
     ) -> Result<reqwest::Response, S3Error> {
+        self.send_with(&self.http.reads, action, headers, body, what)
+            .await
+    }
+
+    async fn send_with<'a, A: S3Action<'a>>(
+        &self,
+        http: &reqwest::Client,
+        action: &A,
+        headers: &[(&'static str, String)],
+        body: Option<reqwest::Body>,
+        what: &str,
+    ) -> Result<reqwest::Response, S3Error> {
         let url = action.sign(SIGNED_FOR);
         let method = match A::METHOD {
             rusty_s3::Method::Head => Method::HEAD,
@@ -175,7 +203,7 @@ impl Client {
             rusty_s3::Method::Post => Method::POST,
             rusty_s3::Method::Delete => Method::DELETE,
         };
-        let mut request = self.http.request(method.clone(), url);
+        let mut request = http.request(method.clone(), url);
         for (k, v) in headers {
             request = request.header(*k, v);
         }
@@ -214,10 +242,46 @@ impl Client {
         let f = tokio::fs::File::open(file)
             .await
             .map_err(|e| S3Error::Local(format!("{}: {e}", file.display())))?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024);
+        let started = std::time::Instant::now();
+        let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let read = Progress {
+            inner: f,
+            last: last.clone(),
+            sent: sent.clone(),
+            left: size,
+            started,
+        };
+        let stream = tokio_util::io::ReaderStream::with_capacity(read, 256 * 1024);
         let body = reqwest::Body::wrap_stream(stream);
-        self.put(key, body, size, sha256_hex, content_type, Some(mp4))
-            .await
+        let put = self.put(key, body, size, sha256_hex, content_type, Some(mp4), true);
+        tokio::pin!(put);
+        // No read timeout on an upload (see `Http`): a body the store stops taking ends it
+        // after `stall`. Once the whole file is read, the bytes may still sit in socket
+        // buffers (megabytes, minutes on a slow link): the answer gets ten times as long.
+        let stall = self.http.stall;
+        loop {
+            tokio::select! {
+                r = &mut put => return r,
+                _ = tokio::time::sleep(Duration::from_secs(1).min(stall)) => {
+                                        let idle = started.elapsed().saturating_sub(Duration::from_millis(
+                        last.load(std::sync::atomic::Ordering::Relaxed),
+                    ));
+                    let limit = if sent.load(std::sync::atomic::Ordering::Relaxed) {
+                        stall * 10
+                    } else {
+                        stall
+                    };
+                    if idle > limit {
+                                                return Err(S3Error::Unreachable(format!(
+                            "PUT {key} at {}: no progress for {}",
+                            self.origin,
+                            crate::config::format_duration(limit)
+                        )));
+                    }
+                }
+            }
+        }
     }
 
     /// A small object from memory (the sidecar), checked the same way.
@@ -230,10 +294,11 @@ impl Client {
         use sha2::Digest;
         let sha = crate::id::hex(&sha2::Sha256::digest(&bytes));
         let size = bytes.len() as u64;
-        self.put(key, bytes.into(), size, &sha, content_type, None)
+        self.put(key, bytes.into(), size, &sha, content_type, None, false)
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn put(
         &self,
         key: &str,
@@ -242,6 +307,7 @@ impl Client {
         sha256_hex: &str,
         content_type: &str,
         mp4: Option<&str>,
+        upload: bool,
     ) -> Result<(), S3Error> {
         let keys = self.keys();
         let checksum = sha256_base64(sha256_hex);
@@ -257,7 +323,12 @@ impl Client {
             action.headers_mut().insert(*k, v.clone());
         }
         headers.push(("content-length", size.to_string()));
-        self.send(&action, &headers, Some(body), &format!("PUT {key}"))
+        let http = if upload {
+            &self.http.uploads
+        } else {
+            &self.http.reads
+        };
+        self.send_with(http, &action, &headers, Some(body), &format!("PUT {key}"))
             .await
             .map(drop)
     }
@@ -333,7 +404,8 @@ impl Client {
         let keys = self.keys();
         let mut out = Vec::new();
         let mut token: Option<String> = None;
-        loop {
+        // A store that hands out new tokens for ever is not followed for ever.
+        for _ in 0..100_000 {
             let mut action = self.bucket.list_objects_v2(Some(&keys.1));
             action.with_prefix(prefix);
             action.with_max_keys(max.unwrap_or(PAGE).min(PAGE));
@@ -362,6 +434,9 @@ impl Client {
                 _ => return Ok(out),
             }
         }
+        Err(S3Error::Refused(format!(
+            "LIST {prefix}: more than 100,000 pages"
+        )))
     }
 
     /// Multipart uploads begun and never completed or aborted under `prefix`, as
@@ -415,6 +490,38 @@ impl Client {
         self.send(&action, &[], None, &format!("ABORT upload of {key}"))
             .await
             .map(drop)
+    }
+}
+
+/// A file being uploaded, noting when the body last took bytes from it (milliseconds since
+/// `started`), and once it has taken them all.
+struct Progress {
+    inner: tokio::fs::File,
+    last: Arc<std::sync::atomic::AtomicU64>,
+    sent: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes not read yet (the body may not be read to its end: HTTP stops at its length).
+    left: u64,
+    started: std::time::Instant,
+}
+
+impl tokio::io::AsyncRead for Progress {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = r {
+            let at = self.started.elapsed().as_millis() as u64;
+            self.last.store(at, std::sync::atomic::Ordering::Relaxed);
+            let n = (buf.filled().len() - before) as u64;
+            self.left = self.left.saturating_sub(n);
+            if n == 0 || self.left == 0 {
+                self.sent.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
     }
 }
 

@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use client::S3Error;
 use client::{Client, Head, sha256_base64};
+pub use client::{Http, S3Error};
 pub use target::{Target, is_bucket};
 
 use crate::id::VideoId;
@@ -49,6 +49,11 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 const SMALL_OBJECT: usize = 64 * 1024;
 /// What the start-up probe writes and deletes (and `verify` ignores).
 const PROBE: &str = ".hingnetd-probe-";
+/// While the store is away: the first pause between probes, the longest, and how long one
+/// probe may take (it runs in the scheduler's loop, which must stay responsive).
+const PROBE_FIRST: Duration = Duration::from_secs(2);
+const PROBE_MAX: Duration = Duration::from_secs(60);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The bucket archive. Cheap to clone.
 #[derive(Clone)]
@@ -64,6 +69,9 @@ struct Inner {
     /// Why the store cannot be used now, since a request found it so; cleared by a request
     /// that succeeds (`storage_problem` probes while it is set).
     away: Mutex<Option<String>>,
+    /// While away: when the next probe may go, and the pause before the one after (doubled
+    /// up to `PROBE_MAX`), so that a store away for days is not asked every two seconds.
+    probe: Mutex<(std::time::Instant, Duration)>,
 }
 
 impl BucketStore {
@@ -73,7 +81,7 @@ impl BucketStore {
     pub fn open(
         target: Target,
         staging: &Path,
-        http: reqwest::Client,
+        http: &dyn Fn() -> Result<Http, StoreError>,
     ) -> Result<BucketStore, StoreError> {
         let keys = target::load_keys().map_err(StoreError::Setup)?;
         let staging = local::Archive::open(staging).map_err(|e| match e {
@@ -86,21 +94,24 @@ impl BucketStore {
             },
             other => other,
         })?;
-        let client = Client::new(&target, http, keys).map_err(StoreError::Setup)?;
-        let store = BucketStore {
-            inner: Arc::new(Inner {
-                target,
-                client,
-                staging,
-                away: Mutex::new(None),
-            }),
-        };
+        // The start-up checks run on a runtime of their own, with clients of their own: a
+        // connection pooled there would be dead on the daemon's runtime.
+        let checking = Inner::new(
+            target.clone(),
+            Client::new(&target, http()?, keys.clone()).map_err(StoreError::Setup)?,
+            staging.clone(),
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| StoreError::Setup(format!("cannot start a runtime: {e}")))?;
-        rt.block_on(store.inner.prove())?;
-        rt.block_on(store.inner.sweep_uploads());
+        rt.block_on(checking.prove())?;
+        rt.block_on(checking.sweep_uploads());
+        drop(rt);
+        let client = Client::new(&target, http()?, keys).map_err(StoreError::Setup)?;
+        let store = BucketStore {
+            inner: Arc::new(Inner::new(target, client, staging)),
+        };
         tracing::debug!(
             archive = %store.inner.target.display(),
             endpoint = %store.inner.client.origin(),
@@ -113,20 +124,11 @@ impl BucketStore {
 
     /// The bucket for reading (`verify`): nothing is written, and nothing is asked of it until
     /// a command does.
-    pub fn inspect(
-        target: Target,
-        staging: &Path,
-        http: reqwest::Client,
-    ) -> Result<BucketStore, StoreError> {
+    pub fn inspect(target: Target, staging: &Path, http: Http) -> Result<BucketStore, StoreError> {
         let keys = target::load_keys().map_err(StoreError::Setup)?;
         let client = Client::new(&target, http, keys).map_err(StoreError::Setup)?;
         Ok(BucketStore {
-            inner: Arc::new(Inner {
-                target,
-                client,
-                staging: local::Archive::inspect(staging),
-                away: Mutex::new(None),
-            }),
+            inner: Arc::new(Inner::new(target, client, local::Archive::inspect(staging))),
         })
     }
 
@@ -141,6 +143,16 @@ impl BucketStore {
 }
 
 impl Inner {
+    fn new(target: Target, client: Client, staging: local::Archive) -> Inner {
+        Inner {
+            target,
+            client,
+            staging,
+            away: Mutex::new(None),
+            probe: Mutex::new((std::time::Instant::now(), PROBE_FIRST)),
+        }
+    }
+
     fn video_key(&self, id: &VideoId, sha256: &str) -> String {
         format!("{}{id}/{sha256}.mp4", self.target.prefix)
     }
@@ -192,6 +204,8 @@ impl Inner {
                     if e.pauses() {
                         let mut away = self.away.lock().unwrap_or_else(|p| p.into_inner());
                         if away.is_none() {
+                            *self.probe.lock().unwrap_or_else(|p| p.into_inner()) =
+                                (std::time::Instant::now(), PROBE_FIRST);
                             tracing::error!(archive = %self.target.display(), error = %e, "ARCHIVE BUCKET UNAVAILABLE: finished downloads stay staged, new downloads wait");
                         }
                         *away = Some(e.to_string());
@@ -207,14 +221,30 @@ impl Inner {
     async fn prove(&self) -> Result<(), StoreError> {
         let prefix = &self.target.prefix;
         self.request(|| self.client.list(prefix, Some(1))).await?;
-        let probe = format!("{prefix}{PROBE}{}", crate::sys::host_name());
+        let probe = self.probe_key();
         let body = Bytes::from_static(b"hingnetd checks it may write here\n");
         self.request(|| self.client.put_bytes(&probe, body.clone(), "text/plain"))
             .await?;
-        if let Err(e) = self.request(|| self.client.delete(&probe)).await {
+        // The whole design rests on the store checking and keeping a SHA-256 of each upload:
+        // one that ignores `x-amz-checksum-sha256` is refused here, not at the first video.
+        let head = self.request(|| self.client.head(&probe)).await?;
+        use sha2::Digest;
+        let sha = crate::id::hex(&sha2::Sha256::digest(&body));
+        if let Err(why) = confirm(head.as_ref(), body.len() as u64, &sha) {
+            return Err(StoreError::Setup(format!(
+                "archive bucket {}: the store does not keep the SHA-256 hingnetd sends with each upload ({why}); it cannot vouch for the objects",
+                self.target.display()
+            )));
+        }
+        // Not through `request`: a key that may not delete is no reason to pause anything.
+        if let Err(e) = self.client.delete(&probe).await {
             tracing::warn!(error = %e, "the S3 key may not delete objects: `hingnetd remove --delete-file` will fail");
         }
         Ok(())
+    }
+
+    fn probe_key(&self) -> String {
+        format!("{}{PROBE}{}", self.target.prefix, crate::sys::host_name())
     }
 
     /// Aborts multipart uploads left unfinished under the prefix (by an older version, a
@@ -270,26 +300,60 @@ impl Inner {
             })
             .await;
         match put {
-            // The staged bytes are not those hashed (the disk changed them): they cannot be
-            // trusted, and the next attempt downloads them again.
+            // The store computed another SHA-256 than the one sent: either the staged bytes
+            // changed on disk since they were hashed (then they cannot be trusted, and the next
+            // attempt downloads them again), or they were damaged on the way (then they are
+            // still good, and are uploaded again later).
             Err(StoreError::Bucket {
                 source: S3Error::Digest(why),
                 ..
             }) => {
-                tracing::error!(video_id = %id, error = %why, "the staged file does not match its SHA-256; removed, to be downloaded again");
+                let (f, want) = (file.clone(), staged.sha256.clone());
+                let same = tokio::task::spawn_blocking(move || hash_file(&f))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .is_some_and(|sha| sha == want);
+                if same {
+                    return Err(self.unconfirmed(format!(
+                        "{key}: the store found the upload's SHA-256 wrong, but the staged file is intact (damaged on the way?): {why}"
+                    )));
+                }
+                tracing::error!(video_id = %id, error = %why, "the staged file no longer matches its SHA-256; removed, to be downloaded again");
                 self.remove_staged(id).await;
                 return Err(self.err(S3Error::Digest(why)));
             }
+            // Refused for this object (not for the store's absence): still nothing to fail the
+            // row for while the file is staged.
+            Err(StoreError::Bucket {
+                source: S3Error::Refused(why) | S3Error::NotFound(why),
+                ..
+            }) => return Err(self.unconfirmed(why)),
             other => other?,
         }
         let head = self.request(|| self.client.head(&key)).await?;
         confirm(head.as_ref(), staged.bytes, &staged.sha256)
-            .map_err(|why| self.err(S3Error::Refused(format!("{key}: after the upload, {why}"))))?;
+            .map_err(|why| self.unconfirmed(format!("{key}: after the upload, {why}")))?;
         self.remove_staged(id).await;
         Ok(Published {
             path: self.target.path_of(&key),
             ..staged
         })
+    }
+
+    /// An upload that did not end in a confirmed object although the store answered: the file
+    /// stays staged, the row waits (`S3Error::Unconfirmed` pauses, never fails), and new
+    /// downloads wait until a probe finds the store writable again.
+    fn unconfirmed(&self, why: String) -> StoreError {
+        let e = S3Error::Unconfirmed(why);
+        let mut away = self.away.lock().unwrap_or_else(|p| p.into_inner());
+        if away.is_none() {
+            *self.probe.lock().unwrap_or_else(|p| p.into_inner()) =
+                (std::time::Instant::now(), PROBE_FIRST);
+            tracing::error!(archive = %self.target.display(), error = %e, "ARCHIVE BUCKET DID NOT TAKE AN UPLOAD: the download stays staged, new downloads wait");
+        }
+        *away = Some(e.to_string());
+        self.err(e)
     }
 
     /// The staged copy of a video (and its sidecar), once it is in the bucket.
@@ -409,23 +473,37 @@ impl Store for BucketStore {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let why = away?;
-        let prefix = self.inner.target.prefix.clone();
+        let shown = self.inner.target.display();
+        let now = std::time::Instant::now();
+        if now < self.inner.probe.lock().unwrap_or_else(|p| p.into_inner()).0 {
+            return Some(format!("archive bucket {shown}: {why}"));
+        }
+        // The probe is a write (a store may list but refuse uploads), bounded in time: it runs
+        // in the scheduler's loop.
         self.inner.client.reload_keys();
-        match self.inner.client.list(&prefix, Some(1)).await {
-            Ok(_) => {
+        let key = self.inner.probe_key();
+        let body = Bytes::from_static(b"hingnetd checks it may write here\n");
+        let put = self.inner.client.put_bytes(&key, body, "text/plain");
+        let r = tokio::time::timeout(PROBE_TIMEOUT, put)
+            .await
+            .unwrap_or_else(|_| {
+                Err(S3Error::Unreachable(format!(
+                    "PUT {key}: no answer in {}",
+                    crate::config::format_duration(PROBE_TIMEOUT)
+                )))
+            });
+        match r {
+            Ok(()) => {
                 *self.inner.away.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                tracing::info!(archive = %self.inner.target.display(), "archive bucket usable again");
+                tracing::info!(archive = %shown, "archive bucket usable again");
                 None
             }
-            Err(e) if e.pauses() => {
-                let now = format!("archive bucket {}: {e}", self.inner.target.display());
+            Err(e) => {
+                let mut probe = self.inner.probe.lock().unwrap_or_else(|p| p.into_inner());
+                *probe = (now + probe.1, (probe.1 * 2).min(PROBE_MAX));
                 *self.inner.away.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                Some(now)
+                Some(format!("archive bucket {shown}: {e}"))
             }
-            Err(_) => Some(format!(
-                "archive bucket {}: {why}",
-                self.inner.target.display()
-            )),
         }
     }
 
@@ -457,10 +535,10 @@ impl Store for BucketStore {
         Ok(self.wrap(p, id))
     }
 
+    /// The partial only: a finished download staged for its upload is the video's bytes, kept
+    /// even when the row failed (`verify` reports it; `hingnetd remove` deletes it).
     async fn remove_leftovers(&self, id: &VideoId) -> Result<(), StoreError> {
-        Store::remove_leftovers(&self.inner.staging, id).await?;
-        self.inner.remove_staged(id).await;
-        Ok(())
+        Store::remove_leftovers(&self.inner.staging, id).await
     }
 }
 
@@ -714,10 +792,32 @@ impl Inventory for BucketInventory {
         Ok(out)
     }
 
-    /// Nothing is renamed in a bucket: the next download of the video writes its own key
-    /// (the same key, with the right bytes, if the object there was damaged).
+    /// A bucket has no rename: the video's objects are deleted (their bytes are not the
+    /// video's, and a whole-looking one would otherwise be adopted again by the next
+    /// download), which the message says.
     fn set_aside(&self, id: &VideoId) -> Result<String, StoreError> {
-        Ok(format!("{} (left in place)", self.video_path(id)))
+        let inner = self.inner();
+        let under = format!("{}{id}/", inner.target.prefix);
+        let mut gone = Vec::new();
+        self.rt.block_on(async {
+            let listed = inner
+                .client
+                .list(&under, None)
+                .await
+                .map_err(|e| inner.err(e))?;
+            for obj in listed {
+                if classify_key(&inner.target, &obj.key).is_some_and(|(kid, _)| kid == *id) {
+                    inner
+                        .client
+                        .delete(&obj.key)
+                        .await
+                        .map_err(|e| inner.err(e))?;
+                    gone.push(inner.target.path_of(&obj.key));
+                }
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(format!("(deleted from the bucket: {})", gone.join(", ")))
     }
 
     /// Every object under the video's keys, and any staged copy.
@@ -748,6 +848,21 @@ impl Inventory for BucketInventory {
         let staging = &self.inner().staging;
         Inventory::remove_leftovers(staging, id)?;
         Inventory::delete_published(staging, id)
+    }
+}
+
+fn hash_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(crate::id::hex(&hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
     }
 }
 

@@ -62,7 +62,11 @@ impl Target {
                     "{dir:?}: the key prefix may hold letters, digits and / - _ . = +, not {c:?}"
                 ));
             }
-            let segments: Vec<&str> = prefix.trim_end_matches('/').split('/').collect();
+            let segments: Vec<&str> = prefix
+                .strip_suffix('/')
+                .unwrap_or(prefix)
+                .split('/')
+                .collect();
             if segments
                 .iter()
                 .any(|s| s.is_empty() || *s == "." || *s == "..")
@@ -111,6 +115,17 @@ impl Target {
         {
             return Err(format!(
                 "archive.s3.endpoint {:?} is plain http to a host that is not loopback: the videos and signed requests would travel in clear; use https, or set archive.s3.allow_plain_http = true for a store on a trusted network",
+                s3.endpoint
+            ));
+        }
+        // Virtual-host style puts the bucket in the host name: an address cannot have one.
+        let host = endpoint.host_str().unwrap_or_default();
+        let is_address = host.parse::<std::net::IpAddr>().is_ok()
+            || host.starts_with('[')
+            || host.eq_ignore_ascii_case("localhost");
+        if is_address && !s3.path_style {
+            return Err(format!(
+                "archive.s3.endpoint {:?} is an address: set archive.s3.path_style = true (the bucket cannot go in its host name)",
                 s3.endpoint
             ));
         }
@@ -296,6 +311,7 @@ mod tests {
     fn s3(endpoint: &str) -> S3Config {
         S3Config {
             endpoint: endpoint.into(),
+            path_style: true,
             ..S3Config::default()
         }
     }
@@ -327,6 +343,7 @@ mod tests {
             ("s3://videos-/", "", "not a bucket name"),
             ("s3://videos/../x/", "", "'..' segment"),
             ("s3://videos/a//b/", "", "empty"),
+            ("s3://videos/a//", "", "empty"),
             ("s3://videos/a b/", "", "not ' '"),
             ("s3://videos/", "http://s3.example.internal", "plain http"),
             (
@@ -345,6 +362,10 @@ mod tests {
             assert!(e.contains(says), "{dir} {endpoint}: {e}");
             assert!(!e.contains(":s@"), "{e}");
         }
+        let mut virtual_host = s3("http://127.0.0.1:3900");
+        virtual_host.path_style = false;
+        let e = Target::parse("s3://videos/", &virtual_host).unwrap_err();
+        assert!(e.contains("path_style = true"), "{e}");
         let mut plain = s3("http://s3.example.internal:3900");
         plain.allow_plain_http = true;
         assert!(Target::parse("s3://videos/", &plain).is_ok());
