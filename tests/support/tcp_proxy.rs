@@ -9,8 +9,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct Proxy {
@@ -30,7 +30,6 @@ struct Shared {
     /// Bytes a second each connection may carry from the client (0: unlimited).
     rate: AtomicU64,
     accepted: AtomicUsize,
-    live: Mutex<Vec<TcpStream>>,
 }
 
 impl Proxy {
@@ -45,7 +44,6 @@ impl Proxy {
             resets_done: AtomicUsize::new(0),
             rate: AtomicU64::new(0),
             accepted: AtomicUsize::new(0),
-            live: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -82,13 +80,6 @@ impl Proxy {
     pub fn accepted(&self) -> usize {
         self.shared.accepted.load(Ordering::SeqCst)
     }
-
-    /// Cuts every connection open now (with a RST).
-    pub fn cut_all(&self) {
-        for c in self.shared.live.lock().unwrap().drain(..) {
-            rst(&c);
-        }
-    }
 }
 
 fn rst(s: &TcpStream) {
@@ -120,7 +111,7 @@ fn serve(client: TcpStream, s: &Shared) {
         rst(&client);
         return;
     };
-    s.live.lock().unwrap().push(client.try_clone().unwrap());
+
     let (mut c_read, mut u_write) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
     let (mut u_read, mut c_write) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
     let back = std::thread::spawn(move || {
