@@ -444,7 +444,8 @@ impl crate::store::Inventory for Archive {
     }
 }
 
-fn hash_file(path: &Path, progress: &dyn Fn(u64)) -> io::Result<String> {
+/// The SHA-256 of a file, as rows record it; `progress` is told the bytes as they are read.
+pub fn hash_file(path: &Path, progress: &dyn Fn(u64)) -> io::Result<String> {
     let mut f = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -309,7 +309,7 @@ impl Inner {
                 ..
             }) => {
                 let (f, want) = (file.clone(), staged.sha256.clone());
-                let same = tokio::task::spawn_blocking(move || hash_file(&f))
+                let same = tokio::task::spawn_blocking(move || local::hash_file(&f, &|_| {}))
                     .await
                     .ok()
                     .and_then(Result::ok)
@@ -672,6 +672,33 @@ impl BucketInventory {
     }
 }
 
+impl BucketInventory {
+    /// Deletes every object under the video's keys; returns their paths.
+    fn delete_objects(&self, id: &VideoId) -> Result<Vec<String>, StoreError> {
+        let inner = self.inner();
+        let under = format!("{}{id}/", inner.target.prefix);
+        self.rt.block_on(async {
+            let listed = inner
+                .client
+                .list(&under, None)
+                .await
+                .map_err(|e| inner.err(e))?;
+            let mut gone = Vec::new();
+            for obj in listed {
+                if classify_key(&inner.target, &obj.key).is_some_and(|(kid, _)| kid == *id) {
+                    inner
+                        .client
+                        .delete(&obj.key)
+                        .await
+                        .map_err(|e| inner.err(e))?;
+                    gone.push(inner.target.path_of(&obj.key));
+                }
+            }
+            Ok(gone)
+        })
+    }
+}
+
 impl Inventory for BucketInventory {
     /// The video's keys begin here; which one a row names depends on its bytes.
     fn video_path(&self, id: &VideoId) -> String {
@@ -796,73 +823,20 @@ impl Inventory for BucketInventory {
     /// video's, and a whole-looking one would otherwise be adopted again by the next
     /// download), which the message says.
     fn set_aside(&self, id: &VideoId) -> Result<String, StoreError> {
-        let inner = self.inner();
-        let under = format!("{}{id}/", inner.target.prefix);
-        let mut gone = Vec::new();
-        self.rt.block_on(async {
-            let listed = inner
-                .client
-                .list(&under, None)
-                .await
-                .map_err(|e| inner.err(e))?;
-            for obj in listed {
-                if classify_key(&inner.target, &obj.key).is_some_and(|(kid, _)| kid == *id) {
-                    inner
-                        .client
-                        .delete(&obj.key)
-                        .await
-                        .map_err(|e| inner.err(e))?;
-                    gone.push(inner.target.path_of(&obj.key));
-                }
-            }
-            Ok::<_, StoreError>(())
-        })?;
+        let gone = self.delete_objects(id)?;
         Ok(format!("(deleted from the bucket: {})", gone.join(", ")))
     }
 
     /// Every object under the video's keys, and any staged copy.
     fn delete_published(&self, id: &VideoId) -> Result<(), StoreError> {
-        let inner = self.inner();
-        let under = format!("{}{id}/", inner.target.prefix);
-        self.rt.block_on(async {
-            let listed = inner
-                .client
-                .list(&under, None)
-                .await
-                .map_err(|e| inner.err(e))?;
-            for obj in listed {
-                if classify_key(&inner.target, &obj.key).is_some_and(|(kid, _)| kid == *id) {
-                    inner
-                        .client
-                        .delete(&obj.key)
-                        .await
-                        .map_err(|e| inner.err(e))?;
-                }
-            }
-            Ok::<_, StoreError>(())
-        })?;
-        Inventory::delete_published(&inner.staging, id)
+        self.delete_objects(id)?;
+        Inventory::delete_published(&self.inner().staging, id)
     }
 
     fn remove_leftovers(&self, id: &VideoId) -> Result<(), StoreError> {
         let staging = &self.inner().staging;
         Inventory::remove_leftovers(staging, id)?;
         Inventory::delete_published(staging, id)
-    }
-}
-
-fn hash_file(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(crate::id::hex(&hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
     }
 }
 
