@@ -1290,12 +1290,14 @@ class Bench:
         self.settle()
         err, extra = None, {}
         store_cpu0 = garage.cpu() if garage else None
+        busy0 = machine_busy()
         try:
             t0 = d.start()
             d.wait_drained(timeout=self.args.timeout)
             extra["ready_s"] = d.notify.ready_at - t0 if d.notify.ready_at else None
         except RuntimeError as e:
             err = str(e)
+        extra.update(self.busy_since(busy0))
         if garage:
             extra["store_cpu_s"] = garage.cpu() - store_cpu0
             extra["store_hwm_kib"] = garage.hwm_kib()
@@ -1324,6 +1326,14 @@ class Bench:
             err = f"exit code {code}"
         self.sample(workload, tool, rnd, wall or float("nan"), nbytes, len(ids), ru, d.hwm_kib, err is None, err, extra)
         d.remove()
+
+    @staticmethod
+    def busy_since(start):
+        """The whole machine's busy CPU seconds (every core, every process) since `start`, a
+        machine_busy() reading: beside a tool's own CPU, it shows what else ran."""
+        busy0, _ = start
+        busy1, _ = machine_busy()
+        return {"machine_busy_s": (busy1 - busy0) / os.sysconf("SC_CLK_TCK")}
 
     def check_bucket_hingnetd(self, garage, d, ids, rows):
         """What the bucket holds, asked of Garage by the harness's own SigV4 client: each row's
@@ -1393,8 +1403,10 @@ class Bench:
         p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_file, "bash", "-c", cmd], env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=open(os.path.join(d, "stderr.txt"), "w"))
+        busy0 = machine_busy()
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.time() - t0
+        extra.update(self.busy_since(busy0))
         if garage:
             extra["store_cpu_s"] = garage.cpu() - store_cpu0
             extra["store_hwm_kib"] = garage.hwm_kib()
@@ -2547,22 +2559,31 @@ PRAGMA journal_mode = WAL;
                  f"{s3['rclone']}, the remote `garage:` from the environment (type s3, provider Other, the node's "
                  "endpoint, region garage, force_path_style; an empty config file), rclone's defaults otherwise; "
                  "8 at a time with `xargs -P 8` for the many files. Wall time as in *Throughput*; CPU = "
-                 "the tool's process tree (wait4), Garage's separately (its /proc utime+stime over the same span). "
+                 "the tool's process tree (wait4), Garage's separately (its /proc utime+stime over the same span); "
+                 f"machine busy = every core's busy time (/proc/stat) over the run ÷ (wall × {os.cpu_count()} cores), "
+                 "and other CPU = that busy time less the tool's and Garage's: nginx, the kernel's writeback, and "
+                 "whatever else ran on the machine. "
                  "Checked after every run, from outside: hingnetd's rows all `done` with the source's SHA-256 and "
                  "size, each row's path `s3://bucket/hingnet/<id>/<sha256>.mp4`, that key in a ListObjectsV2 "
                  "listing with the file's size, HeadObject's size and `x-amz-checksum-sha256` (the store's own "
                  "hash of what it received) equal to the source's, and nothing left in staging; a peer's "
                  "objects all listed with the right size (and copyto's `sha256sum` output right).\n")
         L.append("| workload | tool | into | wall s | MiB/s | files/s | CPU s/GiB | Garage CPU s/GiB | "
-                 "peak RSS MiB | hingnetd speed-up | rounds [wall s] |")
-        L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+                 "machine busy | other CPU s | peak RSS MiB | hingnetd speed-up | rounds [wall s] |")
+        L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         labels = self.s3_labels()
         for w in labels:
             for (ww, tool), r in rows.items():
                 if ww != w:
                     continue
-                store = median([smp.get("store_cpu_s") for smp in self.runs
-                                if smp["workload"] == w and smp["tool"] == tool and smp["ok"]])
+                mine = [smp for smp in self.runs if smp["workload"] == w and smp["tool"] == tool and smp["ok"]]
+                store = median([smp.get("store_cpu_s") for smp in mine])
+                # Busy = all cores over the run; other = busy less the tool's and Garage's CPU
+                # (nginx, kernel threads' writeback, and anything else running on the machine).
+                busy = median([100 * smp["machine_busy_s"] / (smp["wall_s"] * os.cpu_count())
+                               for smp in mine if smp.get("machine_busy_s") is not None])
+                other = median([max(0.0, smp["machine_busy_s"] - (smp["cpu_s"] or 0) - (smp.get("store_cpu_s") or 0))
+                                for smp in mine if smp.get("machine_busy_s") is not None])
                 name = "hingnetd" if tool in ("hingnetd", S3_LOCAL) else tool.replace("|", "\\|")
                 into = "local directory" if tool == S3_LOCAL else "bucket"
                 speedup = r.get("hingnetd_speedup") if tool != S3_LOCAL else None
@@ -2570,6 +2591,7 @@ PRAGMA journal_mode = WAL;
                     f"| {labels[w]} | {name} | {into} | {f(r['wall_s'], '.2f')} | {f(r['mib_s'], '.0f')} | "
                     f"{f(r['files_s'], '.1f')} | {f(r['cpu_s_per_gib'], '.2f')} | "
                     f"{f(store / (r['bytes'] / GiB) if store is not None else None, '.2f')} | "
+                    f"{f(busy, '.0f') + '%' if busy is not None else '-'} | {f(other, '.1f')} | "
                     f"{f(r['maxrss_mib'], '.1f')} | {f(speedup, '.2f') + '×' if speedup else '-'} | "
                     f"{r['ok_runs']}/{r['runs']} [{', '.join(f(x, '.2f') for x in r['wall_s_all'])}] |")
         ratios = []
@@ -2597,9 +2619,12 @@ PRAGMA journal_mode = WAL;
         kind = "smoke" if self.args.smoke else "full"
         L = []
         L.append(f"# hingnetd benchmark ({kind} run)\n")
+        rounds = {w: n for w, n in p["rounds"].items() if w in self.args.only}
+        if "s3" in self.args.only:
+            rounds.update(p["s3"]["rounds"])
         L.append(f"{env['date']}; seed {self.seed}; rounds per throughput workload: "
-                 f"{', '.join(f'{w} {n}' for w, n in p['rounds'].items())} (medians shown; tools alternate which goes "
-                 f"first); "
+                 f"{', '.join(f'{w} {n}' for w, n in (rounds or p['rounds']).items())} (medians shown; tools alternate "
+                 f"which goes first); "
                  f"total {total_s:.0f} s (file generation {gen_s:.0f} s).\n")
         L.append(f"Machine: {env['cpu']}, {env['cores']} cores (SHA-NI: {env['sha_ni']}), {env['memory']} RAM, "
                  f"Linux {env['kernel']}, work dir on {env['filesystem']}. Load average at start "
