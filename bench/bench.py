@@ -25,8 +25,11 @@ itself worked and every download was correct.
 """
 
 import argparse
+import base64
 import datetime as dt
 import hashlib
+import hmac
+import http.client
 import json
 import os
 import platform
@@ -45,6 +48,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import xml.etree.ElementTree as ET
 import zlib
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -74,6 +79,8 @@ PROFILES = {
         # --only fleet: 1, 2 and 3 daemons draining tiny files from one PostgreSQL queue, then
         # pickup latency on it with 1 and with 3 daemons.
         fleet=dict(files=10_000, daemons=(1, 2, 3), pickup=1000, pickup_daemons=(1, 3)),
+        # --only s3: the large and medium files, API to bucket, each tool on a Garage of its own.
+        s3=dict(rounds={"s3-large": 3, "s3-medium": 3}, concurrency=8),
     ),
     "smoke": dict(
         rounds={"large": 1, "small": 1, "medium": 1},
@@ -93,11 +100,13 @@ PROFILES = {
         scale_idle_seconds=1,
         rate=dict(limit=8 * MiB, concurrency=(1, 4), warmup=0.5, window=2.0, file=64 * MiB),
         fleet=dict(files=200, daemons=(1, 2, 3), pickup=20, pickup_daemons=(1, 3)),
+        s3=dict(rounds={"s3-large": 1, "s3-medium": 1}, concurrency=8),
     ),
 }
 WORKLOADS = ["large", "small", "medium", "conc16", "pickup", "idle", "scale"]
-# Run only when named in --only: not part of the default run, nor of CI's smoke run.
-OPT_IN = ["rate", "fleet"]
+# Run only when named in --only: not part of the default run, nor of CI's smoke run (s3: part of
+# the smoke run when a Garage binary is there, see main()).
+OPT_IN = ["rate", "fleet", "s3"]
 TINY = 4 * KiB  # the files behind pickup and scale IDs
 CLAIM_LINE = re.compile(r"claimed due rows claimed=[1-9]\d* took_us=(\d+)")
 # Every claim, the empty ones too: under contention (SKIP LOCKED) a daemon can come away empty.
@@ -129,6 +138,31 @@ PEERS = {
     },
 }
 PEER_OF = {"large": "large", "small": "many", "medium": "many", "conc16": None}
+# --only s3: API to bucket. {remote} is rclone's `garage:` remote (from the environment), the
+# bucket and the peer's key prefix. (command, whether it leaves the files on local disk too)
+S3_PEERS = {
+    "large": {
+        # Streams the body into a multipart upload: nothing is hashed or checked on the way.
+        # pipefail only so that the harness sees a failed curl; it costs nothing.
+        "curl | rclone rcat": (
+            "set -o pipefail; {curl} {api}/v1/videos/{id}/content | rclone rcat {remote}{id}.mp4", False),
+        "curl+sha256sum+rclone copyto": (
+            "cd {out} && {curl} -o {id}.mp4 {api}/v1/videos/{id}/content"
+            " && sha256sum {id}.mp4 > {sums} && rclone copyto {id}.mp4 {remote}{id}.mp4", True),
+    },
+    "many": {
+        "xargs -P8 curl | rclone rcat": (
+            "xargs -P 8 -n 1 -a {ids} bash -c '"
+            'set -o pipefail; {curl} "{api}/v1/videos/$1/content" | rclone rcat {remote}"$1.mp4"'
+            "' _", False),
+        "xargs -P8 curl+sha256sum+rclone copyto": (
+            "cd {out} && xargs -P 8 -n 1 -a {ids} sh -c '"
+            '{curl} -o "$1.mp4" "{api}/v1/videos/$1/content"'
+            ' && sha256sum "$1.mp4" >> {sums} && rclone copyto "$1.mp4" {remote}"$1.mp4"'
+            "' _", True),
+    },
+}
+S3_LOCAL = "hingnetd, local dir"
 
 
 def log(*a):
@@ -535,7 +569,7 @@ class Daemon:
     SQLite helpers below, enqueue to wait_drained, are then not for it)."""
 
     def __init__(self, bench, name, concurrency=8, poll="5s", initial_delay="30s", db=None, env=None,
-                 rate_limit=None, database=None, instance=None):
+                 rate_limit=None, database=None, instance=None, garage=None):
         self.bench = bench
         self.env = env or {}
         self.name = name
@@ -543,6 +577,16 @@ class Daemon:
         self.db = database or os.path.join(self.dir, "queue.db")
         self.instance = instance
         self.archive = os.path.join(self.dir, "videos")
+        # An archive bucket (--only s3): s3://bucket/prefix/ on that Garage, the access key in the
+        # environment, downloads staged in `staging` beside the queue (the default).
+        bucket_lines = ""
+        if garage:
+            self.prefix = "hingnet/"
+            self.archive = f"s3://{garage.BUCKET}/{self.prefix}"
+            self.staging = os.path.join(self.dir, "staging")
+            self.env = dict(self.env, AWS_ACCESS_KEY_ID=garage.KEY_ID, AWS_SECRET_ACCESS_KEY=garage.secret)
+            bucket_lines = (f'\n[archive.s3]\nendpoint = "{garage.endpoint}"\nregion = "{garage.REGION}"\n'
+                            "path_style = true\n")
         self.cfg = os.path.join(self.dir, "hingnetd.toml")
         self.log_path = os.path.join(bench.logs, f"{name}.log")
         self.proc = None
@@ -568,10 +612,11 @@ poll_interval = "{poll}"
 
 [archive]
 dir = "{self.archive}"
-
+{bucket_lines}
 [download]
 concurrency = {concurrency}
 {rate_line}
+{'max_bytes = "5GiB"' if garage else ""}
 
 [retry]
 initial_delay = "{initial_delay}"
@@ -873,6 +918,195 @@ class Psql:
 
 
 # ---------------------------------------------------------------------------------------------
+# An S3 store (--only s3): a private Garage, and the harness's own look at its bucket
+
+
+def garage_binary(given=None):
+    """The `garage` binary: --garage, HINGNETD_TEST_GARAGE, where scripts/test installs it, or the
+    PATH's; None if there is none."""
+    if given:
+        return os.path.abspath(given) if os.access(given, os.X_OK) else None
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for p in (os.environ.get("HINGNETD_TEST_GARAGE"),
+              os.path.join(cache, "hingnetd-test", "garage-2.5.0", "bin", "garage")):
+        if p and os.access(p, os.X_OK):
+            return os.path.abspath(p)
+    return shutil.which("garage")
+
+
+class S3Api:
+    """Just enough S3 for the harness to check a bucket, independent of hingnetd's client and of
+    rclone: SigV4 signing (hmac, hashlib), ListObjectsV2 and HeadObject, over http.client."""
+
+    def __init__(self, port, region, key_id, secret):
+        self.host, self.port, self.region = "127.0.0.1", port, region
+        self.key_id, self.secret = key_id, secret
+
+    def request(self, method, path, query=(), headers=None, timeout=60):
+        amz = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        day = amz[:8]
+        payload = hashlib.sha256(b"").hexdigest()
+        hdrs = {"host": f"{self.host}:{self.port}", "x-amz-date": amz, "x-amz-content-sha256": payload}
+        hdrs.update({k.lower(): v for k, v in (headers or {}).items()})
+        enc = lambda v: urllib.parse.quote(v, safe="-_.~")  # noqa: E731
+        q = "&".join(f"{enc(k)}={enc(v)}" for k, v in sorted(query))
+        uri = urllib.parse.quote(path, safe="/-_.~")
+        signed = ";".join(sorted(hdrs))
+        canonical = "\n".join([method, uri, q, "".join(f"{k}:{hdrs[k].strip()}\n" for k in sorted(hdrs)), signed,
+                               payload])
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        k = ("AWS4" + self.secret).encode()
+        for part in (day, self.region, "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+        sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+        hdrs["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.key_id}/{scope}, SignedHeaders={signed}, "
+                                 f"Signature={sig}")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, uri + ("?" + q if q else ""), headers=hdrs)
+            r = conn.getresponse()
+            body = r.read()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, body
+        finally:
+            conn.close()
+
+    def list(self, bucket, prefix):
+        """{key: size} of every object under prefix."""
+        out, token = {}, None
+        while True:
+            q = [("list-type", "2"), ("prefix", prefix)] + ([("continuation-token", token)] if token else [])
+            status, _, body = self.request("GET", f"/{bucket}", q)
+            if status != 200:
+                raise RuntimeError(f"listing s3://{bucket}/{prefix}: HTTP {status}: {body[:300]!r}")
+            root = ET.fromstring(body)
+            tag = lambda e: e.tag.rsplit("}", 1)[-1]  # noqa: E731
+            token = None
+            truncated = False
+            for e in root:
+                if tag(e) == "Contents":
+                    kv = {tag(c): c.text for c in e}
+                    out[kv["Key"]] = int(kv["Size"])
+                elif tag(e) == "NextContinuationToken":
+                    token = e.text
+                elif tag(e) == "IsTruncated":
+                    truncated = e.text == "true"
+            if not (truncated and token):
+                return out
+
+    def head(self, bucket, key):
+        """(size, the store's x-amz-checksum-sha256) of an object; None if there is none."""
+        status, h, _ = self.request("HEAD", f"/{bucket}/{key}", headers={"x-amz-checksum-mode": "ENABLED"})
+        if status == 404:
+            return None
+        if status != 200:
+            raise RuntimeError(f"HEAD s3://{bucket}/{key}: HTTP {status}")
+        return int(h.get("content-length", -1)), h.get("x-amz-checksum-sha256")
+
+
+def sha256_b64(hex_digest):
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+class Garage:
+    """One Garage node of its own (tests/support/garage.rs's setup): a fresh directory, free
+    loopback ports, data_fsync and metadata_fsync on, the sqlite metadata engine (the one the
+    cached build has), and `server --single-node --default-bucket` creating the access key and
+    the bucket from the environment. Started for one timed run and stopped after its check:
+    Garage keeps blocks content-addressed and deduplicated, so the same bytes uploaded again into
+    the same node would not be written again."""
+
+    BUCKET = "hingnetd-bench"
+    REGION = "garage"
+    KEY_ID = "GKhingnetdbench0123456789"
+
+    def __init__(self, binary, root, env, secret):
+        self.binary, self.root, self.secret = binary, root, secret
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+        self.port = free_port("127.0.0.1")
+        rpc = free_port("127.0.0.1")
+        while rpc == self.port:
+            rpc = free_port("127.0.0.1")
+        self.conf = os.path.join(root, "garage.toml")
+        with open(self.conf, "w") as f:
+            f.write(f'metadata_dir = "{root}/meta"\ndata_dir = "{root}/data"\ndb_engine = "sqlite"\n'
+                    "replication_factor = 1\nmetadata_fsync = true\ndata_fsync = true\n"
+                    f'rpc_bind_addr = "127.0.0.1:{rpc}"\nrpc_public_addr = "127.0.0.1:{rpc}"\n'
+                    f'rpc_secret = "{hashlib.sha256(secret.encode()).hexdigest()}"\n'
+                    f'[s3_api]\ns3_region = "{self.REGION}"\napi_bind_addr = "127.0.0.1:{self.port}"\n'
+                    'root_domain = ".s3.garage.localhost"\n')
+        os.chmod(self.conf, 0o600)
+        self.log_path = os.path.join(root, "garage.log")
+        genv = dict(env, GARAGE_DEFAULT_ACCESS_KEY=self.KEY_ID, GARAGE_DEFAULT_SECRET_KEY=secret,
+                    GARAGE_DEFAULT_BUCKET=self.BUCKET, RUST_LOG="garage=warn")
+        log_f = open(self.log_path, "w")
+        self.proc = subprocess.Popen([binary, "-c", self.conf, "server", "--single-node", "--default-bucket"],
+                                     stdin=subprocess.DEVNULL, stdout=log_f, stderr=subprocess.STDOUT, env=genv,
+                                     cwd=root)
+        log_f.close()
+        self.api = S3Api(self.port, self.REGION, self.KEY_ID, secret)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Garage exited {self.proc.returncode} at start: {self.log_tail()}")
+            try:
+                if self.api.request("GET", f"/{self.BUCKET}", [("list-type", "2"), ("max-keys", "1")], timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"Garage's bucket did not answer within 60 s: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def cpu(self):
+        return proc_cpu(self.proc.pid)
+
+    def hwm_kib(self):
+        return proc_hwm_kib(self.proc.pid)
+
+    def log_tail(self):
+        try:
+            return open(self.log_path, errors="replace").read()[-2000:]
+        except OSError:
+            return ""
+
+    def log_problems(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return [line.strip() for line in f if re.search(r"\b(ERROR|WARN)\b", line)]
+        except OSError:
+            return []
+
+    def rclone_env(self, config_file):
+        """rclone's remote `garage:`, from the environment alone (and an empty config file)."""
+        return {
+            "RCLONE_CONFIG": config_file,
+            "RCLONE_CONFIG_GARAGE_TYPE": "s3",
+            "RCLONE_CONFIG_GARAGE_PROVIDER": "Other",
+            "RCLONE_CONFIG_GARAGE_ENDPOINT": self.endpoint,
+            "RCLONE_CONFIG_GARAGE_REGION": self.REGION,
+            "RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE": "true",
+            "RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID": self.KEY_ID,
+            "RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY": self.secret,
+        }
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def remove(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # The benchmark
 
 
@@ -883,6 +1117,7 @@ class Bench:
         if args.rounds:
             self.profile["rounds"] = {w: args.rounds for w in self.profile["rounds"]}
             self.profile["scale_rounds"] = min(args.rounds, self.profile["scale_rounds"])
+            self.profile["s3"] = dict(self.profile["s3"], rounds={w: args.rounds for w in self.profile["s3"]["rounds"]})
         self.bin = os.path.abspath(args.bin)
         self.seed = args.seed
         self.rng = random.Random(self.seed)
@@ -903,12 +1138,17 @@ class Bench:
             for k, v in os.environ.items()
             if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
             and k not in ("HINGNET_TOKEN", "HINGNETD_CONFIG", "RUST_LOG", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")
+            # The bucket's key and endpoint are given explicitly (--only s3); an AWS_CA_BUNDLE
+            # from outside makes rclone 1.60 refuse to start ("unable to load custom CA bundle").
+            and not k.startswith(("AWS_", "RCLONE_", "GARAGE_"))
         }
         self.env["NO_PROXY"] = self.env["no_proxy"] = "127.0.0.1,127.0.0.2"
         self.daemon_env = dict(self.env)
         for kv in args.daemon_env:
             k, _, v = kv.partition("=")
             self.daemon_env[k] = v
+        self.garage_bin = garage_binary(args.garage)
+        self.garages = []  # nodes running, stopped by cleanup() if a run fails
         self.runs = []  # throughput samples
         self.results = {}
         self.anomalies = []
@@ -938,6 +1178,12 @@ class Bench:
         need = 2 * p["large"] + sum(n * s for n, s in (p["small"], p["medium"], p["conc16"]))
         need += max(p["large"], p["small"][0] * p["small"][1], p["medium"][0] * p["medium"][1])
         need += p["scale_rows"] * 1500 + 512 * MiB
+        if "s3" in self.args.only:
+            # At most one run at a time: the bucket's copy and, for copyto, the local one too.
+            biggest = max(p["large"], p["medium"][0] * p["medium"][1])
+            if not set(self.args.only) - {"s3"}:
+                need = p["large"] + p["medium"][0] * p["medium"][1] + 512 * MiB
+            need += 2 * biggest + 256 * MiB
         st = os.statvfs(self.work)
         free = st.f_bavail * st.f_frsize
         log(f"work dir {self.work}: {free / GiB:.1f} GiB free, about {need / GiB:.1f} GiB needed")
@@ -1034,22 +1280,32 @@ class Bench:
             f"cpu {s['cpu_s'] or 0:6.2f} s  rss {(s['maxrss_kib'] or 0) / 1024:6.1f} MiB  {'ok' if ok else 'FAILED: ' + str(error)}"
         )
 
-    def run_hingnetd(self, workload, rnd, ids, concurrency):
+    def run_hingnetd(self, workload, rnd, ids, concurrency, tool="hingnetd", garage=None):
+        """One batch on a fresh queue; into a fresh archive directory, or (`garage`) into that
+        node's bucket, whose objects are then checked from outside."""
         nbytes = sum(self.files.size(i) for i in ids)
-        d = Daemon(self, f"{workload}-r{rnd}-hingnetd", concurrency=concurrency)
+        suffix = "" if tool == "hingnetd" else "-" + re.sub(r"[^a-z0-9]+", "-", tool.split(",", 1)[-1].strip().lower())
+        d = Daemon(self, f"{workload}-r{rnd}-hingnetd{suffix}", concurrency=concurrency, garage=garage)
         d.enqueue(ids)
         self.settle()
         err, extra = None, {}
+        store_cpu0 = garage.cpu() if garage else None
+        busy0 = machine_busy()
         try:
             t0 = d.start()
             d.wait_drained(timeout=self.args.timeout)
             extra["ready_s"] = d.notify.ready_at - t0 if d.notify.ready_at else None
         except RuntimeError as e:
             err = str(e)
+        extra.update(self.busy_since(busy0))
+        if garage:
+            extra["store_cpu_s"] = garage.cpu() - store_cpu0
+            extra["store_hwm_kib"] = garage.hwm_kib()
         extra["threads_max"] = d.max_threads
         code, ru = d.stop()
         con = d.ro()
-        rows = {r[0]: r[1:] for r in con.execute("SELECT video_id, state, sha256, bytes, last_error, finished_at FROM queue")}
+        rows = {r[0]: r[1:] for r in con.execute(
+            "SELECT video_id, state, sha256, bytes, last_error, finished_at, path FROM queue")}
         con.close()
         bad = [
             f"{i}: {rows.get(i)}"
@@ -1058,16 +1314,57 @@ class Bench:
         ]
         if bad and not err:
             err = f"{len(bad)} rows wrong, e.g. {bad[0]}"
+        if garage and not err:
+            problem, seen = self.check_bucket_hingnetd(garage, d, ids, rows)
+            extra.update(seen)
+            err = problem
         wall = None
         if not err:
             t_end = max(parse_ts(r[4]) for r in rows.values())
             wall = t_end - t0
         if code != 0 and not err:
             err = f"exit code {code}"
-        self.sample(workload, "hingnetd", rnd, wall or float("nan"), nbytes, len(ids), ru, d.hwm_kib, err is None, err, extra)
+        self.sample(workload, tool, rnd, wall or float("nan"), nbytes, len(ids), ru, d.hwm_kib, err is None, err, extra)
         d.remove()
 
-    def run_peer(self, workload, rnd, tool, template, ids):
+    @staticmethod
+    def busy_since(start):
+        """The whole machine's busy CPU seconds (every core, every process) since `start`, a
+        machine_busy() reading: beside a tool's own CPU, it shows what else ran."""
+        busy0, _ = start
+        busy1, _ = machine_busy()
+        return {"machine_busy_s": (busy1 - busy0) / os.sysconf("SC_CLK_TCK")}
+
+    def check_bucket_hingnetd(self, garage, d, ids, rows):
+        """What the bucket holds, asked of Garage by the harness's own SigV4 client: each row's
+        path is s3://bucket/<prefix><id>/<sha256>.mp4 for the source file's SHA-256, the listing
+        shows that key with the file's size (and no other video object), and HeadObject gives
+        the same size and the store's own x-amz-checksum-sha256 of what it received, equal to
+        the source file's. Nothing is left in staging. (problem or None, figures)."""
+        listing = garage.api.list(garage.BUCKET, d.prefix)
+        wrong = []
+        for i in ids:
+            key = f"{d.prefix}{i}/{self.files.sha(i)}.mp4"
+            if rows[i][5] != f"s3://{garage.BUCKET}/{key}":
+                wrong.append(f"{i}: the row's path is {rows[i][5]}, not s3://{garage.BUCKET}/{key}")
+            elif listing.get(key) != self.files.size(i):
+                wrong.append(f"{i}: the listing has {key} at {listing.get(key)} bytes, not {self.files.size(i)}")
+            else:
+                head = garage.api.head(garage.BUCKET, key)
+                want = (self.files.size(i), sha256_b64(self.files.sha(i)))
+                if head != want:
+                    wrong.append(f"{i}: HeadObject {key} says {head}, not {want}")
+        videos = [k for k in listing if k.endswith(".mp4")]
+        if len(videos) != len(ids):
+            wrong.append(f"{len(videos)} video objects under {d.prefix}, for {len(ids)} videos")
+        staged = [os.path.join(r, n) for r, _, names in os.walk(d.staging) for n in names]
+        if staged:
+            wrong.append(f"{len(staged)} files left in staging, e.g. {staged[0]}")
+        seen = {"objects": len(listing), "video_objects": len(videos),
+                "object_bytes": sum(listing[k] for k in videos), "sidecars": sum(k.endswith(".json") for k in listing)}
+        return (f"{len(wrong)} wrong in the bucket, e.g. {wrong[0]}" if wrong else None), seen
+
+    def run_peer(self, workload, rnd, tool, template, ids, garage=None, key_prefix=None, local_files=True):
         nbytes = sum(self.files.size(i) for i in ids)
         d = self.fresh_dir(f"{workload}-r{rnd}-{tool.split()[0].split('+')[0]}")
         out = os.path.join(d, "out")
@@ -1089,17 +1386,30 @@ class Bench:
             ids=shlex.quote(ids_file),
             urls=shlex.quote(urls),
             aria_conf=shlex.quote(self.aria_conf),
+            remote=shlex.quote(f"garage:{garage.BUCKET}/{key_prefix}") if garage else "",
         )
+        env = self.env
+        if garage:
+            conf = os.path.join(d, "rclone.conf")  # empty: the remote is in the environment
+            open(conf, "w").close()
+            env = dict(self.env, **garage.rclone_env(conf))
         # GNU time forks the shell, so the tree's ru_maxrss is not inflated by Python's own RSS
         # (exec() carries the peak RSS of the process that forked over).
         rss_file = os.path.join(d, "rss.txt")
         self.settle()
+        extra = {}
+        store_cpu0 = garage.cpu() if garage else None
         t0 = time.time()
-        p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_file, "bash", "-c", cmd], env=self.env,
+        p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_file, "bash", "-c", cmd], env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=open(os.path.join(d, "stderr.txt"), "w"))
+        busy0 = machine_busy()
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.time() - t0
+        extra.update(self.busy_since(busy0))
+        if garage:
+            extra["store_cpu_s"] = garage.cpu() - store_cpu0
+            extra["store_hwm_kib"] = garage.hwm_kib()
         p.returncode = code = os.waitstatus_to_exitcode(status)
         try:
             maxrss = int(open(rss_file).read().split()[-1])
@@ -1109,8 +1419,16 @@ class Bench:
         if code != 0:
             err = f"exit code {code}: " + open(os.path.join(d, "stderr.txt"), errors="replace").read()[-300:]
         else:
-            wrong = [i for i in ids if not os.path.exists(os.path.join(out, i + ".mp4"))
-                     or os.path.getsize(os.path.join(out, i + ".mp4")) != self.files.size(i)]
+            wrong = []
+            if local_files:
+                wrong = [i for i in ids if not os.path.exists(os.path.join(out, i + ".mp4"))
+                         or os.path.getsize(os.path.join(out, i + ".mp4")) != self.files.size(i)]
+            if garage:
+                # The peer's objects, from the harness's own listing: every key, its size.
+                listing = garage.api.list(garage.BUCKET, key_prefix)
+                wrong += [f"{i}: the bucket has {listing.get(key_prefix + i + '.mp4')} bytes" for i in ids
+                          if listing.get(key_prefix + i + ".mp4") != self.files.size(i)]
+                extra.update(objects=len(listing), object_bytes=sum(listing.values()))
             if "sha256sum" in template:
                 got = {}
                 for line in open(sums):
@@ -1119,7 +1437,7 @@ class Bench:
                 wrong += [i for i in ids if got.get(i) != self.files.sha(i)]
             if wrong:
                 err = f"{len(wrong)} files wrong, e.g. {wrong[0]}"
-        self.sample(workload, tool, rnd, wall, nbytes, len(ids), ru, maxrss, err is None, err)
+        self.sample(workload, tool, rnd, wall, nbytes, len(ids), ru, maxrss, err is None, err, extra)
         shutil.rmtree(d, ignore_errors=True)
 
     def throughput(self, workload, ids, concurrency):
@@ -1938,6 +2256,66 @@ PRAGMA journal_mode = WAL;
         out["ok"] = all(r["ok"] for r in out["runs"] + out["pickup"])
         self.results["fleet"] = out
 
+    # -- an archive bucket (--only s3) --
+
+    def s3_sets(self):
+        p = self.profile
+        return {"s3-large": (["large_0"], p["large"], "large"),
+                "s3-medium": ([f"medium_{i:03d}" for i in range(p["medium"][0])], p["medium"][1], "many")}
+
+    def garage_node(self, name):
+        g = Garage(self.garage_bin, os.path.join(self.work, "garage", name), self.env,
+                   "bench-" + random.Random(self.seed ^ 0x53).randbytes(16).hex())
+        self.garages.append(g)
+        return g
+
+    def garage_done(self, g, where):
+        g.stop()
+        self.garages.remove(g)
+        problems = g.log_problems()
+        self.results.setdefault("s3", {}).setdefault("garage_log", []).extend(problems)
+        for line in problems[:3]:
+            self.anomaly(f"{where}: Garage's log", line[:300])
+        g.remove()
+
+    def s3(self):
+        """The large and medium files, API to bucket: hingnetd (concurrency 8, archive.dir =
+        s3://bucket/prefix/) against curl | rclone rcat and curl + sha256sum + rclone copyto, and
+        hingnetd into a local directory for the ratio. Every bucket run gets a fresh Garage."""
+        cfg = self.profile["s3"]
+        conc = cfg["concurrency"]
+        out = {"garage": cmd_out([self.garage_bin, "--version"]), "garage_bin": self.garage_bin,
+               "rclone": cmd_out(["rclone", "version"]).splitlines()[0], "bucket": Garage.BUCKET,
+               "concurrency": conc, "rounds": cfg["rounds"], "garage_log": []}
+        self.results["s3"] = out
+        log(f"  s3: {out['garage']}; {out['rclone']}; a fresh node per bucket run, fsync on")
+        for w, (ids, _, kind) in self.s3_sets().items():
+            peers = {} if self.args.no_peers else S3_PEERS[kind]
+            tools = ["hingnetd", S3_LOCAL, *peers]
+            for rnd in range(1, cfg["rounds"][w] + 1):
+                k = (rnd - 1) % len(tools)
+                for tool in tools[k:] + tools[:k]:  # alternate which tool goes first
+                    t_run = time.time()
+                    # Garage's writes go through the page cache: read the sources in again.
+                    self.files.prewarm(ids)
+                    t_warm = time.time() - t_run
+                    if tool == S3_LOCAL:
+                        self.run_hingnetd(w, rnd, ids, conc, tool=tool)
+                    else:
+                        g = self.garage_node(f"{w}-r{rnd}-{len(self.runs)}")
+                        try:
+                            if tool == "hingnetd":
+                                self.run_hingnetd(w, rnd, ids, conc, garage=g)
+                            else:
+                                cmd, local = peers[tool]
+                                self.run_peer(w, rnd, tool, cmd, ids, garage=g,
+                                              key_prefix="rcat/" if "rcat" in tool else "copyto/", local_files=local)
+                        finally:
+                            self.garage_done(g, f"{w} r{rnd} {tool}")
+                    log(f"    ({time.time() - t_run:.0f} s in all: prewarm {t_warm:.1f} s, then the run, its check "
+                        "and clean-up)")
+        out["ok"] = all(smp["ok"] for smp in self.runs if smp["workload"] in self.s3_sets())
+
     # -- driver --
 
     def main(self):
@@ -1980,6 +2358,9 @@ PRAGMA journal_mode = WAL;
         if "fleet" in self.args.only:
             for ids in self.fleet_ids():
                 made += self.files.ensure(ids, TINY)
+        if "s3" in self.args.only:
+            for ids, size, _ in self.s3_sets().values():
+                made += self.files.ensure(ids, size)
         os.sync()
         gen_s = time.time() - t
         log(f"files: {made / GiB:.2f} GiB written in {gen_s:.1f} s (seed {self.seed})")
@@ -2088,7 +2469,9 @@ PRAGMA journal_mode = WAL;
         size = self.profile["conc16"][1]
         add(f"peak RSS < 32 MiB at concurrency 16 ({size // MiB} MiB files)", None if m is None else m < 32,
             f"{m:.1f} MiB" if m else "-")
-        allrss = [r["maxrss_mib"] for (w, tool), r in rows.items() if tool == "hingnetd" and r["maxrss_mib"]]
+        # The local archive's workloads (the s3 ones are reported on their own below).
+        allrss = [r["maxrss_mib"] for (w, tool), r in rows.items()
+                  if tool == "hingnetd" and r["maxrss_mib"] and not w.startswith("s3-")]
         if allrss:
             add("peak RSS < 32 MiB, every throughput workload", max(allrss) < 32, f"max {max(allrss):.1f} MiB")
         pk = self.results.get("pickup")
@@ -2114,6 +2497,24 @@ PRAGMA journal_mode = WAL;
             else:
                 add(f"{n}: claim < 1 ms", None, "no claim timings in the daemon's log")
             add(f"{n}: `hingnetd status` < 200 ms", sc["status_s"] < 0.2, f"{sc['status_s'] * 1000:.0f} ms")
+        if self.results.get("s3"):
+            for w, label in self.s3_labels().items():
+                kind = "large" if w == "s3-large" else "many"
+                rcat, copyto = S3_PEERS[kind]
+                x = speed(w, copyto)
+                add(f"s3, {label}: ≥ 2× {copyto}", None if x is None else x >= 2, f"{x:.2f}×" if x else "-")
+                x = speed(w, rcat)
+                add(f"s3, {label}: faster than {rcat}", None if x is None else x > 1, f"{x:.2f}×" if x else "-")
+                h, loc = rows.get((w, "hingnetd")), rows.get((w, S3_LOCAL))
+                if h and loc and h["wall_s"] and loc["wall_s"]:
+                    t.append({"target": f"s3, {label}: hingnetd's time into the bucket ÷ into a local directory",
+                              "status": "reported", "measured": f"{h['wall_s'] / loc['wall_s']:.2f}× "
+                              f"({h['wall_s']:.2f} s against {loc['wall_s']:.2f} s)"})
+                if h and h["maxrss_mib"]:
+                    t.append({"target": f"s3, {label}: hingnetd's peak RSS into the bucket, concurrency "
+                              f"{self.profile['s3']['concurrency']}", "status": "reported",
+                              "measured": f"{h['maxrss_mib']:.1f} MiB"
+                              + (f" (local directory: {loc['maxrss_mib']:.1f} MiB)" if loc and loc["maxrss_mib"] else "")})
         rt = self.results.get("rate")
         if rt:
             for r in rt["runs"]:
@@ -2138,6 +2539,78 @@ PRAGMA journal_mode = WAL;
                     f"{v:.1f} ms" if v is not None else "-")
         return t
 
+    def s3_labels(self):
+        p = self.profile
+        return {"s3-large": f"one large file, {p['large'] / MiB:,.0f} MiB",
+                "s3-medium": f"{p['medium'][0]:,} × {p['medium'][1] / MiB:g} MiB"}
+
+    def s3_report(self, rows, f):
+        s3 = self.results["s3"]
+        conc = s3["concurrency"]
+        L = ["\n## Archive bucket (S3)\n"]
+        L.append(f"API to bucket on a private {s3['garage']} (`{s3['garage_bin']}`): one node on 127.0.0.1, its own "
+                 "directory in the work dir (the same disk as the files and the staging directory), "
+                 "`data_fsync` and `metadata_fsync` on, sqlite metadata, `server --single-node --default-bucket`; "
+                 "a fresh node for every bucket run (Garage deduplicates blocks, so bytes uploaded twice into one "
+                 "node would be written once) and stopped after its check. hingnetd: concurrency "
+                 f"{conc}, `archive.dir = \"s3://{s3['bucket']}/hingnet/\"`, `path_style = true`, "
+                 "`download.max_bytes = \"5GiB\"`, staging beside the queue; the same batch into a local "
+                 "directory archive for the ratio. Peers: "
+                 f"{s3['rclone']}, the remote `garage:` from the environment (type s3, provider Other, the node's "
+                 "endpoint, region garage, force_path_style; an empty config file), rclone's defaults otherwise; "
+                 "8 at a time with `xargs -P 8` for the many files. Wall time as in *Throughput*; CPU = "
+                 "the tool's process tree (wait4), Garage's separately (its /proc utime+stime over the same span); "
+                 f"machine busy = every core's busy time (/proc/stat) over the run ÷ (wall × {os.cpu_count()} cores), "
+                 "and other CPU = that busy time less the tool's and Garage's: nginx, the kernel's writeback, and "
+                 "whatever else ran on the machine. "
+                 "Checked after every run, from outside: hingnetd's rows all `done` with the source's SHA-256 and "
+                 "size, each row's path `s3://bucket/hingnet/<id>/<sha256>.mp4`, that key in a ListObjectsV2 "
+                 "listing with the file's size, HeadObject's size and `x-amz-checksum-sha256` (the store's own "
+                 "hash of what it received) equal to the source's, and nothing left in staging; a peer's "
+                 "objects all listed with the right size (and copyto's `sha256sum` output right).\n")
+        L.append("| workload | tool | into | wall s | MiB/s | files/s | CPU s/GiB | Garage CPU s/GiB | "
+                 "machine busy | other CPU s | peak RSS MiB | hingnetd speed-up | rounds [wall s] |")
+        L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        labels = self.s3_labels()
+        for w in labels:
+            for (ww, tool), r in rows.items():
+                if ww != w:
+                    continue
+                mine = [smp for smp in self.runs if smp["workload"] == w and smp["tool"] == tool and smp["ok"]]
+                store = median([smp.get("store_cpu_s") for smp in mine])
+                # Busy = all cores over the run; other = busy less the tool's and Garage's CPU
+                # (nginx, kernel threads' writeback, and anything else running on the machine).
+                busy = median([100 * smp["machine_busy_s"] / (smp["wall_s"] * os.cpu_count())
+                               for smp in mine if smp.get("machine_busy_s") is not None])
+                other = median([max(0.0, smp["machine_busy_s"] - (smp["cpu_s"] or 0) - (smp.get("store_cpu_s") or 0))
+                                for smp in mine if smp.get("machine_busy_s") is not None])
+                name = "hingnetd" if tool in ("hingnetd", S3_LOCAL) else tool.replace("|", "\\|")
+                into = "local directory" if tool == S3_LOCAL else "bucket"
+                speedup = r.get("hingnetd_speedup") if tool != S3_LOCAL else None
+                L.append(
+                    f"| {labels[w]} | {name} | {into} | {f(r['wall_s'], '.2f')} | {f(r['mib_s'], '.0f')} | "
+                    f"{f(r['files_s'], '.1f')} | {f(r['cpu_s_per_gib'], '.2f')} | "
+                    f"{f(store / (r['bytes'] / GiB) if store is not None else None, '.2f')} | "
+                    f"{f(busy, '.0f') + '%' if busy is not None else '-'} | {f(other, '.1f')} | "
+                    f"{f(r['maxrss_mib'], '.1f')} | {f(speedup, '.2f') + '×' if speedup else '-'} | "
+                    f"{r['ok_runs']}/{r['runs']} [{', '.join(f(x, '.2f') for x in r['wall_s_all'])}] |")
+        ratios = []
+        for w, label in labels.items():
+            h, loc = rows.get((w, "hingnetd")), rows.get((w, S3_LOCAL))
+            if h and loc and h["wall_s"] and loc["wall_s"]:
+                ratios.append(f"{label} {h['wall_s'] / loc['wall_s']:.2f}×")
+        if ratios:
+            L.append("\nhingnetd's time into the bucket ÷ into a local directory: " + "; ".join(ratios) + ".")
+        checked = [smp for smp in self.runs if smp["workload"] in labels and smp["tool"] == "hingnetd" and smp["ok"]]
+        if checked:
+            L.append(f"\nhingnetd's objects, checked in {len(checked)} run(s): "
+                     + "; ".join(f"{smp['workload']} r{smp['round']}: {smp.get('video_objects')} videos "
+                                 f"({smp.get('object_bytes', 0) / MiB:,.0f} MiB) + {smp.get('sidecars')} sidecars"
+                                 for smp in checked) + ".")
+        if s3["garage_log"]:
+            L.append(f"\nGarage's logs: {len(s3['garage_log'])} WARN/ERROR line(s), e.g. `{s3['garage_log'][0][:300]}`.")
+        return L
+
     def report(self, env, gen_s, total_s):
         rows = self.summary()
         targets = self.targets(rows)
@@ -2146,9 +2619,12 @@ PRAGMA journal_mode = WAL;
         kind = "smoke" if self.args.smoke else "full"
         L = []
         L.append(f"# hingnetd benchmark ({kind} run)\n")
+        rounds = {w: n for w, n in p["rounds"].items() if w in self.args.only}
+        if "s3" in self.args.only:
+            rounds.update(p["s3"]["rounds"])
         L.append(f"{env['date']}; seed {self.seed}; rounds per throughput workload: "
-                 f"{', '.join(f'{w} {n}' for w, n in p['rounds'].items())} (medians shown; tools alternate which goes "
-                 f"first); "
+                 f"{', '.join(f'{w} {n}' for w, n in (rounds or p['rounds']).items())} (medians shown; tools alternate "
+                 f"which goes first); "
                  f"total {total_s:.0f} s (file generation {gen_s:.0f} s).\n")
         L.append(f"Machine: {env['cpu']}, {env['cores']} cores (SHA-NI: {env['sha_ni']}), {env['memory']} RAM, "
                  f"Linux {env['kernel']}, work dir on {env['filesystem']}. Load average at start "
@@ -2298,11 +2774,16 @@ PRAGMA journal_mode = WAL;
             if fl["postgres_log"]:
                 L.append(f"\nPostgreSQL's log: {len(fl['postgres_log'])} ERROR/FATAL/PANIC line(s), e.g. "
                          f"`{fl['postgres_log'][0][:300]}`.")
+        s3 = self.results.get("s3")
+        if s3:
+            L.extend(self.s3_report(rows, f))
+        elif self.args.s3_skipped:
+            L.append(f"\n## Archive bucket (S3)\n\nSkipped: {self.args.s3_skipped}.")
         L.append("\n## Targets (issue 5; reported, not asserted)\n")
         L.append("| target | status | measured |")
         L.append("|---|---|---|")
         for t in targets:
-            L.append(f"| {t['target']} | {t['status']} | {t['measured']} |")
+            L.append(f"| {t['target'].replace('|', chr(92) + '|')} | {t['status']} | {t['measured']} |")
         L.append("\n## hingnetd warnings and errors in the daemons' logs\n")
         if logs:
             for e in logs[:15]:
@@ -2322,7 +2803,8 @@ PRAGMA journal_mode = WAL;
 
         out_dir = self.args.results or os.path.join(HERE, "results")
         os.makedirs(out_dir, exist_ok=True)
-        name = "smoke" if self.args.smoke else "latest"
+        # `--only s3` alone has a report of its own, beside the full run's.
+        name = "smoke" if self.args.smoke else "s3" if self.args.only == ["s3"] else "latest"
         with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
             fh.write(md)
         with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
@@ -2349,10 +2831,12 @@ PRAGMA journal_mode = WAL;
         log(f"written: {os.path.join(out_dir, name + '.md')} and .json")
         return not failed and all(
             r.get("ok", True) for r in (self.results.get("pickup") or {}, *(self.results.get("idle") or {}).values(),
-                                        self.results.get("fleet") or {})
+                                        self.results.get("fleet") or {}, self.results.get("s3") or {})
         )
 
     def cleanup(self):
+        for g in list(self.garages):
+            g.stop()
         if self.server:
             self.server.stop()
         if self.args.keep_data:
@@ -2370,12 +2854,22 @@ PRAGMA journal_mode = WAL;
                     pass
 
 
+def s3_missing(given):
+    """Why the s3 workload cannot run here (one line), or None."""
+    if not garage_binary(given):
+        return ("no Garage binary (scripts/test builds Garage 2.5.0 into ~/.cache/hingnetd-test/garage-2.5.0; "
+                "or set HINGNETD_TEST_GARAGE or --garage)")
+    if not shutil.which("rclone"):
+        return "no rclone (bench/run installs Debian's rclone for --only s3)"
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(
         prog="bench/run",
         description="hingnetd against curl + sha256sum + sync, curl + sync, xargs -P 8 and aria2c, plus "
         "pickup latency, idle cost and a 1,000,000-row queue (issue 5). Prints a table and writes "
-        "bench/results/latest.{md,json} (smoke.{md,json} with --smoke).",
+        "bench/results/latest.{md,json} (smoke.{md,json} with --smoke, s3.{md,json} with --only s3 alone).",
         epilog="Example: bench/run --smoke;  HINGNETD_BIN=target/release/hingnetd bench/run --only large,pickup",
     )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round (seconds; for CI)")
@@ -2383,10 +2877,14 @@ def main():
     ap.add_argument("--repo", help="the checkout, to name the commit in the report")
     ap.add_argument("--seed", type=int, default=5, help="seed of the file contents and insert spacing (default 5)")
     ap.add_argument("--rounds", type=int, help="rounds per throughput workload (default 3; smoke 1)")
-    ap.add_argument("--only", default=",".join(WORKLOADS),
+    ap.add_argument("--only", default=None,
                     help=f"comma-separated subset of {','.join(WORKLOADS)} (the default), or the opt-in "
                     f"{','.join(OPT_IN)} (rate: download.rate_limit at 1, 4 and 16 downloads over 20 s, about 90 s; "
-                    "fleet: 1, 2 and 3 daemons on one throwaway PostgreSQL, drain and pickup latency)")
+                    "fleet: 1, 2 and 3 daemons on one throwaway PostgreSQL, drain and pickup latency; "
+                    "s3: the 2 GiB file and 200 × 32 MiB into a bucket on a private Garage, against rclone, "
+                    "about 20 minutes; with --smoke and no --only it is included when Garage is there)")
+    ap.add_argument("--garage", help="the garage binary for s3 (default: $HINGNETD_TEST_GARAGE, else "
+                    "~/.cache/hingnetd-test/garage-2.5.0/bin/garage as scripts/test builds it, else the PATH's)")
     ap.add_argument("--workdir", help="where files and runs go (default: a new directory under --tmpdir)")
     ap.add_argument("--tmpdir", default=None, help="parent of the default work dir (default $TMPDIR or /tmp)")
     ap.add_argument("--keep-data", action="store_true", help="keep the generated files for the next run (with --workdir)")
@@ -2403,7 +2901,23 @@ def main():
                     help="run only hingnetd in the throughput workloads (experiments; no ratios)")
     ap.add_argument("--timeout", type=float, help="seconds a single hingnetd batch may take (default 900; smoke 60)")
     args = ap.parse_args()
-    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    args.s3_skipped = None
+    if args.only is None:
+        args.only = list(WORKLOADS)
+        if args.smoke:
+            # A tiny s3 run too, where it needs nothing built: Garage is not in Debian.
+            missing = s3_missing(args.garage)
+            if missing:
+                args.s3_skipped = missing
+                log(f"bench: s3 smoke skipped: {missing}")
+            else:
+                args.only.append("s3")
+    else:
+        args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+        if "s3" in args.only:
+            missing = s3_missing(args.garage)
+            if missing:
+                raise SystemExit(f"bench: s3: {missing}")
     if args.timeout is None:
         args.timeout = 60 if args.smoke else 900
     unknown = set(args.only) - set(WORKLOADS) - set(OPT_IN)
