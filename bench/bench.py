@@ -2322,7 +2322,8 @@ PRAGMA journal_mode = WAL;
         p = self.profile
         t_start = time.time()
         log(f"hingnetd benchmark ({'smoke' if self.args.smoke else 'full'}): seed {self.seed}, "
-            f"rounds {p['rounds']}, workloads {', '.join(self.args.only)}")
+            f"rounds {p['rounds']}{', s3 ' + str(p['s3']['rounds']) if 's3' in self.args.only else ''}, "
+            f"workloads {', '.join(self.args.only)}")
         self.check_space()
         build = None
         if self.args.build:
