@@ -336,7 +336,15 @@ fn systemctl_reload(env: &Env, d: &Daemon) -> Result<(), String> {
                 w => w.to_owned(),
             })
             .collect();
-        let out = Command::new(&args[0]).args(&args[1..]).output().unwrap();
+        // systemd runs ExecReload= with the unit's environment, ExecStart='s: the daemon's
+        // (with a bucket archive, its access key).
+        let mut c = Command::new(&args[0]);
+        c.args(&args[1..]);
+        if let Some(g) = &env.garage {
+            c.env("AWS_ACCESS_KEY_ID", &g.key_id)
+                .env("AWS_SECRET_ACCESS_KEY", &g.secret);
+        }
+        let out = c.output().unwrap();
         if !out.status.success() {
             return Err(format!("{line}: {}{}", stdout(&out), stderr(&out)));
         }
