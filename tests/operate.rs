@@ -408,7 +408,9 @@ fn check_config_fails_without_a_trust_store_as_the_service_would() {
 #[test]
 fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flight() {
     // About the archive as a directory (its files, paths and disk).
-    support::local_only();
+    if support::local_only() {
+        return;
+    }
     let (api, env) = setup();
     let kept = api.add_video("video_rm_kept", 20_000);
     let gone = api.add_video("video_rm_gone", 20_000);
@@ -472,7 +474,9 @@ fn remove_takes_rows_out_keeping_files_unless_asked_and_spares_downloads_in_flig
 #[test]
 fn verify_repair_downloads_missing_and_changed_files_again_keeping_the_changed_one() {
     // About the archive as a directory (its files, paths and disk).
-    support::local_only();
+    if support::local_only() {
+        return;
+    }
     let (api, env) = setup();
     let lost = api.add_video("video_fix_lost", 30_000);
     let hurt = api.add_video("video_fix_hurt", 30_000);
@@ -525,7 +529,9 @@ fn verify_repair_downloads_missing_and_changed_files_again_keeping_the_changed_o
 #[test]
 fn fetch_run_as_root_writes_files_the_daemon_can_read_as_their_owner() {
     // About the archive as a directory (its files, paths and disk).
-    support::local_only();
+    if support::local_only() {
+        return;
+    }
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     // SAFETY: geteuid(2) has no preconditions.
     assert_eq!(
@@ -591,7 +597,9 @@ fn list_prints_a_header_on_a_terminal_only() {
 #[test]
 fn fetch_of_a_done_video_whose_file_is_gone_says_so_and_how_to_repair_it() {
     // About the archive as a directory (its files, paths and disk).
-    support::local_only();
+    if support::local_only() {
+        return;
+    }
     let (api, env) = setup();
     let v = api.add_video("video_fetch_gone", 20_000);
     env.insert(&["video_fetch_gone"]);
@@ -640,7 +648,9 @@ fn fetch_of_a_done_video_whose_file_is_gone_says_so_and_how_to_repair_it() {
 #[test]
 fn remove_delete_file_without_a_usable_archive_removes_nothing() {
     // About the archive as a directory (its files, paths and disk).
-    support::local_only();
+    if support::local_only() {
+        return;
+    }
     let (api, env) = setup();
     let v = api.add_video("video_rm_noarchive", 20_000);
     env.insert(&["video_rm_noarchive"]);
@@ -667,7 +677,9 @@ fn remove_delete_file_without_a_usable_archive_removes_nothing() {
 #[test]
 fn fetch_as_root_with_a_relative_archive_dir_not_made_yet_makes_it() {
     // About the archive as a directory (its files, paths and disk).
-    support::local_only();
+    if support::local_only() {
+        return;
+    }
     let (api, env) = setup();
     let v = api.add_video("video_relative", 20_000);
     env.insert(&["video_relative"]);
@@ -705,7 +717,9 @@ fn fetch_does_not_create_the_daemons_lock_file() {
 #[test]
 fn remove_delete_file_takes_a_path_spelled_another_way() {
     // About the archive as a directory (its files, paths and disk).
-    support::local_only();
+    if support::local_only() {
+        return;
+    }
     let (api, env) = setup();
     let v = api.add_video("video_rm_spelled", 20_000);
     env.insert(&["video_rm_spelled"]);
