@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::harness::{DEADLINE, Env, Settings, stderr, stdout};
+use support::harness::{DEADLINE, Env, Settings, error_line, stderr, stdout};
 use support::notify::NotifySocket;
 use support::postgres::{Options, Postgres};
 use support::queue_db;
@@ -47,14 +47,6 @@ fn run_refused(env: &Env, config: &Path) -> (Option<i32>, String) {
         stderr(&out)
     );
     (out.status.code(), stderr(&out))
-}
-
-/// The last line of a command's stderr (its error), after any log lines.
-fn error_line(text: &str) -> &str {
-    text.lines()
-        .rev()
-        .find(|l| l.contains("hingnetd: error:"))
-        .unwrap_or_else(|| panic!("no error line in {text:?}"))
 }
 
 #[test]

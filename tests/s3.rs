@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use support::audit::{assert_archived, audit};
 use support::garage::{BUCKET, KEY_ID, PREFIX, SECRET};
-use support::harness::{DEADLINE, Env, Settings, stderr, stdout, wait_until};
+use support::harness::{DEADLINE, Env, Settings, error_line, stderr, stdout};
 use support::standin::{StandIn, Step};
 
 const TOKEN: &str = "tok_s3_0123456789abcdef";
@@ -59,13 +59,6 @@ fn run_refused(env: &Env, config: &Path, keys: &[(&str, &str)]) -> (Option<i32>,
         stderr(&out)
     );
     (out.status.code(), stderr(&out))
-}
-
-fn error_line(text: &str) -> &str {
-    text.lines()
-        .rev()
-        .find(|l| l.contains("hingnetd: error:"))
-        .unwrap_or_else(|| panic!("no error line in {text:?}"))
 }
 
 #[test]
@@ -571,12 +564,4 @@ fn garage_ignores_if_none_match_on_put() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     assert_eq!(g.get("pin/x").as_deref(), Some(&b"second"[..]));
-}
-
-/// Waits, for the tests that need the daemon to have settled.
-#[allow(dead_code)]
-fn settle(env: &Env) {
-    wait_until("the daemon idle", DEADLINE, || {
-        env.rows().iter().all(|r| r.state != "downloading")
-    });
 }

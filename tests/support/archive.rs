@@ -30,8 +30,12 @@ pub fn read(env: &Env, path: &str) -> Result<Vec<u8>, String> {
     either!(env, read(env, path))
 }
 
-pub fn sidecar_of(env: &Env, path: &str) -> String {
-    either!(env, sidecar_of(path))
+/// Where the sidecar of the video at `path` is: beside it, `.json` for `.mp4`, on either store.
+pub fn sidecar_of(_env: &Env, path: &str) -> String {
+    match path.strip_suffix(".mp4") {
+        Some(p) => format!("{p}.json"),
+        None => format!("{path}.json"),
+    }
 }
 
 /// Everything published (videos and sidecars), as `(name, path)`.

@@ -38,14 +38,6 @@ pub fn read(env: &Env, path: &str) -> Result<Vec<u8>, String> {
         .ok_or_else(|| format!("no object {key}"))
 }
 
-/// Where the sidecar of the video at `path` is.
-pub fn sidecar_of(path: &str) -> String {
-    match path.strip_suffix(".mp4") {
-        Some(p) => format!("{p}.json"),
-        None => format!("{path}.json"),
-    }
-}
-
 /// Every object under the prefix (but the daemon's start-up probe), as `(key, path)`.
 pub fn published(env: &Env) -> Vec<(String, String)> {
     garage(env)

@@ -406,6 +406,14 @@ impl Drop for Daemon {
 }
 
 /// Polls `cond` every 5 ms until it holds; panics with `what` after the deadline.
+/// The last line of a command's stderr that is its error (after any log lines).
+pub fn error_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| l.contains("hingnetd: error:"))
+        .unwrap_or_else(|| panic!("no error line in {text:?}"))
+}
+
 pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {

@@ -101,14 +101,6 @@ pub fn read(_env: &Env, path: &str) -> Result<Vec<u8>, String> {
     fs::read(path).map_err(|e| format!("{path}: {e}"))
 }
 
-/// Where the sidecar of the video at `path` is.
-pub fn sidecar_of(path: &str) -> String {
-    match path.strip_suffix(".mp4") {
-        Some(p) => format!("{p}.json"),
-        None => format!("{path}.json"),
-    }
-}
-
 /// What is left for the video to resume from.
 pub fn leftover(env: &Env, id: &str) -> Option<String> {
     let p = partial_path(env, id);
